@@ -1,0 +1,300 @@
+"""Wascap JWTs (PROTOCOL.md §4): verify the entity and host tokens of a `get`, and mint them.
+
+Decoding and the Ed25519 check are cached per token string (a host sends the same tokens
+again and again); `exp` and `nbf` are checked against the clock on every call.  Every
+failure is an `InvalidJWT` whose reason never repeats the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+
+from .errors import InvalidJWT, InvalidKey
+from .nkeys import Role, SigningKey, decode_public, role_of, verify
+
+CACHE_SIZE = 8192
+MAX_TOKEN_LENGTH = 64 * 1024
+WASCAP_REVISION = 3
+
+_ALGORITHM = "Ed25519"
+_TYPE = "jwt"
+_SIGNATURE_SIZE = 64
+_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+_COMPONENT_OR_PROVIDER = "a component (M…) or provider (V…) key"
+
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Claims(msgspec.Struct, frozen=True):
+    """What a verified token says; `sub` is the entity's identity for access checks."""
+
+    jti: str
+    iat: int
+    iss: str
+    sub: str
+    kind: str  # "component" | "provider" | "host"
+    exp: int | None
+    nbf: int | None
+    name: str | None
+
+
+class _Metadata(msgspec.Struct):
+    name: str | None = None
+
+
+class _RawClaims(msgspec.Struct):
+    jti: str
+    iat: _NonNegative
+    iss: str
+    sub: str
+    exp: _NonNegative | None = None
+    nbf: _NonNegative | None = None
+    wascap: _Metadata | None = None
+
+
+_decode_claims = msgspec.json.Decoder(_RawClaims)
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(segment: str, what: str) -> bytes:
+    """Strict base64url: padding tolerated, anything else (incl. non-canonical bits) refused."""
+    if not _B64URL.fullmatch(segment):
+        raise InvalidJWT(f"malformed: {what} is not base64url")
+    stripped = segment.rstrip("=")
+    try:
+        data = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except binascii.Error:
+        raise InvalidJWT(f"malformed: {what} is not base64url") from None
+    if _b64encode(data) != stripped:
+        raise InvalidJWT(f"malformed: {what} is not canonical base64url")
+    return data
+
+
+def _show(value: object) -> str:
+    """A header value for a reason: repr'd and cut short, as it comes from the sender."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _check_header(data: bytes) -> None:
+    try:
+        header = msgspec.json.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
+        raise InvalidJWT("malformed: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidJWT("malformed: header is not a JSON object")
+    if "alg" not in header:
+        raise InvalidJWT(f"bad header: no algorithm (want {_ALGORITHM})")
+    if header["alg"] != _ALGORITHM:
+        raise InvalidJWT(f"bad algorithm {_show(header['alg'])} (want {_ALGORITHM})")
+    if "typ" not in header:
+        raise InvalidJWT(f"bad header: no type (want {_TYPE})")
+    typ = header["typ"]
+    if not isinstance(typ, str) or typ.lower() != _TYPE:
+        raise InvalidJWT(f"bad type {_show(typ)} (want {_TYPE})")
+
+
+def _when(seconds: int) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} seconds after the epoch"
+
+
+def _role(text: str, what: str) -> Role:
+    try:
+        return role_of(text)
+    except InvalidKey as exc:
+        raise InvalidJWT(f"{what} is not a public nkey: found {exc.found}") from None
+
+
+def _entity_kind(claims: _RawClaims) -> str:
+    sub = _role(claims.sub, "subject")
+    if sub not in (Role.MODULE, Role.SERVICE):
+        raise InvalidJWT(
+            f"subject is {sub.key_phrase()} where {_COMPONENT_OR_PROVIDER} is expected"
+        )
+    iss = _role(claims.iss, "issuer")
+    if iss is not Role.ACCOUNT:
+        raise InvalidJWT(f"issuer is {iss.key_phrase()} where an account key (A…) is expected")
+    return "component" if sub is Role.MODULE else "provider"
+
+
+def _host_kind(claims: _RawClaims) -> str:
+    sub = _role(claims.sub, "subject")
+    if sub is not Role.SERVER:
+        raise InvalidJWT(f"subject is {sub.key_phrase()} where a host (N…) key is expected")
+    iss = _role(claims.iss, "issuer")
+    if iss is not Role.ACCOUNT and claims.iss != claims.sub:
+        raise InvalidJWT(
+            f"issuer is {'another server key' if iss is Role.SERVER else iss.key_phrase()} "
+            "where an account key (A…) or the host's own key is expected"
+        )
+    return "host"
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _verified(token: str, host: bool) -> Claims:
+    """Everything but the clock; only successes are cached (lru_cache never stores a raise)."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidJWT(f"malformed: longer than {MAX_TOKEN_LENGTH} characters")
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise InvalidJWT("malformed: not three segments")
+    header, body, signature_segment = segments
+    _check_header(_b64decode(header, "header"))
+    try:
+        claims = _decode_claims.decode(_b64decode(body, "claims"))
+    except msgspec.DecodeError as exc:
+        raise InvalidJWT(f"malformed claims: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidJWT("malformed claims: not UTF-8") from None
+    signature = _b64decode(signature_segment, "signature")
+    if len(signature) != _SIGNATURE_SIZE:
+        raise InvalidJWT(f"malformed: signature is {len(signature)} bytes (want 64)")
+    if not claims.iss:
+        raise InvalidJWT("issuer (iss) is empty")
+    if not claims.sub:
+        raise InvalidJWT("subject (sub) is empty")
+    signed = f"{header}.{body}".encode("ascii")
+    try:
+        good = verify(claims.iss, signed, signature)
+    except InvalidKey as exc:
+        raise InvalidJWT(f"issuer is not an Ed25519 public key: found {exc.found}") from None
+    if not good:
+        raise InvalidJWT(f"signature does not verify against issuer {claims.iss}")
+    kind = _host_kind(claims) if host else _entity_kind(claims)
+    name = claims.wascap.name if claims.wascap is not None else None
+    return Claims(
+        jti=claims.jti,
+        iat=claims.iat,
+        iss=claims.iss,
+        sub=claims.sub,
+        kind=kind,
+        exp=claims.exp,
+        nbf=claims.nbf,
+        name=name,
+    )
+
+
+def _check_time(claims: Claims, now: float | None) -> Claims:
+    now = time.time() if now is None else now
+    if claims.exp is not None and claims.exp < now:
+        raise InvalidJWT(f"expired at {_when(claims.exp)}")
+    if claims.nbf is not None and now < claims.nbf:
+        raise InvalidJWT(f"not valid until {_when(claims.nbf)}")
+    return claims
+
+
+def verify_entity_jwt(token: str, now: float | None = None) -> Claims:
+    """Verify a component (`M…`) or provider (`V…`) token issued by an account (`A…`)."""
+    return _check_time(_verified(token, False), now)
+
+
+def verify_host_jwt(token: str, now: float | None = None) -> Claims:
+    """Verify a host (`N…`) token issued by an account (`A…`) or by the host itself."""
+    return _check_time(_verified(token, True), now)
+
+
+# --- minting (tests, benchmarks, the CLI) ---------------------------------------------------
+
+_ENCODED_HEADER = _b64encode(b'{"typ":"jwt","alg":"Ed25519"}')
+
+
+def encode_jwt(claims: dict[str, object], signer: SigningKey) -> str:
+    """Sign `claims` as given (nothing is checked, so tests can mint bad tokens too)."""
+    signed = f"{_ENCODED_HEADER}.{_b64encode(msgspec.json.encode(claims))}"
+    return f"{signed}.{_b64encode(signer.sign(signed.encode('ascii')))}"
+
+
+def _claims(
+    issuer: SigningKey,
+    subject: str,
+    metadata: dict[str, object],
+    exp: int | None,
+    nbf: int | None,
+    iat: int | None,
+) -> dict[str, object]:
+    """Claims in wascap's field order: exp, jti, iat, iss, sub, nbf, wascap, wascap_revision."""
+    claims: dict[str, object] = {} if exp is None else {"exp": exp}
+    claims["jti"] = secrets.token_hex(11).upper()
+    claims["iat"] = int(time.time()) if iat is None else iat
+    claims["iss"] = issuer.public_key
+    claims["sub"] = subject
+    if nbf is not None:
+        claims["nbf"] = nbf
+    claims["wascap"] = metadata
+    claims["wascap_revision"] = WASCAP_REVISION
+    return claims
+
+
+def mint_component_jwt(
+    account: SigningKey,
+    module_public: str,
+    *,
+    name: str = "component",
+    exp: int | None = None,
+    nbf: int | None = None,
+    iat: int | None = None,
+) -> str:
+    """A component token for module key `module_public` (`M…`), signed by `account`."""
+    decode_public(module_public, Role.MODULE)
+    metadata: dict[str, object] = {
+        "name": name,
+        "hash": "",
+        "tags": [],
+        "rev": 0,
+        "ver": "0.1.0",
+        "prov": False,
+    }
+    return encode_jwt(_claims(account, module_public, metadata, exp, nbf, iat), account)
+
+
+def mint_provider_jwt(
+    account: SigningKey,
+    service_public: str,
+    *,
+    name: str = "provider",
+    exp: int | None = None,
+    nbf: int | None = None,
+    iat: int | None = None,
+) -> str:
+    """A capability provider token for service key `service_public` (`V…`), signed by `account`."""
+    decode_public(service_public, Role.SERVICE)
+    metadata: dict[str, object] = {
+        "name": name,
+        "vendor": "secrets-nats-kv",
+        "rev": 0,
+        "ver": "0.1.0",
+        "target_hashes": {},
+    }
+    return encode_jwt(_claims(account, service_public, metadata, exp, nbf, iat), account)
+
+
+def mint_host_jwt(
+    issuer: SigningKey,
+    host_public: str,
+    *,
+    name: str = "host",
+    labels: Mapping[str, str] | None = None,
+    exp: int | None = None,
+    nbf: int | None = None,
+    iat: int | None = None,
+) -> str:
+    """A host token for server key `host_public` (`N…`), signed by an account or the host."""
+    decode_public(host_public, Role.SERVER)
+    metadata: dict[str, object] = {"name": name, "labels": dict(labels or {})}
+    return encode_jwt(_claims(issuer, host_public, metadata, exp, nbf, iat), issuer)
