@@ -1,0 +1,1 @@
+"""The event log: every secret and mapping change as a sealed, append-only event."""

@@ -1,0 +1,248 @@
+"""The event log on a JetStream stream: the backend's single source of truth.
+
+Appends carry `Nats-Msg-Id` (the admin request id: a retried request lands once) and
+`Nats-Expected-Last-Sequence`, so each event lands exactly where its command decided it
+would, and is tagged for that position (see `events.integrity`). Reads are ordered
+consumers from a start sequence; gaps in the sequence (messages that `destroy` erased)
+are yielded as entries without an event, and events whose tag does not match are
+yielded as `Rejected`. NATS errors become the project's errors before they leave here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from events.integrity import TAG_HEADER, EventAuthenticator
+from events.types import (
+    Event,
+    KeyRotated,
+    MappingAdded,
+    MappingRemoved,
+    Rejected,
+    UndecodableEvent,
+    decode_event,
+    encode_event,
+)
+from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.jetstream import (
+    WRONG_LAST_SEQUENCE,
+    StreamState,
+    convert,
+    erase_message,
+    stream_state,
+)
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_S = 300.0  # covers a request id's whole +-120 s acceptance window, twice
+
+
+def stream_name(backend_name: str) -> str:
+    return f"SECRETS_{backend_name}_events"
+
+
+def subject_prefix(backend_name: str) -> str:
+    return f"wasmcloud_secrets_events.{backend_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One position of the log: `event` is None where destroy erased the message."""
+
+    seq: int
+    time: float
+    event: Event | Rejected | None
+
+
+class ConcurrentAppend(StorageError):
+    """The log moved on since the command read it: re-read and decide again."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__("append", f"the log changed concurrently ({subject})")
+
+
+class EventLog:
+    """Append to, read and follow `SECRETS_{name}_events`."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        backend_name: str,
+        authenticator: EventAuthenticator | None,
+        replicas: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self.authenticator = authenticator
+        self._js = nc.jetstream(timeout=timeout)
+        self._timeout = timeout
+        self.backend_name = backend_name
+        self.stream = stream_name(backend_name)
+        self.prefix = subject_prefix(backend_name)
+        self.replicas = replicas
+
+    # --- subjects ---------------------------------------------------------------------
+
+    def subject_for(self, event: Event) -> str:
+        if isinstance(event, MappingAdded | MappingRemoved):
+            return f"{self.prefix}.mapping.{event.entity}"
+        if isinstance(event, KeyRotated):
+            return f"{self.prefix}.key"
+        return f"{self.prefix}.secret.{event.name}"
+
+    def secret_subject(self, name: str) -> str:
+        return f"{self.prefix}.secret.{name}"
+
+    # --- setup ------------------------------------------------------------------------
+
+    async def ensure(self) -> None:
+        """Create the stream if it is missing (file storage, dedupe window, no purge)."""
+        try:
+            await self._js.stream_info(self.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.errors.Error as exc:
+            raise convert("stream info", exc) from None
+        config = api.StreamConfig(
+            name=self.stream,
+            description="secrets-nats-kv event log (source of truth)",
+            subjects=[f"{self.prefix}.>"],
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            deny_purge=True,
+            allow_direct=True,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if "already in use" not in str(exc.description or ""):
+                raise convert("create stream", exc) from None
+        except nats.errors.Error as exc:
+            raise convert("create stream", exc) from None
+
+    async def exists(self) -> bool:
+        try:
+            await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.errors.Error as exc:
+            raise convert("stream info", exc) from None
+        return True
+
+    # --- writing ----------------------------------------------------------------------
+
+    async def append(
+        self, event: Event, *, expected_last_seq: int, msg_id: str | None = None
+    ) -> Appended:
+        """Append `event` as entry `expected_last_seq + 1`, or raise `ConcurrentAppend`."""
+        if self.authenticator is None:
+            raise StorageError("append", "this log was opened without the encryption key")
+        subject = self.subject_for(event)
+        body = encode_event(event)
+        headers = {
+            api.Header.EXPECTED_LAST_SEQUENCE: str(expected_last_seq),
+            TAG_HEADER: self.authenticator.tag(expected_last_seq + 1, body),
+        }
+        if msg_id:
+            headers[api.Header.MSG_ID] = msg_id
+        return await self.append_raw(subject, body, headers)
+
+    async def append_raw(self, subject: str, body: bytes, headers: dict[str, str]) -> Appended:
+        """Publish an already encoded and tagged entry (used by rotation's copy too)."""
+        try:
+            ack = await self._js.publish(subject, body, stream=self.stream, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise ConcurrentAppend(subject) from None
+            raise convert("append", exc) from None
+        except nats.errors.Error as exc:
+            raise convert("append", exc) from None
+        return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def erase(self, seq: int) -> None:
+        """Securely erase one message (overwritten, then removed); absent is fine."""
+        await erase_message(self._nc, self.stream, seq, self._timeout)
+
+    # --- reading ----------------------------------------------------------------------
+
+    async def state(self) -> StreamState:
+        """Message count, first and last sequence, from one STREAM.INFO request."""
+        return await stream_state(self._nc, self.stream, self._timeout)
+
+    async def head(self) -> int:
+        """The last sequence written to the log (0 when empty)."""
+        return (await self.state()).last_seq
+
+    async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
+        """Every position from `from_seq` on, gaps included; stop at the head unless following."""
+        state = await self.state()
+        last = state.last_seq
+        if not follow and (state.messages == 0 or last < from_seq):
+            for seq in range(from_seq, last + 1):
+                yield LogEntry(seq, 0.0, None)
+            return
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=from_seq,
+        )
+        try:
+            sub = await self._js.subscribe(
+                f"{self.prefix}.>",
+                stream=self.stream,
+                ordered_consumer=True,
+                config=config,
+                pending_msgs_limit=65536,
+                pending_bytes_limit=256 * 1024 * 1024,
+            )
+        except nats.errors.Error as exc:
+            raise convert("follow", exc) from None
+        expected = from_seq
+        try:
+            async for msg in sub.messages:
+                meta = msg.metadata
+                seq = meta.sequence.stream
+                if seq < expected:
+                    continue
+                stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
+                for gap in range(expected, seq):
+                    yield LogEntry(gap, stamp, None)
+                yield LogEntry(seq, stamp, self._read(seq, msg.data, msg.headers))
+                expected = seq + 1
+                if not follow and (seq >= last or meta.num_pending == 0):
+                    break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def _read(self, seq: int, body: bytes, headers: dict[str, str] | None) -> Event | Rejected:
+        """The event at `seq`, or `Rejected` if it is not ours or not tagged for `seq`."""
+        if self.authenticator is not None:
+            tag = (headers or {}).get(TAG_HEADER)
+            if not self.authenticator.verify(seq, body, tag):
+                log.error("ignoring an event with a missing or wrong tag", extra={"seq": seq})
+                return Rejected(reason="tag does not match its position")
+        try:
+            return decode_event(body)
+        except UndecodableEvent:
+            log.error("ignoring an undecodable event", extra={"seq": seq})
+            return Rejected(reason="not an event")
+
+    async def read_all(self) -> list[LogEntry]:
+        return [entry async for entry in self.entries()]

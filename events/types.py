@@ -1,0 +1,115 @@
+"""The backend's events: one tagged union for the one event stream.
+
+Events are frozen msgspec structs encoded as JSON with a `type` tag. New fields must get
+defaults so old logs keep decoding (msgspec schema evolution). A secret value only ever
+appears as `sealed`: the plaintext sealed by the encryption xkey to itself (xkv1), the
+same bytes the `WASMCLOUD_SECRETS` KV view stores.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from secrets_nats_kv.errors import SecretsBackendError
+
+SecretKind = Literal["string", "binary"]
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Fields every event carries: who caused it, under which request, and when."""
+
+    at: float
+    admin_key: str = ""
+    authenticated: bool = True
+    request_id: str = ""
+
+
+class SecretPut(_Event, frozen=True, tag="secret_put"):
+    name: str
+    sealed: bytes
+    kind: SecretKind = "string"
+
+
+class SecretDeleted(_Event, frozen=True, tag="secret_deleted"):
+    name: str
+
+
+class SecretUndeleted(_Event, frozen=True, tag="secret_undeleted"):
+    name: str
+
+
+class SecretDestroyed(_Event, frozen=True, tag="secret_destroyed"):
+    """Crypto-shred: the listed versions' sealed bytes are erased from the log and the KV."""
+
+    name: str
+    versions: tuple[int, ...] = ()
+    erased_seqs: tuple[int, ...] = ()
+    all: bool = False
+
+
+class MappingAdded(_Event, frozen=True, tag="mapping_added"):
+    entity: str
+    secrets: tuple[str, ...]
+
+
+class MappingRemoved(_Event, frozen=True, tag="mapping_removed"):
+    entity: str
+    secrets: tuple[str, ...]
+
+
+class KeyRotated(_Event, frozen=True, tag="key_rotated"):
+    """The encryption key changed; every sealed value before this event was re-sealed."""
+
+    old_key: str
+    new_key: str
+
+
+Event = (
+    SecretPut
+    | SecretDeleted
+    | SecretUndeleted
+    | SecretDestroyed
+    | MappingAdded
+    | MappingRemoved
+    | KeyRotated
+)
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """A log entry the fold must skip: not our event, or not tagged for its position.
+
+    Not part of the union: it is never written, only read.
+    """
+
+    reason: str
+
+
+SECRET_EVENTS = (SecretPut, SecretDeleted, SecretUndeleted, SecretDestroyed)
+MAPPING_EVENTS = (MappingAdded, MappingRemoved)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+class UndecodableEvent(SecretsBackendError):
+    """A message on the event stream that is not one of our events."""
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UndecodableEvent(f"not an event: {exc}") from None
+
+
+def event_type(event: Event) -> str:
+    """The `type` tag of an event, as written in the log."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag

@@ -1,0 +1,86 @@
+"""The few raw JetStream API calls the backend makes, with NATS errors converted.
+
+The event log and the KV views both need a stream's last sequence (cheaply, on hot
+paths) and a secure message erase; they live here once. `convert` is the one place that
+turns a nats-py exception into the project's error tree.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from secrets_nats_kv.errors import NatsUnavailable, StorageError
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-sequence check
+_MESSAGE_NOT_FOUND = (10037, 10057)
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class StreamState(msgspec.Struct, frozen=True):
+    messages: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+class _InfoReply(msgspec.Struct):
+    state: StreamState | None = None
+    error: _ApiError | None = None
+
+
+class _DeleteReply(msgspec.Struct):
+    success: bool = False
+    error: _ApiError | None = None
+
+
+_info_decoder = msgspec.json.Decoder(_InfoReply)
+_delete_decoder = msgspec.json.Decoder(_DeleteReply)
+
+
+def convert(what: str, exc: BaseException) -> StorageError | NatsUnavailable:
+    """The project's error for a nats-py failure while doing `what`."""
+    if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.NoServersError):
+        return NatsUnavailable(f"{what}: NATS connection lost")
+    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
+        return NatsUnavailable(f"{what}: JetStream is not available")
+    if isinstance(exc, nats.errors.TimeoutError):
+        return StorageError(what, "timed out")
+    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return StorageError(what, str(text))
+
+
+async def api_request(nc: NATS, subject: str, payload: bytes, api_timeout: float) -> bytes:
+    try:
+        msg = await nc.request(subject, payload, timeout=api_timeout)
+    except nats.errors.Error as exc:
+        raise convert(subject, exc) from None
+    return msg.data
+
+
+async def stream_state(nc: NATS, stream: str, api_timeout: float) -> StreamState:
+    """One STREAM.INFO request, decoding only the counters."""
+    data = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", b"", api_timeout)
+    reply = _info_decoder.decode(data)
+    if reply.error is not None or reply.state is None:
+        why = reply.error.description if reply.error else "no state in reply"
+        raise StorageError(f"stream {stream}", why)
+    return reply.state
+
+
+async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> None:
+    """Overwrite and remove one stream message; a message already gone is fine."""
+    payload = msgspec.json.encode({"seq": seq, "no_erase": False})
+    data = await api_request(nc, f"$JS.API.STREAM.MSG.DELETE.{stream}", payload, api_timeout)
+    reply = _delete_decoder.decode(data)
+    if reply.error is None:
+        return
+    if reply.error.code == 404 or reply.error.err_code in _MESSAGE_NOT_FOUND:
+        return
+    raise StorageError(f"erase {stream} #{seq}", reply.error.description)
