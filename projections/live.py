@@ -1,0 +1,108 @@
+"""The live view: the fold kept current from the event log, in memory, for responders.
+
+It follows the log with an ordered consumer, folds each entry and hands the entry's KV
+writes to the KV writer. `wait_fresh` gives read-your-writes across processes: it reads
+the log's head *after* the caller arrived (one request shared by everyone waiting, like
+Raft's ReadIndex) and waits until the fold has reached it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from events.log import EventLog
+from projections.state import Effect, ViewState, fold
+from secrets_nats_kv.errors import NatsUnavailable, StorageError
+
+log = logging.getLogger(__name__)
+
+
+class _HeadRound:
+    """One shared head read: every request that joined before it was sent waits on it."""
+
+    __slots__ = ("done", "error", "head")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.head = 0
+        self.error: Exception | None = None
+
+
+class LiveView:
+    """Actor: follows the log from sequence 1 and keeps `state` current."""
+
+    def __init__(
+        self,
+        log_: EventLog,
+        *,
+        on_effects: Callable[[int, list[Effect]], None] | None = None,
+    ) -> None:
+        self._log = log_
+        self._on_effects = on_effects
+        self.state = ViewState()
+        self._progress = anyio.Event()
+        self._round: _HeadRound | None = None
+        self._head_wanted = anyio.Event()
+        self.ready = anyio.Event()
+
+    @property
+    def applied_seq(self) -> int:
+        return self.state.last_seq
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Catch up with the log, report started (ready), then follow it and serve head reads."""
+        head = await self._log.head()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow)
+            await self.wait_applied(head)
+            self.ready.set()
+            tg.start_soon(self._serve_head_reads)
+            task_status.started()
+
+    async def _follow(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async for entry in self._log.entries(from_seq=self.state.last_seq + 1, follow=True):
+                    effects = fold(self.state, entry.seq, entry.event)
+                    if self._on_effects is not None:
+                        self._on_effects(entry.seq, effects)
+                    self._progress.set()
+                    self._progress = anyio.Event()
+                    delay = 0.1
+            except (StorageError, NatsUnavailable) as exc:
+                log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
+                await anyio.sleep(delay)  # back off while NATS recovers
+                delay = min(delay * 2, 2.0)
+
+    async def wait_applied(self, seq: int) -> None:
+        while self.state.last_seq < seq:
+            await self._progress.wait()
+
+    async def wait_fresh(self) -> None:
+        """Return once the view includes every event appended before this call."""
+        current = self._round
+        if current is None:
+            current = self._round = _HeadRound()
+            self._head_wanted.set()
+        await current.done.wait()
+        if current.error is not None:
+            raise current.error
+        await self.wait_applied(current.head)
+
+    async def _serve_head_reads(self) -> None:
+        while True:
+            await self._head_wanted.wait()
+            self._head_wanted = anyio.Event()
+            current, self._round = self._round, None
+            if current is None:
+                continue
+            try:
+                current.head = await self._log.head()
+            except (StorageError, NatsUnavailable) as exc:
+                current.error = exc
+            current.done.set()

@@ -1,0 +1,256 @@
+"""The fold: what the event log means, as data.
+
+`fold(state, seq, event)` advances a `ViewState` by one log entry and returns the KV
+writes that entry implies. It reads nothing but its arguments and does no I/O, so the
+live view, `rebuild` and `rotate-key` all share it and agree on every revision.
+
+Revisions: every `SecretPut`, `SecretDeleted` and `SecretUndeleted` is one message in the
+secrets KV bucket, so a secret's version (its KV revision) is a count over the log. An
+erased entry (`event is None`: a put whose bytes `destroy` shredded) still counts one.
+Every mapping event is one message in the state bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from events.types import (
+    Event,
+    KeyRotated,
+    MappingAdded,
+    MappingRemoved,
+    Rejected,
+    SecretDeleted,
+    SecretDestroyed,
+    SecretKind,
+    SecretPut,
+    SecretUndeleted,
+)
+
+
+@dataclass(slots=True)
+class Version:
+    """One value-bearing revision of a secret (a put, or an undelete's copy of one)."""
+
+    revision: int
+    origin: int  # the revision whose bytes these are: itself for a put
+    event_seq: int  # the log entry holding those bytes (the origin put's sequence)
+    kind: SecretKind
+    sealed: bytes | None  # None once destroyed
+    at: float
+
+
+@dataclass(slots=True)
+class SecretRecord:
+    name: str
+    versions: dict[int, Version] = field(default_factory=dict)
+    revisions: list[int] = field(default_factory=list)  # every KV revision of the key
+    deleted: bool = False
+    updated_at: float = 0.0
+    last_seq: int = 0  # newest log entry on this secret's subject (for expected-sequence appends)
+
+    def latest(self) -> Version | None:
+        """The newest readable version, or None if deleted or nothing readable is left."""
+        return None if self.deleted else self.newest_readable()
+
+    def newest_readable(self) -> Version | None:
+        """The newest version whose bytes still exist, deleted or not (what undelete restores)."""
+        for revision in reversed(self.revisions):
+            version = self.versions.get(revision)
+            if version is not None and version.sealed is not None:
+                return version
+        return None
+
+    def version(self, revision: int) -> Version | None:
+        """A pinned version, or None if it is not this secret's, destroyed, or deleted."""
+        if self.deleted:
+            return None
+        version = self.versions.get(revision)
+        if version is None or version.sealed is None:
+            return None
+        return version
+
+    def live_versions(self) -> list[Version]:
+        return [v for v in self.versions.values() if v.sealed is not None]
+
+
+@dataclass(slots=True)
+class ViewState:
+    """Everything the backend knows, folded from the log up to `last_seq`."""
+
+    secrets: dict[str, SecretRecord] = field(default_factory=dict)
+    mappings: dict[str, set[str]] = field(default_factory=dict)
+    last_seq: int = 0
+    secrets_revision: int = 0  # last revision written to the secrets bucket
+    state_revision: int = 0  # last revision written to the state bucket
+    revision_of_seq: dict[int, int] = field(default_factory=dict)
+    destroyed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # destroy seq -> versions
+    encryption_key: str | None = None  # public key named by the last KeyRotated
+
+
+# --- the KV writes a log entry implies ------------------------------------------------------
+
+
+class PutSecretEntry(NamedTuple):
+    key: str
+    revision: int
+    sealed: bytes
+    kind: SecretKind
+
+
+class MarkSecretDeleted(NamedTuple):
+    key: str
+    revision: int
+
+
+class FillErasedRevision(NamedTuple):
+    """An erased put's revision: write a placeholder so the count stays, then erase it."""
+
+    revision: int
+
+
+class EraseSecretRevisions(NamedTuple):
+    revisions: tuple[int, ...]
+
+
+class EraseEvents(NamedTuple):
+    seqs: tuple[int, ...]
+
+
+class PutMappingEntry(NamedTuple):
+    entity: str
+    revision: int
+    secrets: tuple[str, ...]
+
+
+Effect = (
+    PutSecretEntry
+    | MarkSecretDeleted
+    | FillErasedRevision
+    | EraseSecretRevisions
+    | EraseEvents
+    | PutMappingEntry
+)
+
+
+def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Effect]:
+    """Apply log entry `seq` (None: erased) to `state` in place; return its KV writes.
+
+    Entries at or below `state.last_seq` are redeliveries and change nothing; a
+    `Rejected` entry (forged or unreadable) only moves the position on.
+    """
+    if seq <= state.last_seq:
+        return []
+    state.last_seq = seq
+    if event is None:
+        state.secrets_revision += 1
+        state.revision_of_seq[seq] = state.secrets_revision
+        return [FillErasedRevision(state.secrets_revision)]
+    match event:
+        case SecretPut():
+            return _put(state, seq, event)
+        case SecretDeleted():
+            return _delete(state, seq, event)
+        case SecretUndeleted():
+            return _undelete(state, seq, event)
+        case SecretDestroyed():
+            return _destroy(state, seq, event)
+        case MappingAdded() | MappingRemoved():
+            return _map(state, seq, event)
+        case KeyRotated():
+            state.encryption_key = event.new_key
+            return []
+        case Rejected():
+            return []
+
+
+def _next_secret_revision(state: ViewState, seq: int, record: SecretRecord, at: float) -> int:
+    state.secrets_revision += 1
+    revision = state.secrets_revision
+    state.revision_of_seq[seq] = revision
+    record.revisions.append(revision)
+    record.updated_at = at
+    record.last_seq = seq
+    return revision
+
+
+def _record(state: ViewState, name: str) -> SecretRecord:
+    record = state.secrets.get(name)
+    if record is None:
+        record = state.secrets[name] = SecretRecord(name)
+    return record
+
+
+def _put(state: ViewState, seq: int, event: SecretPut) -> list[Effect]:
+    record = _record(state, event.name)
+    revision = _next_secret_revision(state, seq, record, event.at)
+    record.deleted = False
+    record.versions[revision] = Version(revision, revision, seq, event.kind, event.sealed, event.at)
+    return [PutSecretEntry(event.name, revision, event.sealed, event.kind)]
+
+
+def _delete(state: ViewState, seq: int, event: SecretDeleted) -> list[Effect]:
+    record = _record(state, event.name)
+    revision = _next_secret_revision(state, seq, record, event.at)
+    record.deleted = True
+    return [MarkSecretDeleted(event.name, revision)]
+
+
+def _undelete(state: ViewState, seq: int, event: SecretUndeleted) -> list[Effect]:
+    record = _record(state, event.name)
+    record.deleted = False
+    source = record.newest_readable()
+    revision = _next_secret_revision(state, seq, record, event.at)
+    if source is None or source.sealed is None:
+        # Nothing left to restore: the revision is still spent, as a delete marker.
+        record.deleted = True
+        return [MarkSecretDeleted(event.name, revision)]
+    record.versions[revision] = Version(
+        revision, source.origin, source.event_seq, source.kind, source.sealed, event.at
+    )
+    return [PutSecretEntry(event.name, revision, source.sealed, source.kind)]
+
+
+def _destroy(state: ViewState, seq: int, event: SecretDestroyed) -> list[Effect]:
+    record = state.secrets.get(event.name)
+    erase: list[int] = []
+    if record is not None:
+        record.last_seq = seq
+        if event.all:
+            erase = list(record.revisions)
+            del state.secrets[event.name]
+        else:
+            for revision in event.versions:
+                version = record.versions.get(revision)
+                if version is not None:
+                    version.sealed = None
+                    erase.append(revision)
+            record.updated_at = event.at
+    else:
+        erase = list(event.versions)
+    effects: list[Effect] = []
+    state.destroyed[seq] = tuple(sorted(erase))
+    if erase:
+        effects.append(EraseSecretRevisions(tuple(sorted(erase))))
+    if event.erased_seqs:
+        effects.append(EraseEvents(tuple(sorted(event.erased_seqs))))
+    return effects
+
+
+def _map(state: ViewState, seq: int, event: MappingAdded | MappingRemoved) -> list[Effect]:
+    allowed = state.mappings.setdefault(event.entity, set())
+    if isinstance(event, MappingAdded):
+        allowed.update(event.secrets)
+    else:
+        allowed.difference_update(event.secrets)
+    state.state_revision += 1
+    return [PutMappingEntry(event.entity, state.state_revision, tuple(sorted(allowed)))]
+
+
+def replay(entries: list[tuple[int, Event | Rejected | None]]) -> ViewState:
+    """Fold a whole log from sequence 0 (for tests and offline tools)."""
+    state = ViewState()
+    for seq, event in entries:
+        fold(state, seq, event)
+    return state
