@@ -1,0 +1,1 @@
+"""The actors: responders serve hosts, command actors turn admin requests into events."""

@@ -1,0 +1,85 @@
+"""Access-log actor: records every `get` decision without slowing the get path.
+
+Responders hand decisions over through a bounded buffer and never wait; when the buffer
+is full (NATS slower than the gets), records are dropped and counted rather than
+delaying a host. Records go out as plain publishes into the access stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from actors.responder import AccessDecision
+from events.access import AccessRecord, access_stream_name, access_subject, encode_access
+from secrets_nats_kv.jetstream import convert
+
+log = logging.getLogger(__name__)
+
+
+class AccessLog:
+    """Actor: owns the access stream and the buffer in front of it."""
+
+    def __init__(
+        self, nc: NATS, *, backend_name: str, replicas: int = 1, capacity: int = 10_000
+    ) -> None:
+        self._nc = nc
+        self._stream = access_stream_name(backend_name)
+        self._subject = access_subject(backend_name)
+        self._replicas = replicas
+        self._send, self._receive = anyio.create_memory_object_stream[AccessRecord](capacity)
+        self.recorded = 0
+        self.dropped = 0
+
+    async def ensure(self) -> None:
+        js = self._nc.jetstream(timeout=5)
+        config = api.StreamConfig(
+            name=self._stream,
+            description="secrets-nats-kv access log (get decisions)",
+            subjects=[self._subject],
+            storage=api.StorageType.FILE,
+            num_replicas=self._replicas,
+            max_age=90 * 24 * 3600.0,
+        )
+        try:
+            await js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(config)
+            except nats.errors.Error as exc:
+                raise convert("create access log", exc) from None
+        except nats.errors.Error as exc:
+            raise convert("access log info", exc) from None
+
+    def record(self, decision: AccessDecision) -> None:
+        """Called on the get path: never blocks, never raises."""
+        record = AccessRecord(
+            at=time.time(),
+            secret=decision.secret,
+            version=decision.version,
+            entity=decision.entity,
+            host=decision.host,
+            granted=decision.granted,
+            error=decision.error,
+        )
+        try:
+            self._send.send_nowait(record)
+        except anyio.WouldBlock:
+            self.dropped += 1
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._receive:
+            async for record in self._receive:
+                try:
+                    await self._nc.publish(self._subject, encode_access(record))
+                    self.recorded += 1
+                except nats.errors.Error:
+                    self.dropped += 1

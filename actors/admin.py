@@ -1,0 +1,81 @@
+"""Who may write: authentication of admin operations.
+
+An admin request is sealed to the transit key by an admin xkey (the transit key itself or
+one given with `--admin-xkey`); the header `WasmCloud-Host-Xkey` names the sender. Its
+`issued_at` must be within 120 s of our clock, and its `request_id` is the append's
+`Nats-Msg-Id`, so a replay inside the window is answered with the first result.
+`--insecure-unauthenticated-admin` restores the original's open forms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from secrets_nats_kv.client import HOST_XKEY_HEADER
+from secrets_nats_kv.config import REQUEST_CLOCK_SKEW_S
+from secrets_nats_kv.errors import (
+    InvalidHeaders,
+    InvalidKey,
+    InvalidPayload,
+    InvalidXKey,
+    Unauthorized,
+)
+from secrets_nats_kv.xkeys import XKey
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An admin request's plaintext and the key that sent it."""
+
+    sender: str
+    plaintext: bytes
+    authenticated: bool
+
+
+def sender_key(headers: Mapping[str, str] | None, payload: bytes) -> XKey:
+    """The request's sender xkey, checked in the protocol's order (PROTOCOL.md §3)."""
+    if not payload:
+        raise InvalidPayload()
+    if not headers:
+        raise InvalidHeaders()
+    text = headers.get(HOST_XKEY_HEADER)
+    if not text:
+        raise InvalidXKey(f"missing {HOST_XKEY_HEADER} header")
+    try:
+        return XKey.from_public(text)
+    except InvalidKey:
+        raise InvalidXKey(f"{HOST_XKEY_HEADER} is not a curve public key") from None
+
+
+class AdminGate:
+    """Opens admin requests and refuses those not sealed by an admin key."""
+
+    def __init__(
+        self,
+        transit: XKey,
+        admin_keys: frozenset[str],
+        *,
+        insecure: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._transit = transit
+        self._admin_keys = admin_keys
+        self.insecure = insecure
+        self._clock = clock
+
+    def open(self, headers: Mapping[str, str] | None, payload: bytes) -> Opened:
+        sender = sender_key(headers, payload)
+        if not self.insecure and sender.public_key not in self._admin_keys:
+            raise Unauthorized(f"{sender.public_key} is not an admin key")
+        plaintext = self._transit.open(payload, sender)
+        return Opened(sender.public_key, plaintext, authenticated=not self.insecure)
+
+    def check_issued_at(self, issued_at: int) -> None:
+        skew = abs(self._clock() - issued_at)
+        if skew > REQUEST_CLOCK_SKEW_S:
+            raise Unauthorized(
+                f"request issued {skew:.0f}s away from the backend's clock "
+                f"(limit {REQUEST_CLOCK_SKEW_S}s)"
+            )

@@ -1,0 +1,104 @@
+"""Appending an event on behalf of a command, and waiting until it is served.
+
+Shared by every command actor: the append (deduplicated by request id, optionally
+conditional on the subject's last sequence), then the wait until this process's live
+view and KV view include it, so the reply to the admin is an honest `ok`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypedDict
+
+import anyio
+
+from actors.admin import Opened
+from events.log import Appended, ConcurrentAppend, EventLog
+from events.types import Event
+from projections.kv import KvWriter
+from projections.live import LiveView
+from projections.state import ViewState
+from secrets_nats_kv.errors import NatsUnavailable, StorageError, UpstreamError
+
+_ATTEMPTS = 20
+
+
+class Provenance(TypedDict):
+    """The fields every event records about its cause."""
+
+    at: float
+    admin_key: str
+    authenticated: bool
+    request_id: str
+
+
+class Appender:
+    """Append events and wait for them to be visible in this process's views."""
+
+    def __init__(
+        self,
+        log_: EventLog,
+        view: LiveView,
+        writer: KvWriter | None,
+        *,
+        settle_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.log = log_
+        self.view = view
+        self._writer = writer
+        self._settle_timeout = settle_timeout
+        self._clock = clock
+
+    def provenance(self, opened: Opened, request_id: str) -> Provenance:
+        return {
+            "at": self._clock(),
+            "admin_key": opened.sender,
+            "authenticated": opened.authenticated,
+            "request_id": request_id,
+        }
+
+    async def append(self, decide: Callable[[ViewState], Event], request_id: str) -> Appended:
+        """Decide the event on a fresh view, append it right after that view, wait until served.
+
+        `decide` may raise a protocol error (the state does not allow the command). If
+        another command appends first, the position is taken: decide again on the newer
+        view. A retried request id is answered with its first append.
+        """
+        for _ in range(_ATTEMPTS):
+            await self.fresh()
+            expected = self.view.state.last_seq
+            event = decide(self.view.state)
+            try:
+                appended = await self.log.append(
+                    event, expected_last_seq=expected, msg_id=request_id or None
+                )
+            except ConcurrentAppend:
+                continue
+            except (StorageError, NatsUnavailable) as exc:
+                raise UpstreamError(str(exc)) from None
+            await self._settle(appended.seq)
+            return appended
+        raise UpstreamError("the log kept changing under this command; try again")
+
+    async def _settle(self, seq: int) -> None:
+        try:
+            with anyio.fail_after(self._settle_timeout):
+                await self.view.wait_applied(seq)
+                if self._writer is not None:
+                    await self._writer.wait_applied(seq)
+        except TimeoutError:
+            raise UpstreamError("stored, but the views did not catch up in time") from None
+        except (StorageError, NatsUnavailable) as exc:
+            raise UpstreamError(str(exc)) from None
+
+    async def fresh(self) -> None:
+        """Wait until the view includes every event appended before now."""
+        try:
+            with anyio.fail_after(self._settle_timeout):
+                await self.view.wait_fresh()
+        except TimeoutError:
+            raise UpstreamError("the backend's view is behind the event log") from None
+        except (StorageError, NatsUnavailable) as exc:
+            raise UpstreamError(str(exc)) from None

@@ -1,0 +1,129 @@
+"""The supervisor behind `secrets-nats-kv run`: wires the actors together and owns them.
+
+Start order follows the data: the event log and KV views exist, the KV writer runs, the
+live view catches up with the log (the backend is ready only then), and the responder
+pool starts taking requests. Stop order is the reverse: stop taking requests, finish
+those in flight, then cancel the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+
+from actors.access_log import AccessLog
+from actors.admin import AdminGate
+from actors.appender import Appender
+from actors.commands import CommandActor
+from actors.lifecycle import LifecycleActor
+from actors.pool import Handler, ResponderPool
+from actors.responder import GetResponder
+from events.integrity import EventAuthenticator
+from events.log import EventLog
+from projections.kv import KvLayout, KvViews, KvWriter
+from projections.live import LiveView
+from secrets_nats_kv.config import BackendConfig
+from secrets_nats_kv.connection import connect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backend:
+    """One backend instance. `run` blocks until `stop()`; readiness is `ready`."""
+
+    config: BackendConfig
+
+    def __post_init__(self) -> None:
+        self._stop = anyio.Event()
+        self.ready = anyio.Event()
+        self.nc: NATS | None = None
+        self.view: LiveView | None = None
+        self.pool: ResponderPool | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        names = config.names
+        nc = self.nc = await connect(
+            config.nats, name=f"secrets-nats-kv {names.name}", persistent=True
+        )
+        try:
+            event_log = EventLog(
+                nc,
+                backend_name=names.name,
+                authenticator=EventAuthenticator.for_key(config.encryption_key),
+                replicas=config.replicas,
+            )
+            views = KvViews(
+                nc,
+                KvLayout(
+                    secrets_bucket=names.secrets_bucket,
+                    state_bucket=names.state_bucket,
+                    max_history=config.max_secret_history,
+                    replicas=config.replicas,
+                ),
+            )
+            await event_log.ensure()
+            await views.ensure()
+            writer = KvWriter(views, event_log)
+            await writer.prepare()
+            view = self.view = LiveView(event_log, on_effects=writer.submit)
+            gate = AdminGate(
+                config.transit_key,
+                config.admin_public_keys,
+                insecure=config.insecure_unauthenticated_admin,
+            )
+            access_log = None
+            if config.access_log:
+                access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
+                await access_log.ensure()
+            responder = GetResponder(
+                view,
+                transit=config.transit_key,
+                encryption=config.encryption_key,
+                trusted_issuers=frozenset(config.trusted_issuers),
+                on_decision=access_log.record if access_log else None,
+            )
+            appender = Appender(event_log, view, writer)
+            commands = CommandActor(appender, gate, encryption=config.encryption_key)
+            lifecycle = LifecycleActor(appender, gate)
+            handlers: dict[str, Handler] = {
+                "server_xkey": responder.server_xkey,
+                "get": responder.get,
+                "put_secret": commands.put_secret,
+                "add_mapping": commands.add_mapping,
+                "remove_mapping": commands.remove_mapping,
+                "list": lifecycle.list,
+                "mappings": lifecycle.mappings,
+                "delete": lifecycle.delete,
+                "undelete": lifecycle.undelete,
+                "destroy": lifecycle.destroy,
+            }
+            pool = self.pool = ResponderPool(
+                nc, names, handlers, workers=config.request_concurrency
+            )
+            async with anyio.create_task_group() as tg:
+                if access_log is not None:
+                    await tg.start(access_log.run)
+                await tg.start(writer.run)
+                await tg.start(view.run)
+                await tg.start(pool.run)
+                self.ready.set()
+                log.info(
+                    "backend ready",
+                    extra={"subject": names.subject_prefix, "events": view.applied_seq},
+                )
+                task_status.started()
+                await self._stop.wait()
+                await pool.drain()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await nc.close()

@@ -1,0 +1,105 @@
+"""Command actors: admin operations become events on the log.
+
+A command authenticates the request, validates it against the live view, seals any
+value with the encryption key, appends one event and replies only once its own view
+(and the KV view) include that event, so an `ok` means every responder will serve it.
+"""
+
+from __future__ import annotations
+
+from actors.admin import AdminGate, Opened
+from actors.appender import Appender
+from actors.pool import Reply, Request
+from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
+from secrets_nats_kv import wire
+from secrets_nats_kv.client import HOST_XKEY_HEADER
+from secrets_nats_kv.errors import (
+    InvalidKey,
+    InvalidRequest,
+    InvalidSecretName,
+    ProtocolError,
+)
+from secrets_nats_kv.naming import validate_entity, validate_secret_name
+from secrets_nats_kv.xkeys import SealBox, XKey
+
+OK = Reply(b"ok")
+
+
+class CommandActor:
+    """Actor: turns put_secret and mapping changes into events."""
+
+    def __init__(self, appender: Appender, gate: AdminGate, *, encryption: XKey) -> None:
+        self._appender = appender
+        self._gate = gate
+        self._at_rest = SealBox(encryption, encryption)
+
+    # --- put_secret -------------------------------------------------------------------
+
+    async def put_secret(self, request: Request) -> Reply:
+        try:
+            revision = await self._put(request)
+        except ProtocolError as exc:
+            return Reply(wire.encode_put_response(0, exc))
+        return Reply(wire.encode_put_response(revision))
+
+    async def _put(self, request: Request) -> int:
+        opened = self._gate.open(request.headers, request.payload)
+        put = wire.decode_put_request(opened.plaintext, authenticated=opened.authenticated)
+        request_id = ""
+        if isinstance(put, wire.AdminPutSecretRequest):
+            self._gate.check_issued_at(put.issued_at)
+            request_id = put.request_id
+        name = _secret_name(put.key)
+        kind: SecretKind = "string" if put.string_secret is not None else "binary"
+        value = put.value_bytes()
+        event = SecretPut(
+            name=name,
+            sealed=self._at_rest.seal(value),
+            kind=kind,
+            **self._appender.provenance(opened, request_id),
+        )
+        appended = await self._appender.append(lambda _: event, request_id)
+        return self._appender.view.state.revision_of_seq[appended.seq]
+
+    # --- mappings ---------------------------------------------------------------------
+
+    async def add_mapping(self, request: Request) -> Reply:
+        return await self._change_mapping(request, MappingAdded)
+
+    async def remove_mapping(self, request: Request) -> Reply:
+        return await self._change_mapping(request, MappingRemoved)
+
+    async def _change_mapping(
+        self, request: Request, event_type: type[MappingAdded] | type[MappingRemoved]
+    ) -> Reply:
+        if request.argument is None:
+            return Reply(b"invalid subject")
+        try:
+            entity = validate_entity(request.argument)
+        except InvalidKey as exc:
+            raise InvalidRequest(str(exc)) from None
+        if self._gate.insecure:  # the original's form: a plain JSON array from anyone
+            sender = (request.headers or {}).get(HOST_XKEY_HEADER, "")
+            opened = Opened(sender, request.payload, authenticated=False)
+        else:
+            opened = self._gate.open(request.headers, request.payload)
+        payload = wire.decode_mapping_request(opened.plaintext, authenticated=opened.authenticated)
+        request_id = ""
+        if isinstance(payload, wire.MappingRequest):
+            self._gate.check_issued_at(payload.issued_at)
+            request_id = payload.request_id
+            names = payload.secrets
+        else:
+            names = payload
+        secrets = tuple(_secret_name(name) for name in names)
+        provenance = self._appender.provenance(opened, request_id)
+        event = event_type(entity=entity, secrets=secrets, **provenance)
+        await self._appender.append(lambda _: event, request_id)
+        return OK
+
+
+def _secret_name(name: str) -> str:
+    try:
+        return validate_secret_name(name)
+    except InvalidSecretName as exc:
+        raise InvalidRequest(str(exc)) from None

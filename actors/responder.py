@@ -1,0 +1,177 @@
+"""The wasmCloud side: `server_xkey` and `get`, served from the live view.
+
+Checks run in the original's order (PROTOCOL.md §3), each failure raising the exact
+protocol error. A get never touches KV: the mapping and the sealed value come from the
+in-memory view, once the view has caught up with every write acknowledged before the
+request arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from actors.admin import sender_key
+from actors.pool import Reply, Request
+from projections.live import LiveView
+from projections.state import Version
+from secrets_nats_kv import wire
+from secrets_nats_kv.client import RESPONSE_XKEY_HEADER
+from secrets_nats_kv.errors import (
+    EncryptionError,
+    InvalidEntityJWT,
+    InvalidHostJWT,
+    InvalidJWT,
+    NatsUnavailable,
+    ProtocolError,
+    SecretNotFound,
+    StorageError,
+    Unauthorized,
+    UpstreamError,
+)
+from secrets_nats_kv.jwt import Claims, verify_entity_jwt, verify_host_jwt
+from secrets_nats_kv.xkeys import SealBox, XKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDecision:
+    """What the access log records of one get: never a value."""
+
+    secret: str
+    version: str | None
+    entity: str | None
+    host: str | None
+    granted: bool
+    error: str | None
+
+
+class GetResponder:
+    """Actor: answers hosts. Stateless apart from keys; many run side by side."""
+
+    def __init__(
+        self,
+        view: LiveView,
+        *,
+        transit: XKey,
+        encryption: XKey,
+        trusted_issuers: frozenset[str] = frozenset(),
+        freshness_timeout: float = 5.0,
+        on_decision: Callable[[AccessDecision], None] | None = None,
+    ) -> None:
+        self._view = view
+        self._transit = transit
+        self._at_rest = SealBox(encryption, encryption)
+        self._trusted = trusted_issuers
+        self._freshness_timeout = freshness_timeout
+        self._on_decision = on_decision
+        self._xkey_reply = Reply(transit.public_key.encode())
+
+    async def server_xkey(self, request: Request) -> Reply:
+        return self._xkey_reply
+
+    async def get(self, request: Request) -> Reply:
+        context: dict[str, str | None] = {}
+        try:
+            reply = await self._get(request, context)
+        except ProtocolError as exc:
+            self._record(context, granted=False, error=exc)
+            return Reply(wire.encode_error_response(exc))
+        self._record(context, granted=True, error=None)
+        return reply
+
+    async def _get(self, request: Request, context: dict[str, str | None]) -> Reply:
+        host_key = sender_key(request.headers, request.payload)
+        plaintext = self._transit.open(request.payload, host_key)
+        secret_request = wire.decode_secret_request(plaintext)
+        context["secret"] = secret_request.key
+        context["version"] = secret_request.version
+        entity = self._verify(secret_request.context.entity_jwt, entity=True)
+        context["entity"] = entity.sub
+        host = self._verify(secret_request.context.host_jwt, entity=False)
+        context["host"] = host.sub
+        await self._wait_fresh()
+        allowed = self._view.state.mappings.get(entity.sub)
+        if not allowed or secret_request.key not in allowed:
+            raise Unauthorized(f"{entity.sub} is not mapped to {secret_request.key!r}")
+        version = self._find(secret_request.key, secret_request.requested_revision())
+        value = self._at_rest.open(version.sealed or b"")
+        response = self._render(version, value, secret_request.field)
+        reply_key = XKey.generate()
+        try:
+            sealed = reply_key.seal(response, host_key)
+        except Exception:
+            raise EncryptionError() from None
+        return Reply(sealed, {RESPONSE_XKEY_HEADER: reply_key.public_key})
+
+    def _verify(self, token: str, *, entity: bool) -> Claims:
+        error = InvalidEntityJWT if entity else InvalidHostJWT
+        try:
+            claims = verify_entity_jwt(token) if entity else verify_host_jwt(token)
+        except InvalidJWT as exc:
+            raise error(exc.reason) from None
+        if self._trusted and claims.iss not in self._trusted:
+            raise error(f"issuer {claims.iss} is not a trusted issuer")
+        return claims
+
+    async def _wait_fresh(self) -> None:
+        try:
+            with anyio.fail_after(self._freshness_timeout):
+                await self._view.wait_fresh()
+        except TimeoutError:
+            raise UpstreamError("the backend's view is behind the event log") from None
+        except (StorageError, NatsUnavailable) as exc:
+            raise UpstreamError(str(exc)) from None
+
+    def _find(self, name: str, revision: int | None) -> Version:
+        record = self._view.state.secrets.get(name)
+        if record is None:
+            raise SecretNotFound(name, revision)
+        found = record.latest() if revision is None else record.version(revision)
+        if found is None:
+            raise SecretNotFound(name, revision)
+        return found
+
+    @staticmethod
+    def _render(version: Version, value: bytes, field: str | None) -> bytes:
+        if version.kind == "binary":
+            return wire.encode_secret_response(wire.Secret.of_bytes(str(version.revision), value))
+        text = value.decode("utf-8", errors="replace")
+        if field is not None:
+            text = _json_member(text, field, version.revision)
+        return wire.encode_secret_response(wire.Secret.of_string(str(version.revision), text))
+
+    def _record(
+        self, context: dict[str, str | None], *, granted: bool, error: ProtocolError | None
+    ) -> None:
+        if self._on_decision is None or "secret" not in context:
+            return
+        self._on_decision(
+            AccessDecision(
+                secret=context["secret"] or "",
+                version=context.get("version"),
+                entity=context.get("entity"),
+                host=context.get("host"),
+                granted=granted,
+                error=None if error is None else json.dumps(error.wire()),
+            )
+        )
+
+
+def _json_member(text: str, field: str, revision: int) -> str:
+    """`field` of a JSON-object secret (strings as-is, other values as JSON); else the text."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(document, dict):
+        return text
+    if field not in document:
+        raise SecretNotFound(f"field {field!r} of the secret", revision)
+    member = document[field]
+    return member if isinstance(member, str) else json.dumps(member)
