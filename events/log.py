@@ -192,49 +192,20 @@ class EventLog:
 
     async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
         """Every position from `from_seq` on, gaps included; stop at the head unless following."""
-        state = await self.state()
-        last = state.last_seq
-        if not follow and (state.messages == 0 or last < from_seq):
-            for seq in range(from_seq, last + 1):
-                yield LogEntry(seq, 0.0, None)
-            return
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=from_seq,
-        )
-        try:
-            sub = await self._js.subscribe(
-                f"{self.prefix}.>",
-                stream=self.stream,
-                ordered_consumer=True,
-                config=config,
-                pending_msgs_limit=65536,
-                pending_bytes_limit=256 * 1024 * 1024,
-            )
-        except nats.errors.Error as exc:
-            raise convert("follow", exc) from None
         expected = from_seq
-        try:
-            async for msg in sub.messages:
-                meta = msg.metadata
-                seq = meta.sequence.stream
-                if seq < expected:
-                    continue
-                stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
-                for gap in range(expected, seq):
-                    yield LogEntry(gap, stamp, None)
-                yield LogEntry(seq, stamp, self._read(seq, msg.data, msg.headers))
-                expected = seq + 1
-                if not follow and (seq >= last or meta.num_pending == 0):
-                    break
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        async for message in stream_messages(
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq, follow=follow
+        ):
+            for gap in range(expected, message.seq):
+                yield LogEntry(gap, message.time, None)
+            yield LogEntry(message.seq, message.time, self._read(message))
+            expected = message.seq + 1
 
-    def _read(self, seq: int, body: bytes, headers: dict[str, str] | None) -> Event | Rejected:
-        """The event at `seq`, or `Rejected` if it is not ours or not tagged for `seq`."""
+    def _read(self, message: StoredMessage) -> Event | Rejected:
+        """The event in `message`, or `Rejected` if it is not ours or not tagged for its place."""
+        seq, body = message.seq, message.data
         if self.authenticator is not None:
-            tag = (headers or {}).get(TAG_HEADER)
+            tag = (message.headers or {}).get(TAG_HEADER)
             if not self.authenticator.verify(seq, body, tag):
                 log.error("ignoring an event with a missing or wrong tag", extra={"seq": seq})
                 return Rejected(reason="tag does not match its position")
@@ -246,3 +217,49 @@ class EventLog:
 
     async def read_all(self) -> list[LogEntry]:
         return [entry async for entry in self.entries()]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    time: float
+    data: bytes
+    headers: dict[str, str] | None
+
+
+async def stream_messages(
+    nc: NATS, stream: str, subject: str, *, from_seq: int = 1, follow: bool = False
+) -> AsyncIterator[StoredMessage]:
+    """A stream's messages in order from `from_seq`, to its head (or forever if following)."""
+    js = nc.jetstream()
+    state = await stream_state(nc, stream, 5.0)
+    last = state.last_seq
+    if not follow and (state.messages == 0 or last < from_seq):
+        return
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+    )
+    try:
+        sub = await js.subscribe(
+            subject,
+            stream=stream,
+            ordered_consumer=True,
+            config=config,
+            pending_msgs_limit=65536,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+    except nats.errors.Error as exc:
+        raise convert(f"read {stream}", exc) from None
+    try:
+        async for msg in sub.messages:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if seq < from_seq:
+                continue
+            stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
+            yield StoredMessage(seq, stamp, msg.data, msg.headers)
+            if not follow and (seq >= last or meta.num_pending == 0):
+                break
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()

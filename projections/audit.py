@@ -8,13 +8,24 @@ never written: a record is built field by field, not by dumping the event.
 from __future__ import annotations
 
 import datetime
+import heapq
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
+import anyio
 import msgspec
 from msgspec.structs import replace
+from nats.aio.client import Client as NATS
 
-from events.log import EventLog, LogEntry
+from events.access import (
+    UndecodableAccessRecord,
+    access_stream_name,
+    access_subject,
+    decode_access,
+)
+from events.integrity import EventAuthenticator
+from events.log import EventLog, LogEntry, StoredMessage, stream_messages
 from events.types import (
     KeyRotated,
     MappingAdded,
@@ -27,7 +38,8 @@ from events.types import (
     event_type,
 )
 from projections.state import ViewState, fold
-from secrets_nats_kv.errors import ConfigError
+from secrets_nats_kv.errors import ConfigError, StorageError
+from secrets_nats_kv.xkeys import XKey
 
 
 class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -58,7 +70,13 @@ class AccessAuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     error: str | None = None
 
 
+Record = AuditRecord | AccessAuditRecord
+
 _encoder = msgspec.json.Encoder()
+
+
+def _record_time(record: Record) -> str:
+    return record.time
 
 
 def iso(at: float) -> str:
@@ -151,5 +169,91 @@ async def audit_records(
         yield audit_record(entry, state)
 
 
-def encode_line(record: AuditRecord | AccessAuditRecord) -> bytes:
+def encode_line(record: Record) -> bytes:
     return _encoder.encode(record) + b"\n"
+
+
+def access_audit_record(message: StoredMessage) -> AccessAuditRecord | None:
+    try:
+        record = decode_access(message.data)
+    except UndecodableAccessRecord:
+        return None
+    return AccessAuditRecord(
+        time=iso(record.at),
+        type="get",
+        secret=record.secret,
+        granted=record.granted,
+        version=record.version,
+        entity=record.entity,
+        host=record.host,
+        error=record.error,
+    )
+
+
+async def access_records(
+    nc: NATS, backend_name: str, *, since: Bound | None, until: Bound | None, follow: bool
+) -> AsyncIterator[AccessAuditRecord]:
+    """Get decisions from the access log inside a time window (sequence bounds do not apply)."""
+    try:
+        messages = stream_messages(
+            nc, access_stream_name(backend_name), access_subject(backend_name), follow=follow
+        )
+        async for message in messages:
+            record = access_audit_record(message)
+            if record is None:
+                continue
+            at = message.time
+            if since is not None and since.at is not None and at < since.at:
+                continue
+            if until is not None and until.at is not None and at > until.at:
+                continue
+            yield record
+    except StorageError:
+        return  # no access log (run --no-access-log, or never started)
+
+
+async def export_audit(
+    nc: NATS,
+    backend_name: str,
+    out: BinaryIO,
+    *,
+    since: Bound | None,
+    until: Bound | None,
+    follow: bool,
+    include_access: bool,
+    encryption: XKey | None,
+) -> int:
+    """Write the audit log as JSON Lines to `out`; return how many records were written."""
+    authenticator = EventAuthenticator.for_key(encryption) if encryption is not None else None
+    event_log = EventLog(nc, backend_name=backend_name, authenticator=authenticator)
+    count = 0
+
+    def emit(record: Record) -> None:
+        nonlocal count
+        out.write(encode_line(record))
+        out.flush()
+        count += 1
+
+    events = audit_records(event_log, since=since, until=until, follow=follow)
+    if not include_access:
+        async for record in events:
+            emit(record)
+        return count
+    gets = access_records(nc, backend_name, since=since, until=until, follow=follow)
+    if follow:
+        async with anyio.create_task_group() as tg:
+
+            async def pump(
+                source: AsyncIterator[AuditRecord] | AsyncIterator[AccessAuditRecord],
+            ) -> None:
+                async for record in source:
+                    emit(record)
+
+            tg.start_soon(pump, events)
+            tg.start_soon(pump, gets)
+        return count
+    history: list[Record] = [record async for record in events]
+    decisions: list[Record] = [record async for record in gets]
+    for item in heapq.merge(history, decisions, key=_record_time):
+        emit(item)
+    return count

@@ -1,3 +1,3 @@
-"""secrets-nats-kv: the kernel shared by every room of the backend (keys, JWTs, wire types, config, CLI)."""
+"""secrets-nats-kv kernel: keys, JWTs, wire types, config, CLI; shared by every room."""
 
 __version__ = "0.1.0"

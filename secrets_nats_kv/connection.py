@@ -10,7 +10,7 @@ import logging
 import os
 import ssl
 
-import nats
+import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
 
@@ -100,13 +100,19 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
     context = _tls_context(options)
     if context is not None:
         kwargs["tls"] = context
+    nc = watch.nc = NATS()
     try:
-        watch.nc = await nats.connect(**kwargs)  # type: ignore[arg-type]
-        return watch.nc
-    except nats.errors.Error as exc:
-        raise NatsUnavailable(_describe(exc, options)) from None
-    except (OSError, TimeoutError) as exc:
-        raise NatsUnavailable(f"cannot reach NATS at {_where(options)}: {exc}") from None
+        await nc.connect(**kwargs)  # type: ignore[arg-type]
+    except BaseException as exc:
+        # nats-py leaves the socket of a refused first connect open: close it ourselves.
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+        if isinstance(exc, nats.errors.Error):
+            raise NatsUnavailable(_describe(exc, options)) from None
+        if isinstance(exc, OSError | TimeoutError):
+            raise NatsUnavailable(f"cannot reach NATS at {_where(options)}: {exc}") from None
+        raise
+    return nc
 
 
 def _where(options: NatsOptions) -> str:

@@ -9,7 +9,7 @@ with the wire error that class stands for.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeAlias, overload
+from typing import Annotated, Literal, TypeAlias, TypeVar, overload
 
 import msgspec
 
@@ -26,17 +26,22 @@ __all__ = [
     "AdminRequest",
     "Application",
     "Byte",
+    "ChangeReply",
     "Context",
+    "ListReply",
     "MappingRequest",
+    "MappingsReply",
     "PutSecretRequest",
     "PutSecretResponse",
     "RequestId",
     "Secret",
+    "SecretListing",
     "SecretRequest",
     "SecretResponse",
     "UInt",
     "WireError",
     "decode_admin_request",
+    "decode_lifecycle_reply",
     "decode_mapping_request",
     "decode_put_request",
     "decode_put_response",
@@ -47,6 +52,7 @@ __all__ = [
     "encode_mapping_request",
     "encode_put_request",
     "encode_put_response",
+    "encode_reply",
     "encode_secret_request",
     "encode_secret_response",
     "put_error_from_wire",
@@ -238,6 +244,52 @@ class AdminRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     version: UInt | None = None
     all: bool = False
     entity: str | None = None
+
+
+class SecretListing(msgspec.Struct, frozen=True):
+    """One secret in a `list` reply: never its value."""
+
+    name: str
+    version: int  # the latest readable version, 0 if none is left
+    versions: int  # how many versions are readable
+    updated_at: float
+    deleted: bool = False
+
+
+class ListReply(msgspec.Struct, frozen=True):
+    secrets: list[SecretListing]
+
+
+class MappingsReply(msgspec.Struct, frozen=True):
+    mappings: dict[str, list[str]]
+
+
+class ChangeReply(msgspec.Struct, frozen=True):
+    """The reply to delete, undelete and destroy: the revision written or versions shredded."""
+
+    revision: int = 0
+    destroyed: list[int] = msgspec.field(default_factory=list)
+
+
+LifecycleReply = TypeVar("LifecycleReply", ListReply, MappingsReply, ChangeReply)
+
+
+def encode_reply(reply: ListReply | MappingsReply | ChangeReply) -> bytes:
+    return _encoder.encode(reply)
+
+
+def decode_lifecycle_reply(data: bytes, reply_type: type[LifecycleReply]) -> LifecycleReply:
+    """A lifecycle reply of `reply_type`, or raise the error it carries / `InvalidPayload`."""
+    try:
+        value = msgspec.json.decode(data)
+    except _DECODE_FAILURES as exc:
+        raise InvalidPayload(f"not a {reply_type.__name__}: {exc}") from exc
+    if isinstance(value, dict) and "error" in value:
+        raise protocol_error_from_wire(value["error"])
+    try:
+        return msgspec.convert(value, reply_type)
+    except _DECODE_FAILURES as exc:
+        raise InvalidPayload(f"not a {reply_type.__name__}: {exc}") from exc
 
 
 # --- encoders and decoders ----------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Shared test harness: real nats-server processes on free loopback ports, one per test.
+
+Every fixture here starts its own server(s) in the test's `tmp_path` and stops them at
+teardown, whether the test passed or not; no test depends on a server someone else ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import nacl.signing
+import pytest
+
+from secrets_nats_kv import nkeys
+from secrets_nats_kv.natsserver import NatsCluster, NatsServer, NatsServerConfig
+
+MakeNatsServer = Callable[..., NatsServer]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run `@pytest.mark.anyio` tests on asyncio only (nats-py is asyncio-only)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def make_nats_server(tmp_path: Path) -> Iterator[MakeNatsServer]:
+    """Factory `make_nats_server(start=True, timeout=20.0, **config_overrides)`; stops all."""
+    with contextlib.ExitStack() as stops:  # runs every stop even if one of them fails
+        count = 0
+
+        def make(*, start: bool = True, timeout: float = 20.0, **overrides: Any) -> NatsServer:
+            nonlocal count
+            name = f"test-{count}"
+            count += 1
+            config = NatsServerConfig.in_dir(tmp_path / name, server_name=name)
+            server = NatsServer(dataclasses.replace(config, **overrides))
+            stops.callback(server.stop)
+            if start:
+                server.start(timeout)
+            return server
+
+        yield make
+
+
+@pytest.fixture
+def nats_server(make_nats_server: MakeNatsServer) -> NatsServer:
+    """A fresh single-node JetStream server (file storage in tmp_path), started."""
+    return make_nats_server()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A fresh 3-node routed JetStream cluster, started with its meta leader elected."""
+    cluster = NatsCluster(tmp_path / "cluster", size=3)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class NkeyAuthServer(NamedTuple):
+    server: NatsServer
+    seed_file: Path
+
+
+def write_nkey_user(directory: Path) -> tuple[str, Path]:
+    """A fresh user nkey: its public key (U…) and a 0600 file holding its seed (SU…)."""
+    signing_key = nacl.signing.SigningKey.generate()
+    public_key = nkeys.encode_public(nkeys.Role.USER, bytes(signing_key.verify_key))
+    seed = nkeys.encode_seed(nkeys.Role.USER, bytes(signing_key))
+    directory.mkdir(parents=True, exist_ok=True)
+    seed_file = directory / f"{public_key[:8]}.nk"
+    fd = os.open(seed_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(seed + "\n")
+    return public_key, seed_file
+
+
+@pytest.fixture
+def nkey_auth_server(make_nats_server: MakeNatsServer, tmp_path: Path) -> NkeyAuthServer:
+    """A JetStream server admitting only one nkey user; yields (server, seed_file)."""
+    public_key, seed_file = write_nkey_user(tmp_path / "nkeys")
+    extra = f'authorization {{\n  users = [ {{ nkey: "{public_key}" }} ]\n}}'
+    return NkeyAuthServer(make_nats_server(extra_conf=extra), seed_file)
