@@ -177,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebuild.add_argument("--replicas", type=int, default=1)
 
+    rotate = commands.add_parser(
+        "rotate-key",
+        help="re-encrypt every value under NEW_ENCRYPTION_XKEY_SEED (offline: stop backends)",
+    )
+    rotate.add_argument("--force", action="store_true", help="run even if a backend answers")
+    rotate.add_argument("--dry-run", action="store_true", help="report what it would do")
+    rotate.add_argument("--max-secret-history", type=int, default=config.DEFAULT_MAX_SECRET_HISTORY)
+    rotate.add_argument("--replicas", type=int, default=1)
+    _add_nats(rotate)
+    _add_names(rotate)
+
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
     export = audit_commands.add_parser("export", help="export the event history as JSON Lines")

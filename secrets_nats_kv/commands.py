@@ -410,6 +410,36 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from actors.rotation import rotate_key
+    from projections.kv import KvLayout
+
+    old = seed_from_env("ENCRYPTION_XKEY_SEED")
+    new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
+    names = backend_names(args)
+    nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
+    try:
+        report = await rotate_key(
+            nc,
+            names=names,
+            layout=KvLayout(
+                secrets_bucket=names.secrets_bucket,
+                state_bucket=names.state_bucket,
+                max_history=args.max_secret_history,
+                replicas=args.replicas,
+            ),
+            old=old,
+            new=new,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=progress_printer("rotate-key"),
+        )
+    finally:
+        await nc.close()
+    _say(report.summary())
+    return 0
+
+
 async def cmd_keys(args: argparse.Namespace) -> int:
     key = XKey.generate()
     _say(f"seed: {key.seed}")
@@ -432,6 +462,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "destroy": cmd_destroy,
     "rebuild": cmd_rebuild,
     "audit": cmd_audit,
+    "rotate-key": cmd_rotate_key,
 }
 
 
