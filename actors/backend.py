@@ -22,6 +22,7 @@ from actors.commands import CommandActor
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
+from actors.service import MicroService
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
@@ -37,6 +38,7 @@ class Backend:
     """One backend instance. `run` blocks until `stop()`; readiness is `ready`."""
 
     config: BackendConfig
+    drain_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         self._stop = anyio.Event()
@@ -109,12 +111,14 @@ class Backend:
             pool = self.pool = ResponderPool(
                 nc, names, handlers, workers=config.request_concurrency
             )
+            service = MicroService(nc, names, pool)
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)
                 await tg.start(writer.run)
                 await tg.start(view.run)
                 await tg.start(pool.run)
+                await service.start(sorted(handlers))
                 self.ready.set()
                 log.info(
                     "backend ready",
@@ -122,7 +126,10 @@ class Backend:
                 )
                 task_status.started()
                 await self._stop.wait()
-                await pool.drain()
+                with anyio.move_on_after(self.drain_timeout, shield=True):
+                    await service.stop()  # no new requests
+                    await pool.close()  # answer those already taken
+                    await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.move_on_after(5, shield=True):

@@ -81,7 +81,7 @@ class GetResponder:
             reply = await self._get(request, context)
         except ProtocolError as exc:
             self._record(context, granted=False, error=exc)
-            return Reply(wire.encode_error_response(exc))
+            raise  # the pool renders it as the plain error reply, and counts it
         self._record(context, granted=True, error=None)
         return reply
 

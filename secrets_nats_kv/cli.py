@@ -92,6 +92,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="accept the original's unauthenticated put_secret and mapping requests",
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not record gets")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="backend processes on this machine, sharing the load (default 1)",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from secrets_nats_kv import commands
 
     try:

@@ -30,6 +30,7 @@ from secrets_nats_kv.errors import (
 )
 from secrets_nats_kv.jetstream import convert
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
+from secrets_nats_kv.workers import supervise_children
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,10 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
     )
 
 
-async def run_until_signalled(backend_config_: BackendConfig) -> int:
-    """Run a backend until SIGINT/SIGTERM, then drain and exit 0."""
+async def run_until_signalled(
+    backend_config_: BackendConfig, *, argv: list[str] | None = None, workers: int = 1
+) -> int:
+    """Run a backend (and `workers - 1` child backends) until SIGINT/SIGTERM, then drain."""
     import signal
 
     from actors.backend import Backend
@@ -116,23 +119,29 @@ async def run_until_signalled(backend_config_: BackendConfig) -> int:
         log.warning(
             "no --trusted-issuer: any host with a self-made JWT can fetch any mapped secret"
         )
+    stopping = anyio.Event()
     async with anyio.create_task_group() as tg:
-        await tg.start(backend.run)
 
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     log.info("stopping: draining requests in flight")
+                    stopping.set()
                     backend.stop()
                     return
 
         tg.start_soon(stop_on_signal)
+        await tg.start(backend.run)
+        if workers > 1 and argv is not None:
+            tg.start_soon(supervise_children, argv, workers - 1, stopping)
     return 0
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
-    return await run_until_signalled(backend_config(args))
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    return await run_until_signalled(backend_config(args), argv=args.argv, workers=args.workers)
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:

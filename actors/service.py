@@ -1,0 +1,60 @@
+"""The backend as a NATS micro service: discovery and stats in NATS's own conventions.
+
+`$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` (for `nats micro ls/info/stats`) find every
+instance. The service's one endpoint *is* the protocol's queue subscription
+(`{prefix}.>` in `{queue_base}.{name}`); it hands each request to the responder pool, and
+the pool's per-operation counters are the endpoint's stats data. An instance registers
+only once its view has caught up, so answering PING means ready.
+"""
+
+from __future__ import annotations
+
+from nats.aio.client import Client as NATS
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import EndpointStats, Service
+
+from actors.pool import ResponderPool
+from secrets_nats_kv import __version__
+from secrets_nats_kv.config import BackendNames
+
+SERVICE_NAME = "secrets-nats-kv"
+
+
+class MicroService:
+    """Owns the micro service registration of one backend instance."""
+
+    def __init__(self, nc: NATS, names: BackendNames, pool: ResponderPool) -> None:
+        self._nc = nc
+        self._names = names
+        self._pool = pool
+        self._service: Service | None = None
+
+    async def start(self, operations: list[str]) -> None:
+        self._service = await add_service(
+            self._nc,
+            name=SERVICE_NAME,
+            version=__version__,
+            description="wasmCloud secrets backend (NATS KV layout, event-sourced)",
+            metadata={"backend": self._names.name, "subject": self._names.subject_prefix},
+            stats_handler=self._stats_data,
+        )
+        await self._service.add_endpoint(
+            name="secrets",
+            subject=f"{self._names.subject_prefix}.>",
+            queue_group=self._names.queue_group,
+            handler=self._handle,
+            metadata={"operations": ",".join(operations)},
+        )
+
+    async def _handle(self, request: MicroRequest) -> None:
+        await self._pool.submit(request._msg)  # the raw message: the pool answers it itself
+
+    def _stats_data(self, _: EndpointStats) -> dict[str, object]:
+        return self._pool.stats.as_dict()
+
+    async def stop(self) -> None:
+        """Stop taking requests (unsubscribe) and leave discovery."""
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None

@@ -1,0 +1,74 @@
+"""`run --workers N`: N backend processes on one machine, sharing the queue group.
+
+Python runs one core per process, so a machine with several cores serves more gets with
+several backends. The first process is this one; it starts N-1 children with the same
+arguments (and `--workers 1`), restarts a child that dies, and on SIGINT/SIGTERM passes
+the signal on and waits for them to drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import Process
+
+log = logging.getLogger(__name__)
+
+
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """The command line of a child: ours with `--workers` forced to 1."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        out.append(arg)
+    return [sys.executable, "-m", "secrets_nats_kv.cli", *out, "--workers", "1"]
+
+
+async def supervise_children(argv: Sequence[str], count: int, stopping: anyio.Event) -> None:
+    """Keep `count` child backends running until `stopping`, then stop them in order."""
+    if count <= 0:
+        return
+    command = child_argv(argv)
+    async with anyio.create_task_group() as tg:
+        for index in range(count):
+            tg.start_soon(_keep_running, command, index, stopping)
+
+
+async def _keep_running(command: list[str], index: int, stopping: anyio.Event) -> None:
+    delay = 0.5
+    while not stopping.is_set():
+        process = await anyio.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=None, stderr=None
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on, stopping, process)
+            code = await process.wait()
+            tg.cancel_scope.cancel()
+        if stopping.is_set():
+            return
+        log.warning("worker exited, restarting", extra={"worker": index, "code": code})
+        with anyio.move_on_after(delay):
+            await stopping.wait()  # back off before restarting, unless we are stopping
+        delay = min(delay * 2, 10.0)
+
+
+async def _stop_on(stopping: anyio.Event, process: Process) -> None:
+    await stopping.wait()
+    process.send_signal(signal.SIGTERM)
+    with anyio.move_on_after(10, shield=True) as scope:
+        await process.wait()
+    if scope.cancelled_caught:
+        process.kill()
