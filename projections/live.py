@@ -4,11 +4,17 @@ It follows the log with an ordered consumer, folds each entry and hands the entr
 writes to the KV writer. `wait_fresh` gives read-your-writes across processes: it reads
 the log's head *after* the caller arrived (one request shared by everyone waiting, like
 Raft's ReadIndex) and waits until the fold has reached it.
+
+While the head cannot be read (JetStream electing a stream leader, NATS unreachable) no
+write can be acknowledged either, so reads are served from the view as it stands rather
+than failing: availability for hosts starting components matters more than the few
+writes acknowledged in the instant before the fault.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import anyio
@@ -48,6 +54,9 @@ class LiveView:
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
+        self.head_timeout = 1.0
+        self.stale_reads = 0  # reads served without a head read (the log was unreachable)
+        self._last_stale_warning = 0.0
 
     @property
     def applied_seq(self) -> int:
@@ -91,8 +100,19 @@ class LiveView:
             self._head_wanted.set()
         await current.done.wait()
         if current.error is not None:
-            raise current.error
+            self._note_stale_read(current.error)
+            return
         await self.wait_applied(current.head)
+
+    def _note_stale_read(self, error: Exception) -> None:
+        self.stale_reads += 1
+        now = time.monotonic()
+        if now - self._last_stale_warning > 10.0:
+            self._last_stale_warning = now
+            log.warning(
+                "event log head unreadable; serving reads from the view as it stands",
+                extra={"error": str(error)},
+            )
 
     async def _serve_head_reads(self) -> None:
         while True:
@@ -102,7 +122,8 @@ class LiveView:
             if current is None:
                 continue
             try:
-                current.head = await self._log.head()
-            except (StorageError, NatsUnavailable) as exc:
+                with anyio.fail_after(self.head_timeout):
+                    current.head = await self._log.head()
+            except (StorageError, NatsUnavailable, TimeoutError) as exc:
                 current.error = exc
             current.done.set()
