@@ -167,7 +167,7 @@ def _json_member(text: str, field: str, revision: int) -> str:
     """`field` of a JSON-object secret (strings as-is, other values as JSON); else the text."""
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's limit: not an object to us
         return text
     if not isinstance(document, dict):
         return text
