@@ -71,12 +71,12 @@ class AccessLog:
         )
         try:
             self._send.send_nowait(record)
-        except anyio.WouldBlock:
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
             self.dropped += 1
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async with self._receive:
+        async with self._send, self._receive:
             async for record in self._receive:
                 try:
                     await self._nc.publish(self._subject, encode_access(record))

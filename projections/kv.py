@@ -10,6 +10,7 @@ streams deny.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -198,7 +199,8 @@ class KvWriter:
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """Queue one log entry's effects (called by the live view, never blocks)."""
         needed = [e for e in effects if not self._already_written(e)]
-        self._send.send_nowait((seq, needed))
+        with contextlib.suppress(anyio.ClosedResourceError):  # stopping: the log still has it
+            self._send.send_nowait((seq, needed))
 
     def _already_written(self, effect: Effect) -> bool:
         match effect:
@@ -217,7 +219,7 @@ class KvWriter:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async with self._receive:
+        async with self._send, self._receive:
             async for seq, effects in self._receive:
                 for effect in effects:
                     await self._apply_with_retry(effect)

@@ -75,9 +75,10 @@ msgspec cannot bound beyond int64 (no revision or timestamp comes near it)."""
 _REDACTED = "<redacted>"
 
 # Exceptions a decode can raise: malformed or mistyped JSON (DecodeError and its subclass
-# ValidationError), and nesting deeper than the interpreter's recursion limit, which
-# msgspec reports as RecursionError even inside a field it is only skipping.
-_DECODE_FAILURES = (msgspec.DecodeError, RecursionError)
+# ValidationError), nesting deeper than the interpreter's recursion limit, which msgspec
+# reports as RecursionError even inside a field it is only skipping, and invalid UTF-8
+# inside a JSON string, which it reports as UnicodeDecodeError.
+_DECODE_FAILURES = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 # --- get ----------------------------------------------------------------------------------
