@@ -54,7 +54,7 @@ class LiveView:
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
-        self.head_timeout = 1.0
+        self.head_timeout = 3.0  # long enough for a loaded machine, short for an election
         self.stale_reads = 0  # reads served without a head read (the log was unreachable)
         self._last_stale_warning = 0.0
 

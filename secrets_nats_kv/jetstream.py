@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-sequence check
-_MESSAGE_NOT_FOUND = (10037, 10057)
+_MESSAGE_NOT_FOUND = (10037, 10043, 10057)  # no message, sequence not found, deleted
 
 
 class _ApiError(msgspec.Struct):

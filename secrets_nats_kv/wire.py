@@ -14,6 +14,7 @@ from typing import Annotated, Literal, TypeAlias, TypeVar, overload
 import msgspec
 
 from secrets_nats_kv.errors import (
+    TEXT_VARIANTS,
     InvalidPayload,
     InvalidRequest,
     NoSecretProvided,
@@ -401,6 +402,8 @@ def put_error_from_wire(value: str) -> ProtocolError:
     """The exception a `put_secret` reply's `error` string stands for (PROTOCOL.md §5)."""
     if value == NoSecretProvided.variant:
         return NoSecretProvided()
+    if value in TEXT_VARIANTS:  # a put reply names the variant only, without its text
+        return TEXT_VARIANTS[value](value)
     return protocol_error_from_wire(value)
 
 
