@@ -21,10 +21,16 @@ PROG = "secrets-nats-kv"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line too."""
+    """argparse, but usage errors are one line too, with the same prefix as every failure.
+
+    Scripts look for `secrets-nats-kv: error:`; a subcommand's usage error names the
+    subcommand after it instead of before it.
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        sys.stderr.write(f"{PROG}: error: {where}{message}\n")
         raise SystemExit(2)
 
 

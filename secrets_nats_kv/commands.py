@@ -7,11 +7,12 @@ for `cli.main` to turn into one-line failures. `run` and `dev` start the actors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import nats.errors
@@ -27,6 +28,7 @@ from secrets_nats_kv.errors import (
     InvalidSecretName,
     SecretNotFound,
     SecretsBackendError,
+    Unauthorized,
 )
 from secrets_nats_kv.jetstream import convert
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
@@ -154,10 +156,27 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 # --- client commands -----------------------------------------------------------------------
 
 
-async def _admin_client(args: argparse.Namespace) -> AdminClient:
+@contextlib.asynccontextmanager
+async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]:
+    """An admin client, closed on exit; a refusal says which key was refused and why.
+
+    The wire carries only the bare `Unauthorized`, whose own text ("not allowed") would
+    leave the operator guessing which of their seeds is wrong.
+    """
     admin_key = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
     nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
-    return AdminClient(nc, backend_names(args), admin_key)
+    client = AdminClient(nc, backend_names(args), admin_key)
+    try:
+        yield client
+    except Unauthorized:
+        raise ConfigError(
+            f"Unauthorized: the backend refused admin key {admin_key.public_key} "
+            "(sign with its TRANSIT_XKEY_SEED or an ADMIN_XKEY_SEED given to it with "
+            "--admin-xkey; or this machine's clock is more than "
+            f"{config.REQUEST_CLOCK_SKEW_S} s off)"
+        ) from None
+    finally:
+        await nc.close()
 
 
 def _valid_name(name: str) -> str:
@@ -189,11 +208,8 @@ def _put_value(args: argparse.Namespace) -> str | bytes:
 async def cmd_put(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
     value = _put_value(args)
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         revision = await client.put_secret(name, value)
-    finally:
-        await client.nc.close()
     _say(f"stored {name} as version {revision}")
     return 0
 
@@ -204,14 +220,11 @@ async def _mapping(args: argparse.Namespace, add: bool) -> int:
     except InvalidKey as exc:
         raise ConfigError(f"PUBKEY: {exc}") from None
     names = [_valid_name(name) for name in args.secret]
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         if add:
             await client.add_mapping(entity, names)
         else:
             await client.remove_mapping(entity, names)
-    finally:
-        await client.nc.close()
     verb = "may now read" if add else "may no longer read"
     _say(f"{entity} {verb} {', '.join(names)}")
     return 0
@@ -268,11 +281,8 @@ async def cmd_get(args: argparse.Namespace) -> int:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         listing = await client.list_secrets()
-    finally:
-        await client.nc.close()
     if not listing:
         _say("no secrets")
     for item in listing:
@@ -289,11 +299,8 @@ async def cmd_mappings(args: argparse.Namespace) -> int:
             entity = validate_entity(args.entity)
         except InvalidKey as exc:
             raise ConfigError(f"PUBKEY: {exc}") from None
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         mappings = await client.mappings(entity)
-    finally:
-        await client.nc.close()
     if not any(mappings.values()):
         _say("no mappings")
     for key, names in mappings.items():
@@ -304,33 +311,24 @@ async def cmd_mappings(args: argparse.Namespace) -> int:
 
 async def cmd_delete(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         revision = await client.delete(name)
-    finally:
-        await client.nc.close()
     _say(f"deleted {name} (revision {revision}); undelete restores it")
     return 0
 
 
 async def cmd_undelete(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         revision = await client.undelete(name)
-    finally:
-        await client.nc.close()
     _say(f"restored {name} as version {revision}")
     return 0
 
 
 async def cmd_destroy(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
-    client = await _admin_client(args)
-    try:
+    async with _admin_session(args) as client:
         destroyed = await client.destroy(name, version=args.secret_version, all=args.all)
-    finally:
-        await client.nc.close()
     versions = ", ".join(str(v) for v in destroyed) or "none"
     _say(f"destroyed {name} revisions {versions}: their bytes are erased")
     return 0
