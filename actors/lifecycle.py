@@ -92,10 +92,10 @@ class LifecycleActor:
 
         def decide(state: ViewState) -> SecretUndeleted:
             record = _record(state, name)
+            if record.newest_readable() is None:  # destroyed: as absent as never put
+                raise SecretNotFound(name)
             if not record.deleted:
                 raise InvalidRequest(f"secret {name!r} is not deleted")
-            if record.newest_readable() is None:
-                raise SecretNotFound(name)
             return SecretUndeleted(name=name, **provenance)
 
         appended = await self._appender.append(decide, admin.request_id)

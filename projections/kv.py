@@ -190,6 +190,11 @@ class KvWriter:
         self._progress = anyio.Event()
         self.failed: str | None = None
 
+    def close(self) -> None:
+        """Close the queue of a writer used offline (`apply` only, never `run`)."""
+        self._send.close()
+        self._receive.close()
+
     async def prepare(self) -> None:
         """Read where the buckets are, so a restart skips what is already written."""
         layout = self.views.layout

@@ -44,11 +44,14 @@ async def rebuild_views(
     await views.ensure()
     writer = KvWriter(views, event_log)
     state = ViewState()
-    async for entry in event_log.entries():
-        for effect in fold(state, entry.seq, entry.event):
-            await writer.apply(effect)
-        if progress is not None:
-            progress(entry.seq, total)
+    try:
+        async for entry in event_log.entries():
+            for effect in fold(state, entry.seq, entry.event):
+                await writer.apply(effect)
+            if progress is not None:
+                progress(entry.seq, total)
+    finally:
+        writer.close()  # used offline: its queue was never run, close it
     return RebuildReport(
         events=state.last_seq,
         secrets=len(state.secrets),

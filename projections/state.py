@@ -43,16 +43,39 @@ class Version:
 
 @dataclass(slots=True)
 class SecretRecord:
+    """One secret's KV entries; being deleted is derived from them, as a KV reader sees it."""
+
     name: str
     versions: dict[int, Version] = field(default_factory=dict)
     revisions: list[int] = field(default_factory=list)  # every KV revision of the key
-    deleted: bool = False
+    markers: set[int] = field(default_factory=set)  # the delete markers among them
     updated_at: float = 0.0
     last_seq: int = 0  # newest log entry on this secret's subject (for expected-sequence appends)
 
+    def _newest_entry(self) -> Version | bool | None:
+        """The newest entry destroy left: a readable version, True (a marker), or None."""
+        for revision in reversed(self.revisions):
+            if revision in self.markers:
+                return True
+            version = self.versions.get(revision)
+            if version is not None and version.sealed is not None:
+                return version
+        return None
+
+    @property
+    def deleted(self) -> bool:
+        """Whether the newest entry left is a delete marker.
+
+        Derived, not a flag set by the events: once destroy erases the entries after a
+        delete, the secret is deleted again, as the KV bucket shows it, and a refold of
+        the erased log (restart, rebuild, audit) reaches the same answer.
+        """
+        return self._newest_entry() is True
+
     def latest(self) -> Version | None:
         """The newest readable version, or None if deleted or nothing readable is left."""
-        return None if self.deleted else self.newest_readable()
+        newest = self._newest_entry()
+        return newest if isinstance(newest, Version) else None
 
     def newest_readable(self) -> Version | None:
         """The newest version whose bytes still exist, deleted or not (what undelete restores)."""
@@ -86,6 +109,7 @@ class ViewState:
     state_revision: int = 0  # last revision written to the state bucket
     revision_of_seq: dict[int, int] = field(default_factory=dict)
     destroyed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # destroy seq -> versions
+    erased_revisions: set[int] = field(default_factory=set)  # revisions of erased log entries
     encryption_key: str | None = None  # public key named by the last KeyRotated
 
 
@@ -146,6 +170,7 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
     if event is None:
         state.secrets_revision += 1
         state.revision_of_seq[seq] = state.secrets_revision
+        state.erased_revisions.add(state.secrets_revision)
         return [FillErasedRevision(state.secrets_revision)]
     match event:
         case SecretPut():
@@ -185,7 +210,6 @@ def _record(state: ViewState, name: str) -> SecretRecord:
 def _put(state: ViewState, seq: int, event: SecretPut) -> list[Effect]:
     record = _record(state, event.name)
     revision = _next_secret_revision(state, seq, record, event.at)
-    record.deleted = False
     record.versions[revision] = Version(revision, revision, seq, event.kind, event.sealed, event.at)
     return [PutSecretEntry(event.name, revision, event.sealed, event.kind)]
 
@@ -193,19 +217,19 @@ def _put(state: ViewState, seq: int, event: SecretPut) -> list[Effect]:
 def _delete(state: ViewState, seq: int, event: SecretDeleted) -> list[Effect]:
     record = _record(state, event.name)
     revision = _next_secret_revision(state, seq, record, event.at)
-    record.deleted = True
+    record.markers.add(revision)
     return [MarkSecretDeleted(event.name, revision)]
 
 
 def _undelete(state: ViewState, seq: int, event: SecretUndeleted) -> list[Effect]:
     record = _record(state, event.name)
-    record.deleted = False
     source = record.newest_readable()
     revision = _next_secret_revision(state, seq, record, event.at)
     if source is None or source.sealed is None:
-        # Nothing left to restore: the revision is still spent, as a delete marker.
-        record.deleted = True
-        return [MarkSecretDeleted(event.name, revision)]
+        # The actor only undeletes what it can restore, so this is a refold (restart,
+        # rebuild, audit) of a log where a later destroy erased the restored bytes; that
+        # destroy lists this revision too, so it is spent as an already erased entry.
+        return [FillErasedRevision(revision)]
     record.versions[revision] = Version(
         revision, source.origin, source.event_seq, source.kind, source.sealed, event.at
     )
@@ -213,22 +237,23 @@ def _undelete(state: ViewState, seq: int, event: SecretUndeleted) -> list[Effect
 
 
 def _destroy(state: ViewState, seq: int, event: SecretDestroyed) -> list[Effect]:
+    # The event lists what was destroyed; a refold no longer holds the erased puts, so
+    # the record alone would under-report. Only this secret's (or erased) revisions count.
     record = state.secrets.get(event.name)
-    erase: list[int] = []
+    owned = set(record.revisions) if record is not None else set()
+    erase = [r for r in event.versions if r in owned or r in state.erased_revisions]
     if record is not None:
         record.last_seq = seq
         if event.all:
-            erase = list(record.revisions)
+            erase += record.revisions
             del state.secrets[event.name]
         else:
             for revision in event.versions:
                 version = record.versions.get(revision)
                 if version is not None:
                     version.sealed = None
-                    erase.append(revision)
             record.updated_at = event.at
-    else:
-        erase = list(event.versions)
+    erase = sorted(set(erase))
     effects: list[Effect] = []
     state.destroyed[seq] = tuple(sorted(erase))
     if erase:

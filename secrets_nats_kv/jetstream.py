@@ -82,5 +82,7 @@ async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> 
     if reply.error is None:
         return
     if reply.error.code == 404 or reply.error.err_code in _MESSAGE_NOT_FOUND:
-        return
+        # 10043 is JetStream's generic "delete failed": only "… not found" means gone.
+        if reply.error.err_code != 10043 or "not found" in reply.error.description:
+            return
     raise StorageError(f"erase {stream} #{seq}", reply.error.description)
