@@ -23,6 +23,8 @@ from secrets_nats_kv.jetstream import convert
 
 log = logging.getLogger(__name__)
 
+_BATCH = 1000
+
 
 class AccessLog:
     """Actor: owns the access stream and the buffer in front of it."""
@@ -78,8 +80,16 @@ class AccessLog:
         task_status.started()
         async with self._send, self._receive:
             async for record in self._receive:
-                try:
-                    await self._nc.publish(self._subject, encode_access(record))
-                    self.recorded += 1
-                except nats.errors.Error:
-                    self.dropped += 1
+                # Publish all that is queued before yielding: one flush for the batch.
+                batch = [record]
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                for item in batch:
+                    try:
+                        await self._nc.publish(self._subject, encode_access(item))
+                        self.recorded += 1
+                    except nats.errors.Error:
+                        self.dropped += 1

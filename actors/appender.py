@@ -96,8 +96,7 @@ class Appender:
     async def fresh(self) -> None:
         """Wait until the view includes every event appended before now."""
         try:
-            with anyio.fail_after(self._settle_timeout):
-                await self.view.wait_fresh()
+            await self.view.wait_fresh(self._settle_timeout)
         except TimeoutError:
             raise UpstreamError("the backend's view is behind the event log") from None
         except (StorageError, NatsUnavailable) as exc:

@@ -2,14 +2,14 @@
 
 Every instance of the backend subscribes to `{base}.{version}.{name}.>` in queue group
 `{queue_base}.{name}` (the subscription is the micro service's endpoint, see
-`actors.service`), so NATS spreads requests over all of them. Inside one process a fixed
-set of workers pulls requests from a bounded buffer; a handler that raises gets an error
-reply, and the worker goes on. `close` lets the requests already taken finish.
+`actors.service`), so NATS spreads requests over all of them. Inside one process up to
+`workers` requests are served at once, each in a task the pool owns; a handler that
+raises gets an error reply, and the pool goes on. `close` lets the requests already
+taken finish.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import nats.errors
-from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -98,37 +97,45 @@ class ResponderPool:
         self._handlers = handlers
         self._workers = workers
         self._prefix_len = len(names.subject_prefix) + 1
-        send, receive = anyio.create_memory_object_stream[Msg](max(workers * 4, 64))
-        self._send: MemoryObjectSendStream[Msg] = send
-        self._receive: MemoryObjectReceiveStream[Msg] = receive
+        # At most `workers` requests in flight; further ones wait in NATS's buffer.
+        self._slots = anyio.Semaphore(workers, fast_acquire=True)
+        self._group: TaskGroup | None = None
+        self._closing = anyio.Event()
         self.stats = PoolStats()
         self.finished = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run the workers until `close()`; they finish the requests already taken."""
+        """Own one task per request in flight until `close()`, then wait for them to answer."""
         try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self._workers):
-                    tg.start_soon(self._work, self._receive.clone())
-                self._receive.close()
+            async with anyio.create_task_group() as group:
+                self._group = group
                 task_status.started()
+                await self._closing.wait()
         finally:
+            self._group = None
             self.finished.set()
 
     async def submit(self, msg: Msg) -> None:
-        """Hand a request to the workers (waits while the buffer is full: backpressure)."""
-        # Closing down: the request times out at the caller, which retries elsewhere.
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await self._send.send(msg)
+        """Serve `msg` in a task of its own (waits for a free slot: backpressure).
+
+        A task per request, not a fixed set of workers behind a buffer: one hand-off
+        less per request, and replies written in the same loop turn share a flush.
+        """
+        group = self._group
+        if group is None or self._closing.is_set():
+            return  # closing: the request times out at the caller, which retries elsewhere
+        await self._slots.acquire()
+        group.start_soon(self._serve_in_slot, msg)
 
     async def close(self) -> None:
-        """Take no more requests; wait (bounded) until the workers have answered the rest."""
-        await self._send.aclose()
+        """Take no more requests; `finished` is set once those already taken are answered."""
+        self._closing.set()
 
-    async def _work(self, receive: MemoryObjectReceiveStream[Msg]) -> None:
-        async with receive:
-            async for msg in receive:
-                await self._serve(msg)
+    async def _serve_in_slot(self, msg: Msg) -> None:
+        try:
+            await self._serve(msg)
+        finally:
+            self._slots.release()
 
     async def _serve(self, msg: Msg) -> None:
         if not msg.reply:

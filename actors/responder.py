@@ -13,8 +13,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import anyio
-
 from actors.admin import sender_key
 from actors.pool import Reply, Request
 from projections.live import LiveView
@@ -121,8 +119,7 @@ class GetResponder:
 
     async def _wait_fresh(self) -> None:
         try:
-            with anyio.fail_after(self._freshness_timeout):
-                await self._view.wait_fresh()
+            await self._view.wait_fresh(self._freshness_timeout)
         except TimeoutError:
             raise UpstreamError("the backend's view is behind the event log") from None
         except (StorageError, NatsUnavailable) as exc:

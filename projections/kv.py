@@ -188,6 +188,7 @@ class KvWriter:
         self._secrets_last = 0
         self._state_last = 0
         self._progress = anyio.Event()
+        self._queued = 0  # entries submitted and not yet applied
         self.failed: str | None = None
 
     def close(self) -> None:
@@ -204,6 +205,10 @@ class KvWriter:
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """Queue one log entry's effects (called by the live view, never blocks)."""
         needed = [e for e in effects if not self._already_written(e)]
+        if not needed and self._queued == 0:
+            self._advance(seq)  # nothing to write and nothing ahead of it: done already
+            return
+        self._queued += 1
         with contextlib.suppress(anyio.ClosedResourceError):  # stopping: the log still has it
             self._send.send_nowait((seq, needed))
 
@@ -228,9 +233,13 @@ class KvWriter:
             async for seq, effects in self._receive:
                 for effect in effects:
                     await self._apply_with_retry(effect)
-                self.applied_seq = seq
-                self._progress.set()
-                self._progress = anyio.Event()
+                self._queued -= 1
+                self._advance(seq)
+
+    def _advance(self, seq: int) -> None:
+        self.applied_seq = seq
+        self._progress.set()
+        self._progress = anyio.Event()
 
     async def _apply_with_retry(self, effect: Effect) -> None:
         delay = 0.05

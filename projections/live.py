@@ -51,6 +51,7 @@ class LiveView:
         self._on_effects = on_effects
         self.state = ViewState()
         self._progress = anyio.Event()
+        self._waiting = 0
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
@@ -80,8 +81,9 @@ class LiveView:
                     effects = fold(self.state, entry.seq, entry.event)
                     if self._on_effects is not None:
                         self._on_effects(entry.seq, effects)
-                    self._progress.set()
-                    self._progress = anyio.Event()
+                    if self._waiting:  # wake waiters; no event churn while nobody waits
+                        self._progress.set()
+                        self._progress = anyio.Event()
                     delay = 0.1
             except (StorageError, NatsUnavailable) as exc:
                 log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
@@ -89,11 +91,19 @@ class LiveView:
                 delay = min(delay * 2, 2.0)
 
     async def wait_applied(self, seq: int) -> None:
-        while self.state.last_seq < seq:
-            await self._progress.wait()
+        self._waiting += 1
+        try:
+            while self.state.last_seq < seq:
+                await self._progress.wait()
+        finally:
+            self._waiting -= 1
 
-    async def wait_fresh(self) -> None:
-        """Return once the view includes every event appended before this call."""
+    async def wait_fresh(self, catch_up_within: float) -> None:
+        """Return once the view includes every event appended before this call.
+
+        Raises TimeoutError if the view has not caught up within `catch_up_within` (the head read
+        itself is bounded separately); only a view behind the head pays for that scope.
+        """
         current = self._round
         if current is None:
             current = self._round = _HeadRound()
@@ -102,7 +112,9 @@ class LiveView:
         if current.error is not None:
             self._note_stale_read(current.error)
             return
-        await self.wait_applied(current.head)
+        if self.state.last_seq < current.head:
+            with anyio.fail_after(catch_up_within):
+                await self.wait_applied(current.head)
 
     def _note_stale_read(self, error: Exception) -> None:
         self.stale_reads += 1

@@ -81,8 +81,8 @@ async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> 
     reply = _delete_decoder.decode(data)
     if reply.error is None:
         return
-    if reply.error.code == 404 or reply.error.err_code in _MESSAGE_NOT_FOUND:
-        # 10043 is JetStream's generic "delete failed": only "… not found" means gone.
-        if reply.error.err_code != 10043 or "not found" in reply.error.description:
-            return
+    # 10043 is JetStream's generic "delete failed": only "… not found" means already gone.
+    gone = reply.error.code == 404 or reply.error.err_code in _MESSAGE_NOT_FOUND
+    if gone and (reply.error.err_code != 10043 or "not found" in reply.error.description):
+        return
     raise StorageError(f"erase {stream} #{seq}", reply.error.description)

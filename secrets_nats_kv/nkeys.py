@@ -8,6 +8,7 @@ without ever repeating a seed.
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
 
 import nacl.exceptions
@@ -59,25 +60,12 @@ _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _ROLES_BY_BYTE = {int(role): role for role in Role}
 
 
-def _make_crc16_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-        table.append(crc & 0xFFFF)
-    return tuple(table)
-
-
-_CRC16_TABLE = _make_crc16_table()
-
-
 def crc16_xmodem(data: bytes) -> int:
-    """CRC-16/XMODEM (poly 0x1021, init 0), the checksum every nkey ends with."""
-    crc = 0
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16_TABLE[(crc >> 8) ^ byte]
-    return crc
+    """CRC-16/XMODEM (poly 0x1021, init 0), the checksum every nkey ends with.
+
+    `binascii.crc_hqx` is exactly this CRC, in C: every request's xkey header is checked.
+    """
+    return binascii.crc_hqx(data, 0)
 
 
 def _b32encode(data: bytes) -> str:
@@ -90,6 +78,8 @@ def _b32decode(text: str) -> bytes | None:
         data = base64.b32decode(text + "=" * (-len(text) % 8))
     except ValueError:  # binascii.Error, or non-ASCII text
         return None
+    if len(text) % 8 == 0:
+        return data  # whole 40-bit groups have no spare bits: the text is canonical
     return data if _b32encode(data) == text else None
 
 
@@ -128,31 +118,36 @@ class _Parsed:
         return self.role.seed_phrase() if self.is_seed else self.role.key_phrase()
 
 
-def _parse(text: str, expected: str) -> _Parsed:
-    """Check length, base32, checksum and prefix; `expected` words any InvalidKey raised."""
+def _parse(text: str, roles: tuple[Role, ...], seed: bool) -> _Parsed:
+    """Check length, base32, checksum and prefix; any InvalidKey says what `roles` expected.
+
+    The expectation is worded only on failure: the success path runs on every request.
+    """
     if not text:
-        raise InvalidKey(expected, "empty text")
+        raise InvalidKey(_expected(roles, seed), "empty text")
     if len(text) not in (PUBLIC_KEY_LENGTH, SEED_LENGTH):
         raise InvalidKey(
-            expected,
+            _expected(roles, seed),
             f"text of {len(text)} characters (a public key has {PUBLIC_KEY_LENGTH}, "
             f"a seed {SEED_LENGTH})",
         )
     data = _b32decode(text)
     if data is None:
-        raise InvalidKey(expected, "text that is not base32")
+        raise InvalidKey(_expected(roles, seed), "text that is not base32")
     body, crc = data[:-2], int.from_bytes(data[-2:], "little")
     if crc16_xmodem(body) != crc:
-        raise InvalidKey(expected, "a checksum mismatch")
+        raise InvalidKey(_expected(roles, seed), "a checksum mismatch")
     if len(body) == 1 + RAW_SIZE:
         role = _ROLES_BY_BYTE.get(body[0])
         if role is None:
-            raise InvalidKey(expected, f"a key with unknown prefix byte {body[0]:#04x}")
+            raise InvalidKey(
+                _expected(roles, seed), f"a key with unknown prefix byte {body[0]:#04x}"
+            )
         return _Parsed(role, False, body[1:])
     first, second = body[0], body[1]
     role = _ROLES_BY_BYTE.get((first & 7) << 5 | second >> 3)
     if first & 0xF8 != SEED_PREFIX or second & 7 or role is None:
-        raise InvalidKey(expected, "a seed with an unknown prefix")
+        raise InvalidKey(_expected(roles, seed), "a seed with an unknown prefix")
     return _Parsed(role, True, body[2:])
 
 
@@ -166,25 +161,23 @@ def _expected(roles: tuple[Role, ...], seed: bool) -> str:
 
 def decode_public(text: str, *roles: Role) -> bytes:
     """The 32 raw bytes of a public key of one of `roles` (any role if none given)."""
-    expected = _expected(roles, seed=False)
-    parsed = _parse(text, expected)
+    parsed = _parse(text, roles, seed=False)
     if parsed.is_seed or (roles and parsed.role not in roles):
-        raise InvalidKey(expected, parsed.phrase())
+        raise InvalidKey(_expected(roles, seed=False), parsed.phrase())
     return parsed.raw
 
 
 def decode_seed(text: str, *roles: Role) -> tuple[Role, bytes]:
     """The role and 32 raw bytes of a seed of one of `roles` (any role if none given)."""
-    expected = _expected(roles, seed=True)
-    parsed = _parse(text, expected)
+    parsed = _parse(text, roles, seed=True)
     if not parsed.is_seed or (roles and parsed.role not in roles):
-        raise InvalidKey(expected, parsed.phrase())
+        raise InvalidKey(_expected(roles, seed=True), parsed.phrase())
     return parsed.role, parsed.raw
 
 
 def role_of(text: str) -> Role:
     """The role of a public key (seeds are refused, so callers never route a seed by role)."""
-    parsed = _parse(text, _expected((), seed=False))
+    parsed = _parse(text, (), seed=False)
     if parsed.is_seed:
         raise InvalidKey(_expected((), seed=False), parsed.phrase())
     return parsed.role

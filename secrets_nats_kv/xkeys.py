@@ -33,11 +33,15 @@ class XKey:
     __slots__ = ("_private", "_public", "public_key")
 
     def __init__(
-        self, public: nacl.public.PublicKey, private: nacl.public.PrivateKey | None
+        self,
+        public: nacl.public.PublicKey,
+        private: nacl.public.PrivateKey | None,
+        text: str | None = None,
     ) -> None:
         self._public = public
         self._private = private
-        self.public_key = encode_public(Role.CURVE, bytes(public))
+        # `text` is the already validated key text (from_public): no need to encode it again.
+        self.public_key = text if text is not None else encode_public(Role.CURVE, bytes(public))
 
     @classmethod
     def from_seed(cls, seed_text: str) -> XKey:
@@ -55,7 +59,7 @@ class XKey:
     @classmethod
     def from_public(cls, text: str) -> XKey:
         """A public-only curve key (`X…`): a peer to seal to or open from."""
-        return cls(nacl.public.PublicKey(decode_public(text, Role.CURVE)), None)
+        return cls(nacl.public.PublicKey(decode_public(text, Role.CURVE)), None, text)
 
     @property
     def has_private(self) -> bool:
