@@ -323,23 +323,39 @@ async def _closed_loop(
             prepared = bank[next_index]
             next_index += 1
             result.sent += 1
-            sent_ns = time.monotonic_ns()
-            try:
-                msg = await nc.request(
-                    subject, prepared.payload, timeout=spec.timeout_s, headers=prepared.headers
-                )
-            except nats.errors.TimeoutError:
-                result.timeouts += 1
-                continue
-            done_ns = time.monotonic_ns()
-            if checker.check(msg, prepared):
-                result.ok += 1
+            timing = await _timed_request(nc, subject, prepared, spec, result, checker)
+            if timing is not None:
+                sent_ns, done_ns = timing
                 if window_start <= done_ns < window_end:
                     result.in_window += 1
                     result.latencies_ns.append(done_ns - sent_ns)
 
     await _sleep_until(start_ns)
     await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+
+
+async def _timed_request(
+    nc: NATS,
+    subject: str,
+    prepared: _Prepared,
+    spec: LoadSpec,
+    result: WorkerResult,
+    checker: _Checker,
+) -> tuple[int, int] | None:
+    """Send one prepared get; count a timeout or a good reply; (sent, done) of a good one."""
+    sent_ns = time.monotonic_ns()
+    try:
+        msg = await nc.request(
+            subject, prepared.payload, timeout=spec.timeout_s, headers=prepared.headers
+        )
+    except nats.errors.TimeoutError:
+        result.timeouts += 1
+        return None
+    done_ns = time.monotonic_ns()
+    if not checker.check(msg, prepared):
+        return None
+    result.ok += 1
+    return sent_ns, done_ns
 
 
 async def _open_loop(
@@ -360,21 +376,12 @@ async def _open_loop(
     pending: set[asyncio.Task[None]] = set()
 
     async def one(prepared: _Prepared, scheduled_ns: int) -> None:
-        sent_ns = time.monotonic_ns()
-        try:
-            msg = await nc.request(
-                subject, prepared.payload, timeout=spec.timeout_s, headers=prepared.headers
-            )
-        except nats.errors.TimeoutError:
-            result.timeouts += 1
-            return
-        done_ns = time.monotonic_ns()
-        if checker.check(msg, prepared):
-            result.ok += 1
-            if window_start <= scheduled_ns < window_end:
-                result.in_window += 1
-                result.latencies_ns.append(done_ns - sent_ns)
-                result.lateness_ns.append(sent_ns - scheduled_ns)
+        timing = await _timed_request(nc, subject, prepared, spec, result, checker)
+        if timing is not None and window_start <= scheduled_ns < window_end:
+            sent_ns, done_ns = timing
+            result.in_window += 1
+            result.latencies_ns.append(done_ns - sent_ns)
+            result.lateness_ns.append(sent_ns - scheduled_ns)
 
     for i, prepared in enumerate(bank):
         scheduled_ns = start_ns + offset_ns + i * interval_ns
