@@ -49,6 +49,7 @@ class Appender:
         self.view = view
         self._writer = writer
         self._settle_timeout = settle_timeout
+        self._turn = anyio.Lock()
         self._clock = clock
 
     def provenance(self, opened: Opened, request_id: str) -> Provenance:
@@ -67,17 +68,20 @@ class Appender:
         view. A retried request id is answered with its first append.
         """
         for _ in range(_ATTEMPTS):
-            await self.fresh()
-            expected = self.view.state.last_seq
-            event = decide(self.view.state)
-            try:
-                appended = await self.log.append(
-                    event, expected_last_seq=expected, msg_id=request_id or None
-                )
-            except ConcurrentAppend:
-                continue
-            except (StorageError, NatsUnavailable) as exc:
-                raise UpstreamError(str(exc)) from None
+            # Commands of this process take turns for a position (they would only collide);
+            # other processes' commands are settled by the expected-sequence check.
+            async with self._turn:
+                await self.fresh()
+                expected = self.view.state.last_seq
+                event = decide(self.view.state)
+                try:
+                    appended = await self.log.append(
+                        event, expected_last_seq=expected, msg_id=request_id or None
+                    )
+                except ConcurrentAppend:
+                    continue
+                except (StorageError, NatsUnavailable) as exc:
+                    raise UpstreamError(str(exc)) from None
             await self._settle(appended.seq)
             return appended
         raise UpstreamError("the log kept changing under this command; try again")

@@ -9,6 +9,9 @@ only once its view has caught up, so answering PING means ready.
 
 from __future__ import annotations
 
+import contextlib
+
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
@@ -54,7 +57,18 @@ class MicroService:
         return self._pool.stats.as_dict()
 
     async def stop(self) -> None:
-        """Stop taking requests (unsubscribe) and leave discovery."""
-        if self._service is not None:
+        """Stop taking requests and leave discovery, answering every request already routed here.
+
+        nats.micro's own stop unsubscribes, dropping requests NATS had already sent us;
+        draining the endpoint's subscription first hands each of them to the pool.
+        """
+        if self._service is None:
+            return
+        for endpoint in self._service._endpoints:
+            subscription = endpoint._subscription
+            if subscription is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.drain()
+        with contextlib.suppress(nats.errors.Error):
             await self._service.stop()
-            self._service = None
+        self._service = None

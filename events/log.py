@@ -244,6 +244,8 @@ async def stream_messages(
             subject,
             stream=stream,
             ordered_consumer=True,
+            # A lost consumer (its node died) is noticed after two missed heartbeats.
+            idle_heartbeat=1.0,
             config=config,
             pending_msgs_limit=65536,
             pending_bytes_limit=256 * 1024 * 1024,

@@ -222,9 +222,8 @@ class KvWriter:
                 return False
 
     async def wait_applied(self, seq: int) -> None:
+        """Wait until entry `seq` is written; failed writes are retried, callers bound the wait."""
         while self.applied_seq < seq:
-            if self.failed is not None:
-                raise StorageError("KV view", self.failed)
             await self._progress.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -55,6 +55,8 @@ class LiveView:
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
+        self._follow_scope: anyio.CancelScope | None = None
+        self.stall_after = 2.0  # seconds without progress behind the head before following again
         self.head_timeout = 3.0  # long enough for a loaded machine, short for an election
         self.stale_reads = 0  # reads served without a head read (the log was unreachable)
         self._last_stale_warning = 0.0
@@ -71,24 +73,51 @@ class LiveView:
             await self.wait_applied(head)
             self.ready.set()
             tg.start_soon(self._serve_head_reads)
+            tg.start_soon(self._watch_follow)
             task_status.started()
 
     async def _follow(self) -> None:
         delay = 0.1
         while True:
+            with anyio.CancelScope() as scope:
+                self._follow_scope = scope
+                try:
+                    entries = self._log.entries(from_seq=self.state.last_seq + 1, follow=True)
+                    async for entry in entries:
+                        effects = fold(self.state, entry.seq, entry.event)
+                        if self._on_effects is not None:
+                            self._on_effects(entry.seq, effects)
+                        if self._waiting:  # wake waiters; no event churn while nobody waits
+                            self._progress.set()
+                            self._progress = anyio.Event()
+                        delay = 0.1
+                except (StorageError, NatsUnavailable) as exc:
+                    log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
+                    await anyio.sleep(delay)  # back off while NATS recovers
+                    delay = min(delay * 2, 2.0)
+
+    async def _watch_follow(self) -> None:
+        """Restart following if the log is ahead and the view has not moved for a while.
+
+        The consumer behind `_follow` lives on one NATS node; if that node dies, the view
+        would stall until the client notices. A stalled view behind a known head is the
+        symptom, whatever the cause, so that is what this watches.
+        """
+        seen = self.state.last_seq
+        while True:
+            await anyio.sleep(self.stall_after)  # a periodic check, not a wait for an event
             try:
-                async for entry in self._log.entries(from_seq=self.state.last_seq + 1, follow=True):
-                    effects = fold(self.state, entry.seq, entry.event)
-                    if self._on_effects is not None:
-                        self._on_effects(entry.seq, effects)
-                    if self._waiting:  # wake waiters; no event churn while nobody waits
-                        self._progress.set()
-                        self._progress = anyio.Event()
-                    delay = 0.1
-            except (StorageError, NatsUnavailable) as exc:
-                log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
-                await anyio.sleep(delay)  # back off while NATS recovers
-                delay = min(delay * 2, 2.0)
+                with anyio.fail_after(self.head_timeout):
+                    head = await self._log.head()
+            except (StorageError, NatsUnavailable, TimeoutError):
+                continue  # JetStream unreachable: nothing to catch up with yet
+            if head > self.state.last_seq == seen and self._follow_scope is not None:
+                log.warning(
+                    "view stalled behind the event log, following again",
+                    extra={"applied": seen, "head": head},
+                )
+                self._follow_scope.cancel()
+            seen = self.state.last_seq
 
     async def wait_applied(self, seq: int) -> None:
         self._waiting += 1

@@ -217,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _project_error(group: BaseExceptionGroup[BaseException]) -> SecretsBackendError | None:
+    """The first of our own errors inside a task group's exception group, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, SecretsBackendError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _project_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -227,6 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(commands.dispatch, args)
     except SecretsBackendError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    except BaseExceptionGroup as group:  # a failure inside a task group (run, dev)
+        known = _project_error(group)
+        if known is None:
+            raise
+        sys.stderr.write(f"{PROG}: error: {known}\n")
         return 1
     except KeyboardInterrupt:
         return 130
