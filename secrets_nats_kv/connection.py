@@ -1,7 +1,10 @@
 """Connecting to NATS with the operator's credentials and TLS, failing in one clear line.
 
 A long-running backend reconnects forever with backoff; a CLI command tries briefly and
-reports why it could not connect (unreachable, bad credentials, bad TLS files).
+reports why it could not connect (unreachable, bad credentials, bad TLS files). Refused
+credentials and a failed TLS handshake are not worth retrying on the first connect: the
+backend stops with the reason instead of retrying silently forever. Server addresses are
+shown without any `user:password@` part.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from urllib.parse import urlsplit
 
 import anyio
 import nats.errors
@@ -18,6 +22,23 @@ from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.errors import ConfigError, NatsUnavailable
 
 log = logging.getLogger(__name__)
+
+_CLOSE_TIMEOUT = 2.0
+
+
+class _QuietSslEof(logging.Filter):
+    """Drop asyncio's notice that nats-py's protocol asks to keep a TLS stream half-open.
+
+    nats-py returns True from `eof_received` on every connection; over TLS asyncio logs
+    that this "has no effect" each time a connection closes: noise on a CLI's stderr,
+    with nothing to act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietSslEof())
 
 
 def _tls_context(options: NatsOptions) -> ssl.SSLContext | None:
@@ -45,7 +66,7 @@ class _Watch:
 
     async def error(self, exc: Exception) -> None:
         if not self._closing():
-            log.warning("NATS connection error", extra={"error": type(exc).__name__})
+            log.warning("NATS connection error", extra={"error": _kind(exc)})
 
     async def disconnected(self) -> None:
         if not self._closing():
@@ -73,6 +94,16 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
     """Connect; `persistent` clients (the backend) reconnect forever, others fail fast."""
     _check_readable(options)
     watch = _Watch()
+    refused: list[BaseException] = []
+    give_up = anyio.Event()
+
+    async def first_connect_error(exc: Exception) -> None:
+        """nats-py retries a refused first connect forever: note it, so we stop instead."""
+        if not give_up.is_set() and _permanent(exc):
+            refused.append(exc)
+            give_up.set()
+        await watch.error(exc)
+
     kwargs: dict[str, object] = {
         "servers": list(options.servers),
         "name": name,
@@ -83,7 +114,7 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
-            error_cb=watch.error,
+            error_cb=first_connect_error,
             disconnected_cb=watch.disconnected,
             reconnected_cb=watch.reconnected,
         )
@@ -101,27 +132,92 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
     if context is not None:
         kwargs["tls"] = context
     nc = watch.nc = NATS()
+    failure: BaseException | None = None
     try:
-        await nc.connect(**kwargs)  # type: ignore[arg-type]
-    except BaseException as exc:
-        # nats-py leaves the socket of a refused first connect open: close it ourselves.
-        with anyio.CancelScope(shield=True):
-            await nc.close()
-        if isinstance(exc, nats.errors.Error):
-            raise NatsUnavailable(_describe(exc, options)) from None
-        if isinstance(exc, OSError | TimeoutError):
-            raise NatsUnavailable(f"cannot reach NATS at {_where(options)}: {exc}") from None
-        raise
-    return nc
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_refusal() -> None:
+                await give_up.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_refusal)
+            try:
+                await nc.connect(**kwargs)  # type: ignore[arg-type]
+            except Exception as exc:
+                failure = exc
+            give_up.set()  # connected (or failed): later refusals are reconnects, retried
+            tg.cancel_scope.cancel()
+    finally:
+        if failure is None and refused and not nc.is_connected:
+            failure = refused[0]
+        if failure is not None or not nc.is_connected:
+            # nats-py leaves the socket of a refused first connect open: close it ourselves.
+            # Bounded: after a failed TLS upgrade its close() waits forever on a stream
+            # whose transport asyncio already closed (nothing is left open by giving up).
+            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                await nc.close()
+    if failure is None:
+        return nc
+    if isinstance(failure, ssl.SSLError):
+        raise NatsUnavailable(_describe_tls(failure, options)) from None
+    if isinstance(failure, nats.errors.Error):
+        raise NatsUnavailable(_describe(failure, options)) from None
+    if isinstance(failure, OSError | TimeoutError):
+        raise NatsUnavailable(f"cannot reach NATS at {_where(options)}: {failure}") from None
+    raise failure
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A first-connect failure that retrying will not cure: credentials or TLS.
+
+    A TLS stream cut short (EOF) is a server going away mid-handshake, not a verdict.
+    """
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return False
+    if isinstance(exc, ssl.SSLError):
+        return True
+    return isinstance(exc, nats.errors.Error) and _refused_credentials(exc)
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text or "permissions" in text
+
+
+def _kind(exc: BaseException) -> str:
+    """What went wrong, for a log line: never the server's full text (it may echo a user)."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {_tls_reason(exc)}"
+    if isinstance(exc, nats.errors.Error) and _refused_credentials(exc):
+        return "credentials refused"
+    return type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    """A server URL without its `user:password@` part."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host).geturl()
 
 
 def _where(options: NatsOptions) -> str:
-    return ",".join(options.servers)
+    return ",".join(_redact(url) for url in options.servers)
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    verify = getattr(exc, "verify_message", None)
+    reason = verify or exc.reason or type(exc).__name__
+    return str(reason).replace("_", " ").lower() if not verify else str(verify)
+
+
+def _describe_tls(exc: ssl.SSLError, options: NatsOptions) -> str:
+    return f"TLS handshake with NATS at {_where(options)} failed: {_tls_reason(exc)}"
 
 
 def _describe(exc: BaseException, options: NatsOptions) -> str:
-    text = str(exc).lower()
-    if "authorization" in text or "authentication" in text or "permissions" in text:
+    if _refused_credentials(exc):
         return f"NATS at {_where(options)} refused our credentials"
     if isinstance(exc, nats.errors.NoServersError):
         return f"cannot reach NATS at {_where(options)}"

@@ -3,11 +3,13 @@
 Python runs one core per process, so a machine with several cores serves more gets with
 several backends. The first process is this one; it starts N-1 children with the same
 arguments (and `--workers 1`), restarts a child that dies, and on SIGINT/SIGTERM passes
-the signal on and waits for them to drain.
+the signal on and waits for them to drain. If the supervisor itself is cancelled (its own
+backend failed), it stops its children too rather than leaving them serving unsupervised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -18,6 +20,8 @@ import anyio
 from anyio.abc import Process
 
 log = logging.getLogger(__name__)
+
+_HEALTHY_RUN_S = 60.0  # a child that ran this long before dying restarts without backoff
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:
@@ -50,16 +54,25 @@ async def supervise_children(argv: Sequence[str], count: int, stopping: anyio.Ev
 async def _keep_running(command: list[str], index: int, stopping: anyio.Event) -> None:
     delay = 0.5
     while not stopping.is_set():
+        started = anyio.current_time()
         process = await anyio.open_process(
             command, stdin=subprocess.DEVNULL, stdout=None, stderr=None
         )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on, stopping, process)
-            code = await process.wait()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_stop_on, stopping, process)
+                code = await process.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            # Cancelled (the parent's own backend failed): never leave a child serving alone.
+            if process.returncode is None:
+                with anyio.CancelScope(shield=True):
+                    await _terminate(process)
         if stopping.is_set():
             return
         log.warning("worker exited, restarting", extra={"worker": index, "code": code})
+        if anyio.current_time() - started > _HEALTHY_RUN_S:
+            delay = 0.5  # a crash after a long healthy run is not a crash loop
         with anyio.move_on_after(delay):
             await stopping.wait()  # back off before restarting, unless we are stopping
         delay = min(delay * 2, 10.0)
@@ -67,8 +80,17 @@ async def _keep_running(command: list[str], index: int, stopping: anyio.Event) -
 
 async def _stop_on(stopping: anyio.Event, process: Process) -> None:
     await stopping.wait()
-    process.send_signal(signal.SIGTERM)
-    with anyio.move_on_after(10, shield=True) as scope:
+    with anyio.CancelScope(shield=True):
+        await _terminate(process)
+
+
+async def _terminate(process: Process) -> None:
+    """SIGTERM (the child drains), SIGKILL if it is not gone within 10 s."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # it may have just exited
+            process.send_signal(signal.SIGTERM)
+    with anyio.move_on_after(10) as scope:
         await process.wait()
     if scope.cancelled_caught:
         process.kill()
+        await process.wait()
