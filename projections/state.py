@@ -224,12 +224,17 @@ def _delete(state: ViewState, seq: int, event: SecretDeleted) -> list[Effect]:
 def _undelete(state: ViewState, seq: int, event: SecretUndeleted) -> list[Effect]:
     record = _record(state, event.name)
     source = record.newest_readable()
-    revision = _next_secret_revision(state, seq, record, event.at)
     if source is None or source.sealed is None:
         # The actor only undeletes what it can restore, so this is a refold (restart,
         # rebuild, audit) of a log where a later destroy erased the restored bytes; that
-        # destroy lists this revision too, so it is spent as an already erased entry.
+        # destroy lists this revision too, so it is spent as an already erased entry,
+        # not one of the secret's (as the live fold ends up once the destroy comes).
+        state.secrets_revision += 1
+        revision = state.secrets_revision
+        state.revision_of_seq[seq] = revision
+        state.erased_revisions.add(revision)
         return [FillErasedRevision(revision)]
+    revision = _next_secret_revision(state, seq, record, event.at)
     record.versions[revision] = Version(
         revision, source.origin, source.event_seq, source.kind, source.sealed, event.at
     )
@@ -248,11 +253,16 @@ def _destroy(state: ViewState, seq: int, event: SecretDestroyed) -> list[Effect]
             erase += record.revisions
             del state.secrets[event.name]
         else:
-            for revision in event.versions:
-                version = record.versions.get(revision)
-                if version is not None:
-                    version.sealed = None
+            # A destroyed revision stops being one of the secret's, exactly as a refold of
+            # the erased log never sees it; a secret with none left is gone.
+            shredded = set(event.versions)
+            record.revisions = [r for r in record.revisions if r not in shredded]
+            for revision in shredded:
+                record.versions.pop(revision, None)
+                record.markers.discard(revision)
             record.updated_at = event.at
+            if not record.revisions:
+                del state.secrets[event.name]
     erase = sorted(set(erase))
     effects: list[Effect] = []
     state.destroyed[seq] = tuple(sorted(erase))
