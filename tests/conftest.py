@@ -19,6 +19,10 @@ import pytest
 from secrets_nats_kv import nkeys
 from secrets_nats_kv.natsserver import NatsCluster, NatsServer, NatsServerConfig
 
+# The end-of-suite no-leak scan: every plaintext, seed and JWT the harness hands out is
+# searched for in every file the tests' servers wrote (tests/leakcheck.py).
+pytest_plugins = ["leakcheck"]
+
 MakeNatsServer = Callable[..., NatsServer]
 
 

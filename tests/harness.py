@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from leakcheck import RememberingAdminClient, remember, remembered
 
 from actors.backend import Backend
 from secrets_nats_kv.client import AdminClient, HostClient
@@ -37,6 +38,10 @@ class Keys:
 
     transit: XKey = field(default_factory=XKey.generate)
     encryption: XKey = field(default_factory=XKey.generate)
+
+    def __post_init__(self) -> None:
+        remember(self.transit.seed, "transit seed")
+        remember(self.encryption.seed, "encryption seed")
 
     def env(self) -> dict[str, str]:
         return {
@@ -59,11 +64,13 @@ class Identity:
 
     def entity_jwt(self, **claims: Any) -> str:
         if self.entity.role is Role.SERVICE:
-            return mint_provider_jwt(self.account, self.entity.public_key, **claims)
-        return mint_component_jwt(self.account, self.entity.public_key, **claims)
+            token = mint_provider_jwt(self.account, self.entity.public_key, **claims)
+        else:
+            token = mint_component_jwt(self.account, self.entity.public_key, **claims)
+        return remembered(token, "entity JWT")
 
     def host_jwt(self, **claims: Any) -> str:
-        return mint_host_jwt(self.account, self.host.public_key, **claims)
+        return remembered(mint_host_jwt(self.account, self.host.public_key, **claims), "host JWT")
 
     @classmethod
     def provider(cls) -> Identity:
@@ -109,7 +116,7 @@ async def running_backend(
         try:
             yield Clients(
                 backend=backend,
-                admin=AdminClient(nc, config.names, keys.transit),
+                admin=RememberingAdminClient(nc, config.names, keys.transit),
                 host=HostClient(nc, config.names),
                 keys=keys,
                 names=config.names,
