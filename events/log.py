@@ -247,8 +247,10 @@ async def stream_messages(
             # A lost consumer (its node died) is noticed after two missed heartbeats.
             idle_heartbeat=1.0,
             config=config,
-            pending_msgs_limit=65536,
-            pending_bytes_limit=256 * 1024 * 1024,
+            # No client-side cap: a slow reader (rebuild) must not have messages dropped as
+            # a "slow consumer"; the consumer's flow control bounds what is in flight.
+            pending_msgs_limit=0,
+            pending_bytes_limit=0,
         )
     except nats.errors.Error as exc:
         raise convert(f"read {stream}", exc) from None

@@ -478,7 +478,9 @@ async def test_destroy_all_after_destroy_version_keeps_the_backend_writable(
     async with client(nats_server.url) as nc:
         admin = impatient(nc, keys)
         await destroy_interior_revision(admin)
-        assert await admin.destroy("shred", all=True) == [2, 3]
+        # Revision 2 is already shredded, so it is no longer one of the secret's: destroying
+        # the rest shreds only 3, the same answer a restarted backend gives (test_model).
+        assert await admin.destroy("shred", all=True) == [3]
         assert await admin.put_secret("after", "still writable") == 5
 
 
