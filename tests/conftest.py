@@ -58,6 +58,22 @@ def nats_server(make_nats_server: MakeNatsServer) -> NatsServer:
     return make_nats_server()
 
 
+@pytest.fixture(scope="module")
+def module_nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One server for a whole module (a server per test would dominate its run time).
+
+    Tests sharing it isolate themselves with `harness.fresh_names()`: their own backend
+    name and secrets bucket, so no test sees another's streams, subjects or revisions.
+    """
+    directory = tmp_path_factory.mktemp("module-server")
+    server = NatsServer(NatsServerConfig.in_dir(directory, server_name="module"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     """A fresh 3-node routed JetStream cluster, started with its meta leader elected."""

@@ -12,6 +12,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,12 @@ class Clients:
         return await self.host.get(
             key, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt(), **kwargs
         )
+
+
+def fresh_names() -> BackendNames:
+    """Names no other test uses: a backend of its own on a shared server."""
+    tag = uuid.uuid4().hex[:12]
+    return BackendNames(name=f"t{tag}", secrets_bucket=f"SECRETS_{tag}")
 
 
 def backend_config(url: str, keys: Keys, **overrides: Any) -> BackendConfig:

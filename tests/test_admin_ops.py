@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +37,14 @@ from events.types import (
 from secrets_nats_kv import wire
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import Unauthorized
-from secrets_nats_kv.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.natsserver import NatsServer
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 try:  # tests/ is on sys.path when it is not a package, the repo root when it is
-    from harness import Clients, Identity, running_backend
+    from harness import Clients, Identity, fresh_names, running_backend
 except ModuleNotFoundError:
-    from tests.harness import Clients, Identity, running_backend
+    from tests.harness import Clients, Identity, fresh_names, running_backend
 
 HOST_XKEY = "WasmCloud-Host-Xkey"
 RESPONSE_XKEY = "Server-Response-Xkey"
@@ -52,20 +52,9 @@ OK = b"ok"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """One real server for the module; each test's backend has its own names (`fresh_names`)."""
-    directory = tmp_path_factory.mktemp("admin-ops")
-    server = NatsServer(NatsServerConfig.in_dir(directory, server_name="admin-ops"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def fresh_names() -> BackendNames:
-    tag = uuid.uuid4().hex[:12]
-    return BackendNames(name=f"t{tag}", secrets_bucket=f"SECRETS_{tag}")
+def server(module_nats_server: NatsServer) -> NatsServer:
+    """The module's shared server (see conftest); tests isolate with `fresh_names`."""
+    return module_nats_server
 
 
 # --- requests by hand -----------------------------------------------------------------------

@@ -13,8 +13,7 @@ import json
 import logging
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +26,14 @@ from nats.aio.msg import Msg
 
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.jwt import encode_jwt, mint_host_jwt
-from secrets_nats_kv.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.natsserver import NatsServer
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 try:  # tests/ is on sys.path when it is not a package, the repo root when it is
-    from harness import Clients, Identity, running_backend
+    from harness import Clients, Identity, fresh_names, running_backend
 except ModuleNotFoundError:
-    from tests.harness import Clients, Identity, running_backend
+    from tests.harness import Clients, Identity, fresh_names, running_backend
 
 HOST_XKEY = "WasmCloud-Host-Xkey"
 RESPONSE_XKEY = "Server-Response-Xkey"
@@ -42,24 +41,9 @@ U64_MAX = 2**64 - 1
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """One real server for the module (starting one per test would dominate the run time).
-
-    Every test runs its own backend under its own name and secrets bucket (`fresh_names`),
-    so no test sees another's streams, buckets, subjects or revisions.
-    """
-    directory = tmp_path_factory.mktemp("get-protocol")
-    server = NatsServer(NatsServerConfig.in_dir(directory, server_name="get-protocol"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def fresh_names() -> BackendNames:
-    tag = uuid.uuid4().hex[:12]
-    return BackendNames(name=f"t{tag}", secrets_bucket=f"SECRETS_{tag}")
+def server(module_nats_server: NatsServer) -> NatsServer:
+    """The module's shared server (see conftest); tests isolate with `fresh_names`."""
+    return module_nats_server
 
 
 # --- a wasmCloud host, by hand ----------------------------------------------------------------

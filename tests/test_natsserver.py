@@ -295,7 +295,6 @@ def test_nkey_server_accepts_the_seed_and_no_other(
 
 @pytest.mark.anyio
 async def test_nats_py_connects_with_the_seed_file(nkey_auth_server: NkeyAuthServer) -> None:
-    pytest.importorskip("nkeys", reason="nats-py needs the nkeys package (nats-py[nkeys])")
     nc = await connect(nkey_auth_server.server.url, nkeys_seed=str(nkey_auth_server.seed_file))
     try:
         assert nc.is_connected
