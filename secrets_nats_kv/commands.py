@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import nats.errors
 import nats.js.errors
+from anyio.abc import TaskStatus
 
 from secrets_nats_kv import config, logs
 from secrets_nats_kv.client import AdminClient
@@ -32,7 +33,7 @@ from secrets_nats_kv.errors import (
 )
 from secrets_nats_kv.jetstream import convert
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
-from secrets_nats_kv.workers import supervise_children
+from secrets_nats_kv.workers import stop_when_orphaned, supervise_children
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,18 @@ async def run_until_signalled(
                     return
 
         tg.start_soon(stop_on_signal)
-        await tg.start(backend.run)
+
+        async def serve(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            await backend.run(task_status=task_status)
+            tg.cancel_scope.cancel()  # the backend has stopped: nothing left to wait for
+
+        await tg.start(serve)
+
+        def stop() -> None:
+            stopping.set()
+            backend.stop()
+
+        tg.start_soon(stop_when_orphaned, stopping, stop)
         if workers > 1 and argv is not None:
             tg.start_soon(supervise_children, argv, workers - 1, stopping)
     return 0

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 from anyio.abc import Process
@@ -41,6 +42,27 @@ def child_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "secrets_nats_kv.cli", *out, "--workers", "1"]
 
 
+SUPERVISOR_ENV = "SECRETS_NATS_KV_SUPERVISOR_PID"
+
+
+async def stop_when_orphaned(stopping: anyio.Event, stop: Callable[[], None]) -> None:
+    """In a worker: stop once the supervising `run` is gone, even if it was SIGKILLed.
+
+    A worker outliving its supervisor would keep serving with nobody to stop or restart
+    it; its parent pid changing is the only sign of that, so it is checked periodically.
+    """
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if parent is None or not parent.isdigit():
+        return
+    while not stopping.is_set():
+        if os.getppid() != int(parent):
+            log.warning("supervising process is gone: stopping this worker")
+            stop()
+            return
+        with anyio.move_on_after(1.0):
+            await stopping.wait()
+
+
 async def supervise_children(argv: Sequence[str], count: int, stopping: anyio.Event) -> None:
     """Keep `count` child backends running until `stopping`, then stop them in order."""
     if count <= 0:
@@ -56,7 +78,11 @@ async def _keep_running(command: list[str], index: int, stopping: anyio.Event) -
     while not stopping.is_set():
         started = anyio.current_time()
         process = await anyio.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=None, stderr=None
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=None,
+            stderr=None,
+            env={**os.environ, SUPERVISOR_ENV: str(os.getpid())},
         )
         try:
             async with anyio.create_task_group() as tg:

@@ -460,6 +460,33 @@ async def test_workers_are_supervised_restarted_and_stopped(
     assert not left, f"children still running after the parent stopped: {left}"
 
 
+async def test_workers_stop_when_their_supervisor_is_killed(
+    nats_server: NatsServer, processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A SIGKILLed `run --workers` cannot stop its children; they notice and stop themselves."""
+    keys = Keys()
+    parent = spawn_run(nats_server.url, cli_env(keys), "--workers", "3", log=tmp_path / "k.log")
+    processes.append(parent)
+    children: set[int] = set()
+    nc = await client(nats_server.url)
+    try:
+        await wait_ping(nc, lambda ids: len(ids) == 3, "three instances")
+        children = children_of(parent.pid)
+        assert len(children) == 2, children
+        parent.kill()
+        await anyio.to_thread.run_sync(parent.wait)
+        await wait_ping(nc, lambda ids: len(ids) == 0, "no instance left")
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in children):  # exiting is not announced: bounded poll
+            assert time.monotonic() < deadline, "orphaned workers kept running"
+            await anyio.sleep(0.05)
+    finally:
+        await nc.close()
+        for pid in children:  # never leave them behind, even when the test fails
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_a_cancelled_supervisor_leaves_no_child_running(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
