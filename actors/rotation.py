@@ -78,7 +78,7 @@ from events.types import (
     decode_event,
     encode_event,
 )
-from projections.kv import KvLayout, secrets_stream, state_bucket_name
+from projections.kv import KvLayout
 from projections.rebuild import RebuildReport, rebuild_views
 from projections.state import (
     EraseSecretRevisions,
@@ -87,7 +87,7 @@ from projections.state import (
     ViewState,
     fold,
 )
-from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.config import BackendNames, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretsBackendError, StorageError
 from secrets_nats_kv.jetstream import convert, erase_message
 from secrets_nats_kv.xkeys import SealBox, XKey
@@ -851,8 +851,8 @@ class _Rotation:
         )
         problem = expected.mismatch(
             rebuilt,
-            await _stream_state(self.nc, secrets_stream(layout.secrets_bucket)),
-            await _stream_state(self.nc, secrets_stream(state_bucket_name(self.names.name))),
+            await _stream_state(self.nc, kv_stream(layout.secrets_bucket)),
+            await _stream_state(self.nc, kv_stream(self.names.state_bucket)),
         )
         if problem is not None:
             raise StorageError(

@@ -62,11 +62,11 @@ from bench.load import (
 from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name
 from events.types import Event, MappingAdded, SecretPut, encode_event
-from projections.kv import KvLayout, KvViews, secrets_stream
+from projections.kv import KvLayout, KvViews
 from projections.state import ViewState, fold
 from secrets_nats_kv import wire
 from secrets_nats_kv.client import RESPONSE_XKEY_HEADER, AdminClient
-from secrets_nats_kv.config import KIND_HEADER, BackendNames
+from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
 from secrets_nats_kv.errors import InvalidEntityJWT, InvalidJWT, ProtocolError, Unauthorized
 from secrets_nats_kv.jetstream import stream_state
 from secrets_nats_kv.jwt import (
@@ -308,7 +308,7 @@ async def write_log(
 
         count = await publish_pipelined(nc, entries())
         if write_kv:
-            last = (await stream_state(nc, secrets_stream(names.secrets_bucket), 5)).last_seq
+            last = (await stream_state(nc, kv_stream(names.secrets_bucket), 5)).last_seq
             await publish_pipelined(
                 nc,
                 (
@@ -333,8 +333,8 @@ async def wait_kv(
     started = time.monotonic()
     try:
         while True:
-            s = await stream_state(nc, secrets_stream(names.secrets_bucket), 5)
-            m = await stream_state(nc, secrets_stream(names.state_bucket), 5)
+            s = await stream_state(nc, kv_stream(names.secrets_bucket), 5)
+            m = await stream_state(nc, kv_stream(names.state_bucket), 5)
             if s.last_seq >= secrets and m.last_seq >= mappings:
                 return time.monotonic() - started
             if time.monotonic() - started > limit:

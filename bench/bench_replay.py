@@ -38,9 +38,9 @@ from events.integrity import EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import Event, KeyRotated, MappingAdded, SecretDeleted, SecretPut, decode_event
 from events.types import encode_event as encode
-from projections.kv import KvLayout, secrets_stream
+from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
-from secrets_nats_kv.config import BackendNames, NatsOptions
+from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.connection import connect
 from secrets_nats_kv.jetstream import erase_message, stream_state
 from secrets_nats_kv.natsserver import NatsServer, NatsServerConfig
@@ -156,7 +156,7 @@ async def measure(nc: NATS, count: int) -> dict[str, Any]:
     # Sanity: the rotated log ends with the rotation and the views were refolded.
     last = (await nc.jetstream().get_msg(live, seq=head + 1)).data or b""
     assert isinstance(decode_event(last), KeyRotated)
-    kv_head = (await stream_state(nc, secrets_stream(NAMES.secrets_bucket), 5.0)).last_seq
+    kv_head = (await stream_state(nc, kv_stream(NAMES.secrets_bucket), 5.0)).last_seq
     assert kv_head == rebuilt.secrets_revision, (kv_head, rebuilt.secrets_revision)
     stage_s, copy_s, refold_s = ([*passes.durations(), 0.0, 0.0, 0.0])[:3]
     entries = head + 1

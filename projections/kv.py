@@ -33,7 +33,7 @@ from projections.state import (
     PutMappingEntry,
     PutSecretEntry,
 )
-from secrets_nats_kv.config import KIND_HEADER
+from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.jetstream import WRONG_LAST_SEQUENCE, convert, erase_message, stream_state
 
@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 
 ERASED_PLACEHOLDER_KEY = "_secrets-nats-kv_erased"
 EVENT_SEQ_HEADER = "Secrets-Event-Seq"
-
-
-def secrets_stream(bucket: str) -> str:
-    return f"KV_{bucket}"
-
-
-def state_bucket_name(backend_name: str) -> str:
-    return f"SECRETS_{backend_name}_state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +77,7 @@ class KvViews:
         await self._ensure_bucket(self.layout.state_bucket, 1, "secrets-nats-kv mappings")
 
     async def _ensure_bucket(self, bucket: str, history: int, description: str) -> None:
-        name = secrets_stream(bucket)
+        name = kv_stream(bucket)
         try:
             info = await self._js.stream_info(name)
         except nats.js.errors.NotFoundError:
@@ -124,13 +116,13 @@ class KvViews:
             raise convert(f"create bucket {bucket}", exc) from None
 
     async def last_revision(self, bucket: str) -> int:
-        return (await stream_state(self._nc, secrets_stream(bucket), self._timeout)).last_seq
+        return (await stream_state(self._nc, kv_stream(bucket), self._timeout)).last_seq
 
     async def drop(self) -> None:
         """Delete both buckets (for `rebuild`); missing buckets are fine."""
         for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
             try:
-                await self._js.delete_stream(secrets_stream(bucket))
+                await self._js.delete_stream(kv_stream(bucket))
             except nats.js.errors.NotFoundError:
                 pass
             except nats.errors.Error as exc:
@@ -163,7 +155,7 @@ class KvViews:
         raise StorageError(f"bucket {bucket}", str(answer.error.get("description")))
 
     async def erase_revision(self, bucket: str, revision: int) -> None:
-        await erase_message(self._nc, secrets_stream(bucket), revision, self._timeout)
+        await erase_message(self._nc, kv_stream(bucket), revision, self._timeout)
 
     async def _request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None

@@ -256,7 +256,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
     names = backend_names(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
-    stream = f"KV_{names.secrets_bucket}"
+    stream = config.kv_stream(names.secrets_bucket)
     subject = f"$KV.{names.secrets_bucket}.{name}"
     try:
         js = nc.jetstream(timeout=5)

@@ -23,6 +23,11 @@ REQUEST_CLOCK_SKEW_S = 120
 KIND_HEADER = "Secret-Kind"  # on KV entries: how the operator stored the value
 
 
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind a KV bucket (NATS's naming)."""
+    return f"KV_{bucket}"
+
+
 def server_urls(address: str) -> tuple[str, ...]:
     """`--nats-address` text (one address or a comma-separated list) as server URLs."""
     urls = []

@@ -45,8 +45,8 @@ from events.types import (
     encode_event,
 )
 from projections.audit import AuditRecord, audit_records
-from projections.kv import KvLayout, secrets_stream, state_bucket_name
-from secrets_nats_kv.config import BackendNames, NatsOptions
+from projections.kv import KvLayout
+from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.connection import connect
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized
 from secrets_nats_kv.xkeys import SealBox, XKey
@@ -208,8 +208,8 @@ async def snapshot(nc: NATS) -> dict[str, Any]:
     result: dict[str, Any] = {"streams": await streams(nc)}
     for stream, subjects in (
         (stream_name(NAMES.name), f"{subject_prefix(NAMES.name)}.>"),
-        (secrets_stream(NAMES.secrets_bucket), f"$KV.{NAMES.secrets_bucket}.>"),
-        (secrets_stream(state_bucket_name(NAMES.name)), f"$KV.{NAMES.state_bucket}.>"),
+        (kv_stream(NAMES.secrets_bucket), f"$KV.{NAMES.secrets_bucket}.>"),
+        (kv_stream(NAMES.state_bucket), f"$KV.{NAMES.state_bucket}.>"),
     ):
         state = (await nc.jetstream().stream_info(stream)).state
         result[stream] = (
@@ -253,7 +253,7 @@ async def sealed_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
             blobs.append(event.sealed)
     assert isinstance(last, KeyRotated)
     assert last.new_key == new.public_key
-    kv = secrets_stream(NAMES.secrets_bucket)
+    kv = kv_stream(NAMES.secrets_bucket)
     async for raw in read_stream(nc, kv, f"$KV.{NAMES.secrets_bucket}.>"):
         if raw.data:
             blobs.append(raw.data)
@@ -575,7 +575,7 @@ async def test_rotation_with_a_short_kv_history(nats_server: NatsServer) -> None
         )
         assert report.outcome == "rotated"
         per_key: dict[str, int] = {}
-        bucket = secrets_stream(NAMES.secrets_bucket)
+        bucket = kv_stream(NAMES.secrets_bucket)
         async for raw in read_stream(nc, bucket, f"$KV.{NAMES.secrets_bucket}.>"):
             key = raw.headers["Nats-Subject"].rsplit(".", 1)[1]
             per_key[key] = per_key.get(key, 0) + 1
