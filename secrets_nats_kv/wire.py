@@ -280,6 +280,19 @@ def encode_reply(reply: ListReply | MappingsReply | ChangeReply) -> bytes:
     return _encoder.encode(reply)
 
 
+_T = TypeVar("_T")
+
+
+def _decode(
+    decoder: msgspec.json.Decoder[_T], data: bytes, error: type[ProtocolError], what: str
+) -> _T:
+    """Decode `data`, or raise `error` saying it is not `what` (never msgspec's own errors)."""
+    try:
+        return decoder.decode(data)
+    except _DECODE_FAILURES as exc:
+        raise error(f"not {what}: {exc}") from exc
+
+
 def decode_lifecycle_reply(data: bytes, reply_type: type[LifecycleReply]) -> LifecycleReply:
     """A lifecycle reply of `reply_type`, or raise the error it carries / `InvalidPayload`."""
     try:
@@ -318,10 +331,7 @@ def encode_secret_request(req: SecretRequest) -> bytes:
 
 def decode_secret_request(data: bytes) -> SecretRequest:
     """Parse an opened `get` body; anything else is `InvalidRequest` (PROTOCOL.md §3)."""
-    try:
-        return _secret_request_decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        raise InvalidRequest(f"not a SecretRequest: {exc}") from exc
+    return _decode(_secret_request_decoder, data, InvalidRequest, "a SecretRequest")
 
 
 def encode_secret_response(secret: Secret) -> bytes:
@@ -341,10 +351,7 @@ def decode_secret_response(data: bytes) -> Secret:
     `InvalidPayload`.  If a reply had both, the error wins: a client must not use a
     secret from a reply that also says the request failed.
     """
-    try:
-        response = _secret_response_decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        raise InvalidPayload(f"not a SecretResponse: {exc}") from exc
+    response = _decode(_secret_response_decoder, data, InvalidPayload, "a SecretResponse")
     if response.error is not None:
         raise protocol_error_from_wire(response.error)
     if response.secret is None:
@@ -370,14 +377,10 @@ def decode_put_request(data: bytes, *, authenticated: bool) -> PutSecretRequest:
     `string_secret` and `binary_secret` is non-null.
     """
     req: PutSecretRequest
-    try:
-        if authenticated:
-            req = _admin_put_request_decoder.decode(data)
-        else:
-            req = _put_request_decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        kind = "AdminPutSecretRequest" if authenticated else "PutSecretRequest"
-        raise InvalidRequest(f"not a {kind}: {exc}") from exc
+    if authenticated:
+        req = _decode(_admin_put_request_decoder, data, InvalidRequest, "an AdminPutSecretRequest")
+    else:
+        req = _decode(_put_request_decoder, data, InvalidRequest, "a PutSecretRequest")
     if (req.string_secret is None) == (req.binary_secret is None):
         raise NoSecretProvided()
     return req
@@ -392,10 +395,7 @@ def encode_put_response(revision: int, error: ProtocolError | None = None) -> by
 
 def decode_put_response(data: bytes) -> PutSecretResponse:
     """Parse a `put_secret` reply; one that is not a PutSecretResponse is `InvalidPayload`."""
-    try:
-        return _put_response_decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        raise InvalidPayload(f"not a PutSecretResponse: {exc}") from exc
+    return _decode(_put_response_decoder, data, InvalidPayload, "a PutSecretResponse")
 
 
 def put_error_from_wire(value: str) -> ProtocolError:
@@ -421,14 +421,10 @@ def decode_mapping_request(data: bytes, *, authenticated: bool) -> MappingReques
 def decode_mapping_request(data: bytes, *, authenticated: bool) -> MappingRequest | list[str]:
     """Parse a mapping body; a bad shape or an empty list of secrets is `InvalidRequest`."""
     req: MappingRequest | list[str]
-    try:
-        if authenticated:
-            req = _mapping_request_decoder.decode(data)
-        else:
-            req = _mapping_list_decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        kind = "MappingRequest" if authenticated else "JSON array of secret names"
-        raise InvalidRequest(f"not a {kind}: {exc}") from exc
+    if authenticated:
+        req = _decode(_mapping_request_decoder, data, InvalidRequest, "a MappingRequest")
+    else:
+        req = _decode(_mapping_list_decoder, data, InvalidRequest, "a JSON array of secret names")
     names = req.secrets if isinstance(req, MappingRequest) else req
     if not names:
         raise InvalidRequest("no secrets given")
@@ -442,7 +438,4 @@ def encode_admin_request(req: AdminRequest) -> bytes:
 
 def decode_admin_request(data: bytes) -> AdminRequest:
     """Parse an opened lifecycle request; a bad shape is `InvalidRequest`."""
-    try:
-        return _admin_request_decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        raise InvalidRequest(f"not an AdminRequest: {exc}") from exc
+    return _decode(_admin_request_decoder, data, InvalidRequest, "an AdminRequest")
