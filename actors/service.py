@@ -49,6 +49,9 @@ class MicroService:
             handler=self._handle,
             metadata={"operations": ",".join(operations)},
         )
+        # The SUB only leaves with the next flush; until the server has it, a request from
+        # another connection gets "no responders". A round trip makes "started" mean ready.
+        await self._nc.flush()
 
     async def _handle(self, request: MicroRequest) -> None:
         await self._pool.submit(request._msg)  # the raw message: the pool answers it itself

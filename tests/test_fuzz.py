@@ -1175,6 +1175,7 @@ def test_leak_scan_finds_planted_plaintexts(tmp_path: Path) -> None:
     registry.remember(blob, "binary")
     registry.remember("tiny", "short")  # too short to search: ignored, not a false alarm
     registry.remember(b"\x00" * 64, "zeros")  # one distinct byte: ignored likewise
+    registry.remember("request_id", "word")  # a field name every event has: ignored likewise
     store = tmp_path / "store" / "jetstream" / "streams"
     store.mkdir(parents=True)
     plants = {
@@ -1186,7 +1187,7 @@ def test_leak_scan_finds_planted_plaintexts(tmp_path: Path) -> None:
     }
     for path, data in plants.items():
         path.write_bytes(data)
-    (tmp_path / "clean.blk").write_bytes(os.urandom(4096) + b"\x00" * 128)
+    (tmp_path / "clean.blk").write_bytes(os.urandom(4096) + b"\x00" * 128 + b'"request_id"')
     exempted = tmp_path / "cli-input.bin"
     exempted.write_bytes(blob)
     registry.exempt(exempted)
@@ -1196,6 +1197,7 @@ def test_leak_scan_finds_planted_plaintexts(tmp_path: Path) -> None:
 
     assert sorted(hit.path for hit in report.hits) == sorted(plants)
     assert report.files == len(plants) + 1
+    assert (registry.remembered, registry.protocol_words) == (2, 1)
     for hit in report.hits:
         assert text not in str(hit), "a leak report must not repeat the secret"
         assert blob.hex() not in str(hit)

@@ -9,6 +9,7 @@ at once: the error the host sees proves the order of the checks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from actors.backend import Backend
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.jwt import encode_jwt, mint_host_jwt
 from secrets_nats_kv.natsserver import NatsServer
@@ -31,9 +34,16 @@ from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 try:  # tests/ is on sys.path when it is not a package, the repo root when it is
-    from harness import Clients, Identity, fresh_names, running_backend
+    from harness import Clients, Identity, Keys, backend_config, fresh_names, running_backend
 except ModuleNotFoundError:
-    from tests.harness import Clients, Identity, fresh_names, running_backend
+    from tests.harness import (
+        Clients,
+        Identity,
+        Keys,
+        backend_config,
+        fresh_names,
+        running_backend,
+    )
 
 HOST_XKEY = "WasmCloud-Host-Xkey"
 RESPONSE_XKEY = "Server-Response-Xkey"
@@ -211,6 +221,28 @@ async def test_server_xkey_is_the_transit_public_key(served: Served) -> None:
         assert len(msg.data) == 56
         assert msg.data.startswith(b"X")
     assert XKey.from_public(transit).public_key == transit
+
+
+@pytest.mark.anyio
+async def test_a_started_backend_answers_at_once_from_another_connection(
+    server: NatsServer,
+) -> None:
+    """Started means subscribed at the server: the very first request finds a responder.
+
+    (Once failed in CI with "no responders" when the SUB was still in the client's buffer.)
+    """
+    keys = Keys()
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await nats.connect(server.url)
+        stack.push_async_callback(nc.close)
+        for _ in range(10):
+            names = fresh_names()
+            backend = Backend(backend_config(server.url, keys, names=names))
+            async with anyio.create_task_group() as tg:
+                await tg.start(backend.run)
+                reply = await nc.request(names.subject("server_xkey"), b"", timeout=5)
+                backend.stop()
+            assert reply.data == keys.transit.public_key.encode()
 
 
 # --- successful gets --------------------------------------------------------------------------
