@@ -302,6 +302,45 @@ async def test_follow_streams_new_events_as_they_are_appended(
     assert (third["seq"], third["type"], third["secret"]) == (3, "secret_deleted", "first")
 
 
+async def test_follow_with_access_streams_events_and_gets_as_they_happen(
+    audited: tuple[Clients, Admins], nats_server: NatsServer
+) -> None:
+    """`--follow --access` interleaves both streams live: a put, then the gets it allows."""
+    clients, admins = audited
+    reader, stranger = Identity(), Identity()
+    env = cli_env(clients.keys)
+    command = [*CLI, "audit", "export", "--follow", "--access", "--nats-address", nats_server.url]
+    async with await anyio.open_process(command, env=env, cwd=REPO) as process:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+
+        async def next_record() -> dict[str, Any]:
+            record: dict[str, Any] = json.loads(await lines.receive_until(b"\n", 1 << 16))
+            return record
+
+        try:
+            with anyio.fail_after(DEADLINE_S):
+                await admins.one.put_secret("alpha", "alpha-follow-value")
+                put = await next_record()
+                await admins.one.add_mapping(reader.entity_key, ["alpha"])
+                mapped = await next_record()
+                assert (await clients.get(reader, "alpha")).string_secret == "alpha-follow-value"
+                granted = await next_record()
+                with pytest.raises(Unauthorized):
+                    await clients.get(stranger, "alpha")
+                refused = await next_record()
+        finally:
+            process.terminate()
+            await process.wait()
+    assert (put["type"], put["secret"]) == ("secret_put", "alpha")
+    assert (mapped["type"], mapped["entity"]) == ("mapping_added", reader.entity_key)
+    assert granted["type"] == refused["type"] == "get"
+    assert (granted["entity"], granted["granted"]) == (reader.entity_key, True)
+    assert (refused["entity"], refused["granted"]) == (stranger.entity_key, False)
+    assert refused["error"] == '"Unauthorized"'
+    assert "alpha-follow-value" not in json.dumps([put, mapped, granted, refused])
+
+
 # --- the access log -----------------------------------------------------------------------
 
 
