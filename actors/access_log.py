@@ -2,7 +2,8 @@
 
 Responders hand decisions over through a bounded buffer and never wait; when the buffer
 is full (NATS slower than the gets), records are dropped and counted rather than
-delaying a host. Records go out as plain publishes into the access stream.
+delaying a host. Whatever is buffered goes out as one plain publish into the access
+stream (split only if it would exceed the server's payload limit).
 """
 
 from __future__ import annotations
@@ -87,9 +88,18 @@ class AccessLog:
                         batch.append(self._receive.receive_nowait())
                     except anyio.WouldBlock:
                         break
-                for item in batch:
-                    try:
-                        await self._nc.publish(self._subject, encode_access(item))
-                        self.recorded += 1
-                    except nats.errors.Error:
-                        self.dropped += 1
+                await self._publish(batch)
+
+    async def _publish(self, batch: list[AccessRecord]) -> None:
+        data = encode_access(batch)
+        if len(data) > self._nc.max_payload and len(batch) > 1:
+            half = len(batch) // 2
+            await self._publish(batch[:half])
+            await self._publish(batch[half:])
+            return
+        try:
+            await self._nc.publish(self._subject, data)
+        except nats.errors.Error:  # includes a lone record over the payload limit
+            self.dropped += len(batch)
+        else:
+            self.recorded += len(batch)

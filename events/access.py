@@ -1,10 +1,15 @@
-"""The access log: one record per `get` decision, on a stream of its own.
+"""The access log: a record per `get` decision, on a stream of its own.
 
 Kept apart from the event log because it is not state: nothing folds it. A record names
-who asked for what and the answer, never a value.
+who asked for what and the answer, never a value. Records are stored in batches, one
+message for all the decisions an instance made in one turn of its loop: a stored message
+per get would cost the server more than the get itself. A lone record (`"type":"get"`)
+is read as a batch of one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import msgspec
 
@@ -29,20 +34,29 @@ class AccessRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     error: str | None = None  # the wire error value, as JSON text
 
 
+class AccessBatch(msgspec.Struct, frozen=True, tag_field="type", tag="gets"):
+    """Decisions published together, oldest first."""
+
+    records: tuple[AccessRecord, ...]
+
+
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(AccessRecord)
+_decoder = msgspec.json.Decoder(AccessRecord | AccessBatch)
 
 
 class UndecodableAccessRecord(SecretsBackendError):
     """A message on the access stream that is not an access record."""
 
 
-def encode_access(record: AccessRecord) -> bytes:
-    return _encoder.encode(record)
+def encode_access(records: Sequence[AccessRecord]) -> bytes:
+    """One access-log message holding `records`."""
+    return _encoder.encode(AccessBatch(tuple(records)))
 
 
-def decode_access(data: bytes) -> AccessRecord:
+def decode_access(data: bytes) -> tuple[AccessRecord, ...]:
+    """The records of one access-log message (a batch, or a lone record)."""
     try:
-        return _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+        decoded = _decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # the latter for bad UTF-8
         raise UndecodableAccessRecord(f"not an access record: {exc}") from None
+    return decoded.records if isinstance(decoded, AccessBatch) else (decoded,)

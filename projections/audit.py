@@ -19,13 +19,14 @@ from msgspec.structs import replace
 from nats.aio.client import Client as NATS
 
 from events.access import (
+    AccessRecord,
     UndecodableAccessRecord,
     access_stream_name,
     access_subject,
     decode_access,
 )
 from events.integrity import EventAuthenticator
-from events.log import EventLog, LogEntry, StoredMessage, stream_messages
+from events.log import EventLog, LogEntry, stream_messages
 from events.types import (
     KeyRotated,
     MappingAdded,
@@ -173,11 +174,7 @@ def encode_line(record: Record) -> bytes:
     return _encoder.encode(record) + b"\n"
 
 
-def access_audit_record(message: StoredMessage) -> AccessAuditRecord | None:
-    try:
-        record = decode_access(message.data)
-    except UndecodableAccessRecord:
-        return None
+def access_audit_record(record: AccessRecord) -> AccessAuditRecord:
     return AccessAuditRecord(
         time=iso(record.at),
         type="get",
@@ -199,15 +196,16 @@ async def access_records(
             nc, access_stream_name(backend_name), access_subject(backend_name), follow=follow
         )
         async for message in messages:
-            record = access_audit_record(message)
-            if record is None:
+            try:
+                records = decode_access(message.data)
+            except UndecodableAccessRecord:
                 continue
-            at = message.time
-            if since is not None and since.at is not None and at < since.at:
-                continue
-            if until is not None and until.at is not None and at > until.at:
-                continue
-            yield record
+            for record in records:
+                if since is not None and since.at is not None and record.at < since.at:
+                    continue
+                if until is not None and until.at is not None and record.at > until.at:
+                    continue
+                yield access_audit_record(record)
     except StorageError:
         return  # no access log (run --no-access-log, or never started)
 

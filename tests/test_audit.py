@@ -9,6 +9,7 @@ way against the gets the test made, and must never stand between a host and its 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -19,18 +20,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import msgspec
+import nats
 import nats.js.errors
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from harness import CLI, REPO, Clients, Identity, Keys, cli_env, run_cli, running_backend
+from harness import (
+    CLI,
+    REPO,
+    Clients,
+    Identity,
+    Keys,
+    cli_env,
+    fresh_names,
+    run_cli,
+    running_backend,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from events.access import access_stream_name
+from actors.access_log import AccessLog
+from actors.responder import AccessDecision
+from events.access import (
+    AccessRecord,
+    UndecodableAccessRecord,
+    access_stream_name,
+    access_subject,
+    decode_access,
+    encode_access,
+)
+from events.log import stream_messages
 from events.types import Rejected
 from projections.audit import Bound, export_audit
 from secrets_nats_kv.client import AdminClient
 from secrets_nats_kv.errors import ConfigError, SecretNotFound, Unauthorized
-from secrets_nats_kv.jetstream import stream_state
 from secrets_nats_kv.natsserver import NatsServer
 from secrets_nats_kv.xkeys import XKey
 
@@ -344,10 +368,15 @@ async def test_follow_with_access_streams_events_and_gets_as_they_happen(
 # --- the access log -----------------------------------------------------------------------
 
 
+async def access_records_stored(nc: NATS) -> int:
+    """How many get decisions the access stream holds (messages hold batches of them)."""
+    return sum(len(decode_access(message.data or b"")) for message in await messages_in(nc, ACCESS))
+
+
 async def wait_for_access_records(nc: NATS, count: int) -> None:
     """Bounded poll: records are published after the reply, with no event to await."""
     deadline = time.monotonic() + DEADLINE_S
-    while (await stream_state(nc, ACCESS, 5.0)).messages < count:
+    while await access_records_stored(nc) < count:
         assert time.monotonic() < deadline, f"fewer than {count} access records"
         await anyio.sleep(0.02)
 
@@ -450,3 +479,96 @@ async def test_gets_are_served_when_the_access_log_cannot_be_written(
     assert (await clients.get(reader, "alpha")).string_secret == "alpha-value-2"
     records = await export(nc, clients.keys, access=True)
     assert [record["type"] for record in records] == ["secret_put", "mapping_added", "secret_put"]
+
+
+# --- access records are stored in batches -------------------------------------------------
+
+access_records_strategy = st.lists(
+    st.builds(
+        AccessRecord,
+        at=st.floats(min_value=0, max_value=4e9),
+        secret=st.text(max_size=30),
+        version=st.none() | st.text(max_size=5),
+        entity=st.none() | st.text(max_size=56),
+        host=st.none() | st.text(max_size=56),
+        granted=st.booleans(),
+        error=st.none() | st.sampled_from(['"Unauthorized"', '{"Other":"x"}']),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(records=access_records_strategy)
+def test_an_access_batch_decodes_to_its_records_and_a_lone_record_to_one(
+    records: list[AccessRecord],
+) -> None:
+    assert decode_access(encode_access(records)) == tuple(records)
+    assert decode_access(msgspec.json.encode(records[0])) == (records[0],)  # the lone form
+
+
+@pytest.mark.parametrize("data", [b"", b"[]", b'{"type":"gets"}', b'{"type":"put"}', b"\xff"])
+def test_what_is_not_an_access_message_is_refused_with_one_error(data: bytes) -> None:
+    with pytest.raises(UndecodableAccessRecord):
+        decode_access(data)
+
+
+def decision(n: int, secret: str = "s") -> AccessDecision:
+    return AccessDecision(
+        secret=f"{secret}{n}",
+        version=None,
+        entity="M" * 56,
+        host="N" * 56,
+        granted=True,
+        error=None,
+    )
+
+
+async def stored_batches(
+    nats_server: NatsServer, decisions: list[AccessDecision]
+) -> tuple[list[tuple[AccessRecord, ...]], AccessLog]:
+    """Hand `decisions` to a running access log in one go; the messages it stored for them."""
+    names = fresh_names()
+    nc = await nats.connect(nats_server.url)
+    try:
+        access_log = AccessLog(nc, backend_name=names.name)
+        await access_log.ensure()
+        batches: list[tuple[AccessRecord, ...]] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(access_log.run)
+            for item in decisions:  # no await in between: all buffered before a publish
+                access_log.record(item)
+            stored = stream_messages(
+                nc, access_stream_name(names.name), access_subject(names.name), follow=True
+            )
+            with anyio.fail_after(DEADLINE_S):
+                async with contextlib.aclosing(stored):
+                    async for message in stored:  # read back from the stream: what was stored
+                        batches.append(decode_access(message.data))
+                        if sum(map(len, batches)) >= len(decisions):
+                            break
+            tg.cancel_scope.cancel()
+        return batches, access_log
+    finally:
+        await nc.close()
+
+
+async def test_decisions_made_together_are_stored_as_one_message(
+    nats_server: NatsServer,
+) -> None:
+    decisions = [decision(n) for n in range(300)]
+    batches, access_log = await stored_batches(nats_server, decisions)
+    assert len(batches) == 1
+    assert [record.secret for record in batches[0]] == [d.secret for d in decisions]
+    assert (access_log.recorded, access_log.dropped) == (300, 0)
+
+
+async def test_a_batch_over_the_payload_limit_is_split_and_nothing_is_dropped(
+    nats_server: NatsServer,
+) -> None:
+    decisions = [decision(n, secret="x" * 2_000) for n in range(800)]  # ~2 MB of records
+    batches, access_log = await stored_batches(nats_server, decisions)
+    assert len(batches) > 1
+    assert [r.secret for batch in batches for r in batch] == [d.secret for d in decisions]
+    assert (access_log.recorded, access_log.dropped) == (800, 0)
