@@ -29,7 +29,7 @@ WASCAP_REVISION = 3
 _ALGORITHM = "Ed25519"
 _TYPE = "jwt"
 _SIGNATURE_SIZE = 64
-_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")  # unpadded, as PROTOCOL §4 and wascap
 _COMPONENT_OR_PROVIDER = "a component (M…) or provider (V…) key"
 
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -70,15 +70,14 @@ def _b64encode(data: bytes) -> str:
 
 
 def _b64decode(segment: str, what: str) -> bytes:
-    """Strict base64url: padding tolerated, anything else (incl. non-canonical bits) refused."""
+    """Strict unpadded base64url: padding and non-canonical spare bits are refused."""
     if not _B64URL.fullmatch(segment):
-        raise InvalidJWT(f"malformed: {what} is not base64url")
-    stripped = segment.rstrip("=")
+        raise InvalidJWT(f"malformed: {what} is not unpadded base64url")
     try:
-        data = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except binascii.Error:
-        raise InvalidJWT(f"malformed: {what} is not base64url") from None
-    if _b64encode(data) != stripped:
+        raise InvalidJWT(f"malformed: {what} is not unpadded base64url") from None
+    if _b64encode(data) != segment:
         raise InvalidJWT(f"malformed: {what} is not canonical base64url")
     return data
 

@@ -39,7 +39,7 @@ REASON_FOR_WHY = {
     "signature does not verify against iss": "signature does not verify",
     "signature does not verify": "signature does not verify",
     "not three segments": "not three segments",
-    "bad signature encoding": "signature is not base64url",
+    "bad signature encoding": "signature is not unpadded base64url",
 }
 
 
@@ -251,16 +251,20 @@ def test_header_type_is_case_insensitive_and_extra_fields_are_ignored() -> None:
         assert verify_entity_jwt(_token(header, claims, ACCOUNT), NOW).kind == "component"
 
 
-def test_padding_is_tolerated() -> None:
+def test_padding_is_refused_as_wascap_does() -> None:
+    """PROTOCOL §4: segments are unpadded; wascap's decoder refuses `=`, and so do we."""
+
     def pad(segment: str) -> str:
         return segment + "=" * (-len(segment) % 4)
 
-    header = pad(_b64(b'{"typ":"jwt","alg":"Ed25519"}'))
-    body = pad(_b64(json.dumps(_claims(ACCOUNT.public_key, MODULE.public_key)).encode()))
-    assert "=" in header + body
+    header = _b64(b'{"typ":"jwt","alg":"Ed25519"}')
+    body = _b64(json.dumps(_claims(ACCOUNT.public_key, MODULE.public_key)).encode())
     signed = f"{header}.{body}"
-    token = f"{signed}.{pad(_b64(ACCOUNT.sign(signed.encode())))}"
-    assert verify_entity_jwt(token, NOW).sub == MODULE.public_key
+    signature = _b64(ACCOUNT.sign(signed.encode()))
+    assert verify_entity_jwt(f"{signed}.{signature}", NOW).sub == MODULE.public_key
+    assert "=" in pad(signature)
+    padded = f"{signed}.{pad(signature)}"  # the same signature over the same bytes
+    assert _reason(padded) == "malformed: signature is not unpadded base64url"
 
 
 @pytest.mark.parametrize(
@@ -270,8 +274,8 @@ def test_padding_is_tolerated() -> None:
         ("a.b", "malformed: not three segments"),
         ("a.b.c.d", "malformed: not three segments"),
         ("x" * (64 * 1024 + 1), "malformed: longer than 65536 characters"),
-        ("e+J9.e30.AA", "malformed: header is not base64url"),
-        ("eyJ9=x.e30.AA", "malformed: header is not base64url"),
+        ("e+J9.e30.AA", "malformed: header is not unpadded base64url"),
+        ("eyJ9=x.e30.AA", "malformed: header is not unpadded base64url"),
         ("eyJ0eXAiOiJqd3QiLCJhbGciOiJFZDI1NTE5In1.e30.AA", "malformed: header is not canonical"),
         ("eyJ0eXAiOiJqd3QiLCJhbGciOiJFZDI1NTE5In0.e30.AA", "malformed claims: "),
     ],
