@@ -64,7 +64,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import api
 
 from events.integrity import TAG_HEADER, EventAuthenticator
@@ -90,6 +89,7 @@ from projections.state import (
 from secrets_nats_kv.config import BackendNames, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretsBackendError, StorageError
 from secrets_nats_kv.jetstream import convert, erase_message
+from secrets_nats_kv.positioned import PositionedPublisher
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 CRASH_ENV = "SECRETS_NATS_KV_ROTATION_CRASH_AFTER"
@@ -99,7 +99,6 @@ OLD_KEY_KEY = "secrets-nats-kv-old-key"
 _STAGING, _COMMITTED = "staging", "committed"
 _API_TIMEOUT = 5.0
 _READ_BATCH = 2048
-_PUBLISH_WINDOW = 1024
 _EARLY_REJECTS = 8  # this many rejected entries before any valid one: the old key is wrong
 
 Outcome = Literal["rotated", "resumed", "already rotated", "dry run"]
@@ -306,104 +305,6 @@ async def _stream_info(nc: NATS, stream: str) -> _Info | None:
 async def _stream_state(nc: NATS, stream: str) -> _State | None:
     info = await _stream_info(nc, stream)
     return None if info is None else (info.state or _State())
-
-
-# --- writing a stream fast, every message pinned to its position --------------------------
-
-
-class _PubAck(msgspec.Struct):
-    seq: int = 0
-    error: dict[str, object] | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_PubAck)
-
-
-class PositionedPublisher:
-    """Pipelined publishes: up to a window in flight, each with `Nats-Expected-Last-Sequence`.
-
-    One connection delivers them in order, so the stream stores them in order; if one
-    fails, every later one fails its expected sequence too, and what was written is a
-    prefix — never a reordered or shifted log.
-    """
-
-    def __init__(
-        self, nc: NATS, stream: str, prefix: str, *, window: int = _PUBLISH_WINDOW
-    ) -> None:
-        self._nc = nc
-        self.stream = stream
-        self.prefix = prefix  # the stream's subject prefix (for gap fillers)
-        self._window = window
-        self._inbox = nc.new_inbox()
-        self._sub: Subscription | None = None
-        self._outstanding = 0
-        self._moved = anyio.Event()
-        self.error: StorageError | None = None
-        self.published = 0
-
-    async def __aenter__(self) -> PositionedPublisher:
-        self._sub = await self._nc.subscribe(
-            f"{self._inbox}.*", cb=self._on_ack, pending_msgs_limit=4 * self._window
-        )
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-
-    async def _on_ack(self, msg: Msg) -> None:
-        seq = int(msg.subject.rsplit(".", 1)[1])
-        try:
-            ack = _ack_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            ack = _PubAck(error={"description": "unreadable ack"})
-        if self.error is None:
-            if ack.error is not None:
-                why = str(ack.error.get("description", ack.error))
-                self.error = StorageError(f"write {self.stream} #{seq}", why)
-            elif ack.seq != seq:
-                why = f"stored at #{ack.seq}"
-                self.error = StorageError(f"write {self.stream} #{seq}", why)
-        self._outstanding -= 1
-        self._moved.set()
-        self._moved = anyio.Event()
-
-    async def publish(self, seq: int, subject: str, body: bytes, tag: str | None) -> None:
-        """Send `body` to land exactly at `seq` (acked later; `drain` checks every ack)."""
-        while self._outstanding >= self._window:
-            await self._wait_for_acks()
-        if self.error is not None:
-            raise self.error
-        headers: dict[str, str] = {
-            "Nats-Expected-Last-Sequence": str(seq - 1),
-            "Nats-Expected-Stream": self.stream,
-        }
-        if tag is not None:
-            headers[TAG_HEADER] = tag
-        self._outstanding += 1
-        try:
-            await self._nc.publish(subject, body, reply=f"{self._inbox}.{seq}", headers=headers)
-        except nats.errors.Error as exc:
-            raise convert(f"write {self.stream}", exc) from None
-        self.published += 1
-
-    async def _wait_for_acks(self) -> None:
-        try:
-            with anyio.fail_after(_API_TIMEOUT):
-                await self._moved.wait()
-        except TimeoutError:
-            raise StorageError(f"write {self.stream}", "acks timed out") from None
-
-    async def drain(self) -> None:
-        """Wait until every publish is acknowledged; raise the first failure."""
-        while self._outstanding > 0:
-            await self._wait_for_acks()
-        if self.error is not None:
-            raise self.error
-
-    async def flush(self) -> None:
-        """Push what is buffered to the server (for the crash hook)."""
-        await self._nc.flush(timeout=int(_API_TIMEOUT))
 
 
 # --- the test hook --------------------------------------------------------------------------
@@ -776,7 +677,9 @@ class _Rotation:
                 body = encode_event(marker)
                 seq = last_seq + 1
                 subject = f"{self.staging_prefix}.key"
-                await publisher.publish(seq, subject, body, self.new_auth.tag(seq, body))
+                await publisher.publish(
+                    seq, subject, body, {TAG_HEADER: self.new_auth.tag(seq, body)}
+                )
                 await publisher.drain()
         except RotationRefused:
             await self._delete(self.staging)  # nothing to keep: the live log is untouched
@@ -911,7 +814,9 @@ class _Rotation:
             )
             marker = staging.marker
             subject = f"{self.live_prefix}.key"
-            await publisher.publish(marker.seq, subject, marker.data, marker.headers[TAG_HEADER])
+            await publisher.publish(
+                marker.seq, subject, marker.data, {TAG_HEADER: marker.headers[TAG_HEADER]}
+            )
             await publisher.drain()
         expected.add(marker.seq, decode_event(marker.data))
         counts.entries = staging.last_seq
@@ -958,7 +863,7 @@ class _Rotation:
         async def write(seq: int, subject: str, body: bytes, tag: str | None) -> None:
             if publisher is None:
                 return
-            await publisher.publish(seq, subject, body, tag)
+            await publisher.publish(seq, subject, body, None if tag is None else {TAG_HEADER: tag})
             if self.crash.reached(phase):
                 await publisher.flush()
                 self.crash.die()

@@ -33,8 +33,8 @@ from typing import Any
 import anyio
 from nats.aio.client import Client as NATS
 
-from actors.rotation import PositionedPublisher, read_stream, read_stream_ordered, rotate_key
-from events.integrity import EventAuthenticator
+from actors.rotation import read_stream, read_stream_ordered, rotate_key
+from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import Event, KeyRotated, MappingAdded, SecretDeleted, SecretPut, decode_event
 from events.types import encode_event as encode
@@ -45,6 +45,7 @@ from secrets_nats_kv.connection import connect
 from secrets_nats_kv.jetstream import erase_message, stream_state
 from secrets_nats_kv.natsserver import NatsServer, NatsServerConfig
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.positioned import PositionedPublisher
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 NAMES = BackendNames()
@@ -77,7 +78,9 @@ async def fill(nc: NATS, count: int, key: XKey) -> tuple[float, int]:
         for seq in range(1, count + 1):
             event = event_at(seq, box, entities)
             body = encode(event)
-            await publisher.publish(seq, log.subject_for(event), body, auth.tag(seq, body))
+            await publisher.publish(
+                seq, log.subject_for(event), body, {TAG_HEADER: auth.tag(seq, body)}
+            )
             if isinstance(event, SecretPut) and seq % ERASE_EVERY == 0:
                 erase.append(seq)
         await publisher.drain()
