@@ -249,20 +249,22 @@ class KvWriter:
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""
+        write = positioned_write(self.views.layout, effect)
+        if write is not None:
+            await self.views.publish_at(
+                write.bucket, write.key, write.revision, write.value, write.headers
+            )
+        await self.erase(effect)
+
+    def already_written(self, effect: Effect) -> bool:
+        """Whether `effect`'s KV message is at or below where `prepare` found the buckets."""
+        return self._already_written(effect)
+
+    async def erase(self, effect: Effect) -> None:
+        """The erasures `effect` implies, once its own write (if any) is stored; idempotent."""
         layout = self.views.layout
         match effect:
-            case PutSecretEntry(key, revision, sealed, kind):
-                await self.views.publish_at(
-                    layout.secrets_bucket, key, revision, sealed, {KIND_HEADER: kind}
-                )
-            case MarkSecretDeleted(key, revision):
-                await self.views.publish_at(
-                    layout.secrets_bucket, key, revision, b"", {"KV-Operation": "DEL"}
-                )
             case FillErasedRevision(revision):
-                await self.views.publish_at(
-                    layout.secrets_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {}
-                )
                 await self.views.erase_revision(layout.secrets_bucket, revision)
             case EraseSecretRevisions(revisions):
                 for revision in revisions:
@@ -270,7 +272,45 @@ class KvWriter:
             case EraseEvents(seqs):
                 for seq in seqs:
                     await self._log.erase(seq)
-            case PutMappingEntry(entity, revision, secrets):
-                await self.views.publish_at(
-                    layout.state_bucket, entity, revision, msgspec.json.encode(list(secrets)), {}
-                )
+            case _:
+                pass
+
+
+@dataclass(frozen=True, slots=True)
+class PositionedWrite:
+    """The KV message an effect writes: `value` under `key`, at exactly `revision`."""
+
+    bucket: str
+    key: str
+    revision: int
+    value: bytes
+    headers: dict[str, str]
+
+    @property
+    def subject(self) -> str:
+        return f"$KV.{self.bucket}.{self.key}"
+
+
+def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None:
+    """The message `effect` writes to a bucket, or None if it only erases."""
+    match effect:
+        case PutSecretEntry(key, revision, sealed, kind):
+            return PositionedWrite(
+                layout.secrets_bucket, key, revision, sealed, {KIND_HEADER: kind}
+            )
+        case MarkSecretDeleted(key, revision):
+            return PositionedWrite(
+                layout.secrets_bucket, key, revision, b"", {"KV-Operation": "DEL"}
+            )
+        case FillErasedRevision(revision):  # a placeholder, erased right after it is stored
+            return PositionedWrite(layout.secrets_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {})
+        case PutMappingEntry(entity, revision, secrets):
+            value = msgspec.json.encode(list(secrets))
+            return PositionedWrite(layout.state_bucket, entity, revision, value, {})
+        case _:
+            return None
+
+
+def erases(effect: Effect) -> bool:
+    """Whether `effect` erases something (after its own write, if it has one)."""
+    return isinstance(effect, FillErasedRevision | EraseSecretRevisions | EraseEvents)

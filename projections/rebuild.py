@@ -1,12 +1,20 @@
 """`rebuild`: drop the KV views and fold them again from the event log.
 
 The same fold the live view uses, from sequence 0, so the buckets come back with the
-same keys, values and revisions. Safe while backends run: their writers write each
-revision at most once, whoever gets there first.
+same keys, values and revisions. The writes are pipelined (a window in flight per
+bucket, each pinned to its revision); erasures (of destroyed versions and their
+placeholders) follow once every write is stored. A rebuild cut short is run again.
+
+Safe while backends run: their writers write each revision at most once, whoever gets
+there first. If one of them takes a revision while the pipeline is writing, the
+pipeline stops at that revision (pinned writes can only leave a prefix) and the fold
+is done again one write at a time, skipping every revision already stored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,8 +22,12 @@ from nats.aio.client import Client as NATS
 
 from events.integrity import EventAuthenticator
 from events.log import EventLog
-from projections.kv import KvLayout, KvViews, KvWriter
-from projections.state import ViewState, fold
+from projections.kv import KvLayout, KvViews, KvWriter, erases, positioned_write
+from projections.state import Effect, ViewState, fold
+from secrets_nats_kv.config import kv_stream
+from secrets_nats_kv.positioned import PositionConflict, PositionedPublisher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,22 +51,90 @@ async def rebuild_views(
         nc, backend_name=backend_name, authenticator=authenticator, replicas=layout.replicas
     )
     views = KvViews(nc, layout)
-    total = await event_log.head()
     await views.drop()
     await views.ensure()
-    writer = KvWriter(views, event_log)
-    state = ViewState()
-    try:
-        async for entry in event_log.entries():
-            for effect in fold(state, entry.seq, entry.event):
-                await writer.apply(effect)
-            if progress is not None:
-                progress(entry.seq, total)
-    finally:
-        writer.close()  # used offline: its queue was never run, close it
+    state = await refold_views(nc, event_log, views, progress)
     return RebuildReport(
         events=state.last_seq,
         secrets=len(state.secrets),
         mappings=len(state.mappings),
         secrets_revision=state.secrets_revision,
     )
+
+
+async def refold_views(
+    nc: NATS,
+    event_log: EventLog,
+    views: KvViews,
+    progress: Callable[[int, int], None] | None = None,
+) -> ViewState:
+    """Write every revision the log implies into `views`, which should start empty.
+
+    Pipelined; if some revision is found taken (a backend's writer got there first), the
+    fold is done again one write at a time, keeping what is stored and adding the rest.
+    """
+    total = await event_log.head()
+    writer = KvWriter(views, event_log)
+    try:
+        try:
+            return await _refold_pipelined(nc, event_log, writer, total, progress)
+        except PositionConflict:
+            log.warning("a backend wrote the KV views during the rebuild; going on one by one")
+            return await _refold_one_by_one(event_log, writer, total, progress)
+    finally:
+        writer.close()  # used offline: its queue was never run, close it
+
+
+async def _refold_pipelined(
+    nc: NATS,
+    event_log: EventLog,
+    writer: KvWriter,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> ViewState:
+    """Fold the log into empty buckets with a window of pinned writes per bucket."""
+    layout = writer.views.layout
+    state = ViewState()
+    erasures: list[Effect] = []  # done after the last write: no stall of the pipeline
+    async with contextlib.AsyncExitStack() as stack:
+        publishers: dict[str, PositionedPublisher] = {}
+        for bucket in (layout.secrets_bucket, layout.state_bucket):
+            # No stream pin: a header stored with each entry, which the live writer omits.
+            publisher = PositionedPublisher(nc, kv_stream(bucket), expect_stream=False)
+            publishers[bucket] = await stack.enter_async_context(publisher)
+        async for entry in event_log.entries():
+            for effect in fold(state, entry.seq, entry.event):
+                write = positioned_write(layout, effect)
+                if write is not None:
+                    await publishers[write.bucket].publish(
+                        write.revision, write.subject, write.value, write.headers
+                    )
+                if erases(effect):
+                    erasures.append(effect)
+            if progress is not None:
+                progress(entry.seq, total)
+        for publisher in publishers.values():
+            await publisher.drain()
+    for effect in erasures:  # only now is everything they erase stored
+        await writer.erase(effect)
+    return state
+
+
+async def _refold_one_by_one(
+    event_log: EventLog,
+    writer: KvWriter,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> ViewState:
+    """Fold the log again, writing what the buckets lack one request at a time."""
+    await writer.prepare()
+    state = ViewState()
+    async for entry in event_log.entries():
+        for effect in fold(state, entry.seq, entry.event):
+            if writer.already_written(effect):
+                await writer.erase(effect)  # erasures are idempotent; the write is there
+            else:
+                await writer.apply(effect)
+        if progress is not None:
+            progress(entry.seq, total)
+    return state

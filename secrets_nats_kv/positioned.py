@@ -44,10 +44,19 @@ class PositionedPublisher:
     """
 
     def __init__(
-        self, nc: NATS, stream: str, prefix: str = "", *, window: int = PUBLISH_WINDOW
+        self,
+        nc: NATS,
+        stream: str,
+        prefix: str = "",
+        *,
+        window: int = PUBLISH_WINDOW,
+        expect_stream: bool = True,
     ) -> None:
+        """`expect_stream` also pins the stream by name (a header stored with each message:
+        leave it off where messages must look as another writer would have written them)."""
         self._nc = nc
         self.stream = stream
+        self._pin = {"Nats-Expected-Stream": stream} if expect_stream else {}
         self.prefix = prefix  # the stream's subject prefix, for callers that need it
         self._window = window
         self._inbox = nc.new_inbox()
@@ -93,11 +102,7 @@ class PositionedPublisher:
             await self._wait_for_acks()
         if self.error is not None:
             raise self.error
-        pinned = {
-            **(headers or {}),
-            "Nats-Expected-Last-Sequence": str(seq - 1),
-            "Nats-Expected-Stream": self.stream,
-        }
+        pinned = {**(headers or {}), "Nats-Expected-Last-Sequence": str(seq - 1), **self._pin}
         self._outstanding += 1
         try:
             await self._nc.publish(subject, body, reply=f"{self._inbox}.{seq}", headers=pinned)

@@ -9,6 +9,7 @@ present: key, revision, value, headers) before and after, and must be identical.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import anyio
@@ -17,8 +18,10 @@ from harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
 from nats.aio.client import Client as NATS
 
 from events.integrity import EventAuthenticator
-from projections.kv import KvLayout
-from projections.rebuild import RebuildReport, rebuild_views
+from events.log import EventLog
+from projections.kv import KvLayout, KvViews, KvWriter
+from projections.rebuild import RebuildReport, rebuild_views, refold_views
+from projections.state import ViewState, fold
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.connection import connect
 from secrets_nats_kv.errors import SecretNotFound
@@ -188,6 +191,43 @@ async def test_rebuild_views_reproduces_both_buckets_exactly(nats_server: NatsSe
     assert report.secrets_revision == 13
     assert report.secrets == 4  # alpha, beta (deleted), delta (deleted) and eps
     assert {item.name for item in listing} == {"alpha", "beta", "delta", "eps"}
+
+
+async def test_a_refold_that_finds_revisions_taken_keeps_them_and_writes_the_rest(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend's writer got there first: the pipeline stops, the rest goes one by one."""
+    keys = Keys()
+    async with running_backend(nats_server.url, keys) as clients:
+        await scripted_history(clients)
+        before = await snapshot(clients.admin.nc)
+    nc = await connect(NatsOptions(servers=(nats_server.url,)), name="t", persistent=False)
+    try:
+        auth = EventAuthenticator.for_key(keys.encryption)
+        event_log = EventLog(nc, backend_name="nats-kv", authenticator=auth)
+        views = KvViews(nc, LAYOUT)
+        await views.drop()
+        await views.ensure()
+        # The competing writer: the first entries of the log, as a backend writes them.
+        competitor = KvWriter(views, event_log)
+        state = ViewState()
+        async for entry in event_log.entries():
+            for effect in fold(state, entry.seq, entry.event):
+                await competitor.apply(effect)
+            if state.state_revision >= 1:  # both buckets have a revision taken now
+                break
+        competitor.close()
+        taken = await snapshot(nc)
+        assert (taken.secrets_bounds[2], taken.state_bounds[2]) == (4, 1)
+
+        with caplog.at_level(logging.WARNING, logger="projections.rebuild"):
+            refolded = await refold_views(nc, event_log, views)
+
+        assert await snapshot(nc) == before
+        assert refolded.secrets_revision == 13
+        assert any("going on one by one" in r.getMessage() for r in caplog.records)
+    finally:
+        await nc.close()
 
 
 async def test_the_rebuild_command_reproduces_both_buckets_exactly(
