@@ -37,6 +37,9 @@ refused with a message, never overwritten. Entries the old key does not authenti
 (forgeries) stay rejected: an empty, untagged placeholder keeps their position. Copies
 carry no `Nats-Msg-Id`, so the duplicate window starts empty after a rotation.
 
+One run at a time: a run takes `RotationLock` (actors/rotation_lock.py) before touching
+any stream, and a second run started meanwhile is refused with a message.
+
 Writes are pipelined (`PositionedPublisher`: a window of publishes in flight, each pinned
 with `Nats-Expected-Last-Sequence`), reads are batched direct gets (`read_stream`).
 
@@ -66,6 +69,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
 
+from actors.rotation_lock import RotationLock, RotationLockHeld
 from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_messages, stream_name, subject_prefix
 from events.types import (
@@ -465,6 +469,16 @@ class _Rotation:
                     f"a backend answers on {self.names.subject('server_xkey')}: stop every "
                     "backend first (rotate-key is offline), or pass --force"
                 )
+        if dry_run:
+            return await self._decide(dry_run=True, note=note)
+        try:
+            async with RotationLock(self.nc, self.names.name):
+                return await self._decide(dry_run=False, note=note)
+        except RotationLockHeld as exc:  # raised on entry only: the body never ran
+            raise RotationRefused(str(exc)) from None
+
+    async def _decide(self, *, dry_run: bool, note: str) -> RotationReport:
+        """Resume, reuse, redo or start, from what the staging and live streams hold."""
         staging = await self._inspect_staging()
         if staging is not None and staging.state == _COMMITTED:
             if staging.marker is None or staging.new_key != self.new.public_key:

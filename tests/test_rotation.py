@@ -381,6 +381,37 @@ async def test_refuses_same_key_wrong_key_and_running_backends(nats_server: Nats
     await serves_everything(url, new, model)
 
 
+async def test_a_second_rotation_is_refused_while_one_runs(nats_server: NatsServer) -> None:
+    """One rotate-key at a time: a second run that starts meanwhile changes nothing."""
+    url, keys, first_key, second_key = nats_server.url, remembered_keys(), new_key(), new_key()
+    model = await populated(url, keys)
+    first_is_working = anyio.Event()
+    refusals: list[str] = []
+    async with client(url) as first_nc, client(url) as second_nc:
+
+        async def second() -> None:
+            await first_is_working.wait()
+            with pytest.raises(RotationRefused, match="another rotate-key") as refused:
+                await rotate(second_nc, keys.encryption, second_key)
+            refusals.append(str(refused.value))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            report = await rotate(
+                first_nc,
+                keys.encryption,
+                first_key,
+                progress=lambda done, total: first_is_working.set(),
+            )
+        assert report.outcome == "rotated"
+        assert len(refusals) == 1
+        assert "\n" not in refusals[0]
+        await sealed_only_with(first_nc, first_key, [keys.encryption, second_key])
+        # The lock went with the run: the next rotation goes ahead.
+        assert (await rotate(second_nc, first_key, second_key)).outcome == "rotated"
+    await serves_everything(url, second_key, model)
+
+
 async def test_cli_rotates_with_one_line_of_output(nats_server: NatsServer) -> None:
     url, keys, new = nats_server.url, remembered_keys(), new_key()
     model = await populated(url, keys)
