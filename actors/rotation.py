@@ -188,8 +188,9 @@ class _NoBatchGet(Exception):
 async def read_stream(nc: NATS, stream: str, subjects: str) -> AsyncGenerator[RawMessage, None]:
     """Every message of `stream` up to its head as read now, in order (gaps skipped).
 
-    Batched direct gets are about five times faster than nats-py's ordered consumer;
-    servers without them fall back to the ordered consumer of `events.log`.
+    Batched direct gets read about 1.4 times as fast as nats-py's ordered consumer
+    (bench_replay, 100k events: 28,700 against 19,900 a second); servers without them
+    fall back to the ordered consumer of `events.log`.
     """
     info = await _stream_state(nc, stream)
     if info is None or info.messages == 0:
