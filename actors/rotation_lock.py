@@ -100,7 +100,8 @@ class RotationLock:
                     while not heard_myself:
                         heard_myself = self._note(await answers.next_msg(timeout=None), others)
             except TimeoutError:
-                raise StorageError("rotation lock", "no answer to our own question") from None
+                why = "no answer to our own question (may this user publish and subscribe there?)"
+                raise StorageError(f"rotation lock {self._subject}", why) from None
             with anyio.move_on_after(ANSWER_GRACE):
                 while True:
                     self._note(await answers.next_msg(timeout=None), others)
