@@ -67,9 +67,11 @@ class RotationLock:
             self._sub = await self._nc.subscribe(self._subject, cb=self._on_question)
             await self._nc.flush()  # subscribed at the server before asking
             others = await self._other_holders()
-        except nats.errors.Error as exc:
+        except BaseException as exc:
             await self._release()
-            raise convert("take the rotation lock", exc) from None
+            if isinstance(exc, nats.errors.Error):
+                raise convert("take the rotation lock", exc) from None
+            raise
         if others:
             await self._release()
             raise RotationLockHeld(self._name, min(holder.since for holder in others))
@@ -81,8 +83,9 @@ class RotationLock:
     async def _release(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            with contextlib.suppress(nats.errors.Error):  # the connection is gone, and the lock
-                await sub.unsubscribe()
+            # Shielded: also on cancellation (UNSUB is only queued, it does not wait).
+            with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()  # an error: the connection is gone, and the lock with it
 
     async def _on_question(self, msg: Msg) -> None:
         if msg.reply:
