@@ -196,7 +196,7 @@ class KvWriter:
 
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """Queue one log entry's effects (called by the live view, never blocks)."""
-        needed = [e for e in effects if not self._already_written(e)]
+        needed = [e for e in effects if not self.already_written(e)]
         if not needed and self._queued == 0:
             self._advance(seq)  # nothing to write and nothing ahead of it: done already
             return
@@ -204,7 +204,8 @@ class KvWriter:
         with contextlib.suppress(anyio.ClosedResourceError):  # stopping: the log still has it
             self._send.send_nowait((seq, needed))
 
-    def _already_written(self, effect: Effect) -> bool:
+    def already_written(self, effect: Effect) -> bool:
+        """Whether `effect`'s KV message is at or below where `prepare` found the buckets."""
         match effect:
             case PutSecretEntry() | MarkSecretDeleted() | FillErasedRevision():
                 return effect.revision <= self._secrets_last
@@ -256,10 +257,6 @@ class KvWriter:
             )
         await self.erase(effect)
 
-    def already_written(self, effect: Effect) -> bool:
-        """Whether `effect`'s KV message is at or below where `prepare` found the buckets."""
-        return self._already_written(effect)
-
     async def erase(self, effect: Effect) -> None:
         """The erasures `effect` implies, once its own write (if any) is stored; idempotent."""
         layout = self.views.layout
@@ -302,7 +299,7 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
             return PositionedWrite(
                 layout.secrets_bucket, key, revision, b"", {"KV-Operation": "DEL"}
             )
-        case FillErasedRevision(revision):  # a placeholder, erased right after it is stored
+        case FillErasedRevision(revision):  # a placeholder, erased once stored
             return PositionedWrite(layout.secrets_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {})
         case PutMappingEntry(entity, revision, secrets):
             value = msgspec.json.encode(list(secrets))
