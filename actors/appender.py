@@ -86,6 +86,11 @@ class Appender:
             return appended
         raise UpstreamError("the log kept changing under this command; try again")
 
+    async def append_revision(self, decide: Callable[[ViewState], Event], request_id: str) -> int:
+        """`append`, for an event that writes the secrets bucket: the revision it became."""
+        appended = await self.append(decide, request_id)
+        return self.view.state.revision_of_seq[appended.seq]
+
     async def _settle(self, seq: int) -> None:
         try:
             with anyio.fail_after(self._settle_timeout):

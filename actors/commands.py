@@ -61,8 +61,7 @@ class CommandActor:
             kind=kind,
             **self._appender.provenance(opened, request_id),
         )
-        appended = await self._appender.append(lambda _: event, request_id)
-        return self._appender.view.state.revision_of_seq[appended.seq]
+        return await self._appender.append_revision(lambda _: event, request_id)
 
     # --- mappings ---------------------------------------------------------------------
 

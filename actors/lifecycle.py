@@ -81,8 +81,7 @@ class LifecycleActor:
                 raise SecretNotFound(name)
             return SecretDeleted(name=name, **provenance)
 
-        appended = await self._appender.append(decide, admin.request_id)
-        revision = self._appender.view.state.revision_of_seq[appended.seq]
+        revision = await self._appender.append_revision(decide, admin.request_id)
         return Reply(wire.encode_reply(wire.ChangeReply(revision=revision)))
 
     async def undelete(self, request: Request) -> Reply:
@@ -98,8 +97,7 @@ class LifecycleActor:
                 raise InvalidRequest(f"secret {name!r} is not deleted")
             return SecretUndeleted(name=name, **provenance)
 
-        appended = await self._appender.append(decide, admin.request_id)
-        revision = self._appender.view.state.revision_of_seq[appended.seq]
+        revision = await self._appender.append_revision(decide, admin.request_id)
         return Reply(wire.encode_reply(wire.ChangeReply(revision=revision)))
 
     async def destroy(self, request: Request) -> Reply:
