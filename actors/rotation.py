@@ -814,46 +814,41 @@ class _Rotation:
 
     async def _copy_back(self, staging: _Staging) -> tuple[_Counts, _ExpectedViews]:
         """Copy staging (all but its marker) into the new live log, then the marker last."""
-        assert staging.marker is not None
-        counts, expected = _Counts(), _ExpectedViews(self.layout.max_history)
-        source = read_stream(self.nc, self.staging, f"{self.staging_prefix}.>")
         async with PositionedPublisher(self.nc, self.live, self.live_prefix) as publisher:
-            await self._replay(
-                source,
-                staging.last_seq - 1,
-                self._check_staged(counts, expected),
-                publisher,
-                counts,
-                "live",
-                on_gap=lambda seq: expected.add(seq, None),
-            )
-            marker = staging.marker
-            subject = f"{self.live_prefix}.key"
-            await publisher.publish(
-                marker.seq, subject, marker.data, {TAG_HEADER: marker.headers[TAG_HEADER]}
-            )
-            await publisher.drain()
-        expected.add(marker.seq, decode_event(marker.data))
-        counts.entries = staging.last_seq
+            counts, expected = await self._read_staging(staging, publisher, "live")
         if self.progress is not None:
             self.progress(counts.entries, counts.entries)
         return counts, expected
 
     async def _scan_staging(self, staging: _Staging) -> tuple[_Counts, _ExpectedViews]:
         """Counts and implied views of a staged log (resumed runs, dry runs)."""
-        assert staging.marker is not None
+        return await self._read_staging(staging, None, "scan")
+
+    async def _read_staging(
+        self, staging: _Staging, publisher: PositionedPublisher | None, phase: str
+    ) -> tuple[_Counts, _ExpectedViews]:
+        """Read the staged log, checking it, and copy it through `publisher` if one is given:
+        every entry but the marker at its position, then the marker last."""
+        marker = staging.marker
+        assert marker is not None
         counts, expected = _Counts(), _ExpectedViews(self.layout.max_history)
         source = read_stream(self.nc, self.staging, f"{self.staging_prefix}.>")
         await self._replay(
             source,
             staging.last_seq - 1,
             self._check_staged(counts, expected),
-            None,
+            publisher,
             counts,
-            "scan",
+            phase,
             on_gap=lambda seq: expected.add(seq, None),
         )
-        expected.add(staging.marker.seq, decode_event(staging.marker.data))
+        if publisher is not None:
+            subject = f"{self.live_prefix}.key"
+            await publisher.publish(
+                marker.seq, subject, marker.data, {TAG_HEADER: marker.headers[TAG_HEADER]}
+            )
+            await publisher.drain()
+        expected.add(marker.seq, decode_event(marker.data))
         counts.entries = staging.last_seq
         return counts, expected
 
