@@ -9,7 +9,6 @@ stream (split only if it would exceed the server's payload limit).
 from __future__ import annotations
 
 import logging
-import time
 
 import anyio
 import nats.errors
@@ -18,7 +17,6 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from actors.responder import AccessDecision
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
 from secrets_nats_kv.jetstream import convert
 
@@ -61,17 +59,8 @@ class AccessLog:
         except nats.errors.Error as exc:
             raise convert("access log info", exc) from None
 
-    def record(self, decision: AccessDecision) -> None:
+    def record(self, record: AccessRecord) -> None:
         """Called on the get path: never blocks, never raises."""
-        record = AccessRecord(
-            at=time.time(),
-            secret=decision.secret,
-            version=decision.version,
-            entity=decision.entity,
-            host=decision.host,
-            granted=decision.granted,
-            error=decision.error,
-        )
         try:
             self._send.send_nowait(record)
         except (anyio.WouldBlock, anyio.ClosedResourceError):

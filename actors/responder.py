@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from actors.admin import sender_key
 from actors.pool import Reply, Request
+from events.access import AccessRecord
 from projections.live import LiveView
 from projections.state import Version
 from secrets_nats_kv import wire
@@ -37,18 +38,6 @@ from secrets_nats_kv.xkeys import SealBox, XKey
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class AccessDecision:
-    """What the access log records of one get: never a value."""
-
-    secret: str
-    version: str | None
-    entity: str | None
-    host: str | None
-    granted: bool
-    error: str | None
-
-
 class GetResponder:
     """Actor: answers hosts. Stateless apart from keys; many run side by side."""
 
@@ -60,7 +49,7 @@ class GetResponder:
         encryption: XKey,
         trusted_issuers: frozenset[str] = frozenset(),
         freshness_timeout: float = 5.0,
-        on_decision: Callable[[AccessDecision], None] | None = None,
+        on_decision: Callable[[AccessRecord], None] | None = None,
     ) -> None:
         self._view = view
         self._transit = transit
@@ -149,7 +138,8 @@ class GetResponder:
         if self._on_decision is None or "secret" not in context:
             return
         self._on_decision(
-            AccessDecision(
+            AccessRecord(  # what the access log keeps of a get: never a value
+                at=time.time(),
                 secret=context["secret"] or "",
                 version=context.get("version"),
                 entity=context.get("entity"),

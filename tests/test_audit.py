@@ -41,7 +41,6 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from actors.access_log import AccessLog
-from actors.responder import AccessDecision
 from events.access import (
     AccessRecord,
     UndecodableAccessRecord,
@@ -514,8 +513,9 @@ def test_what_is_not_an_access_message_is_refused_with_one_error(data: bytes) ->
         decode_access(data)
 
 
-def decision(n: int, secret: str = "s") -> AccessDecision:
-    return AccessDecision(
+def decision(n: int, secret: str = "s") -> AccessRecord:
+    return AccessRecord(
+        at=time.time(),
         secret=f"{secret}{n}",
         version=None,
         entity="M" * 56,
@@ -526,7 +526,7 @@ def decision(n: int, secret: str = "s") -> AccessDecision:
 
 
 async def stored_batches(
-    nats_server: NatsServer, decisions: list[AccessDecision]
+    nats_server: NatsServer, decisions: list[AccessRecord]
 ) -> tuple[list[tuple[AccessRecord, ...]], AccessLog]:
     """Hand `decisions` to a running access log in one go; the messages it stored for them."""
     names = fresh_names()
