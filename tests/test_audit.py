@@ -367,17 +367,26 @@ async def test_follow_with_access_streams_events_and_gets_as_they_happen(
 # --- the access log -----------------------------------------------------------------------
 
 
-async def access_records_stored(nc: NATS) -> int:
-    """How many get decisions the access stream holds (messages hold batches of them)."""
-    return sum(len(decode_access(message.data or b"")) for message in await messages_in(nc, ACCESS))
+async def stored_access_batches(
+    nc: NATS, backend_name: str, records: int
+) -> list[tuple[AccessRecord, ...]]:
+    """The access stream's messages, decoded, followed as they are stored until they hold
+    `records` records (they are published after the reply, so this waits for them)."""
+    batches: list[tuple[AccessRecord, ...]] = []
+    stored = stream_messages(
+        nc, access_stream_name(backend_name), access_subject(backend_name), follow=True
+    )
+    with anyio.fail_after(DEADLINE_S):
+        async with contextlib.aclosing(stored):
+            async for message in stored:
+                batches.append(decode_access(message.data))
+                if sum(map(len, batches)) >= records:
+                    break
+    return batches
 
 
 async def wait_for_access_records(nc: NATS, count: int) -> None:
-    """Bounded poll: records are published after the reply, with no event to await."""
-    deadline = time.monotonic() + DEADLINE_S
-    while await access_records_stored(nc) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} access records"
-        await anyio.sleep(0.02)
+    await stored_access_batches(nc, "nats-kv", count)
 
 
 async def test_access_export_includes_every_get_decision(
@@ -534,20 +543,11 @@ async def stored_batches(
     try:
         access_log = AccessLog(nc, backend_name=names.name)
         await access_log.ensure()
-        batches: list[tuple[AccessRecord, ...]] = []
         async with anyio.create_task_group() as tg:
             await tg.start(access_log.run)
             for item in decisions:  # no await in between: all buffered before a publish
                 access_log.record(item)
-            stored = stream_messages(
-                nc, access_stream_name(names.name), access_subject(names.name), follow=True
-            )
-            with anyio.fail_after(DEADLINE_S):
-                async with contextlib.aclosing(stored):
-                    async for message in stored:  # read back from the stream: what was stored
-                        batches.append(decode_access(message.data))
-                        if sum(map(len, batches)) >= len(decisions):
-                            break
+            batches = await stored_access_batches(nc, names.name, len(decisions))
             tg.cancel_scope.cancel()
         return batches, access_log
     finally:
