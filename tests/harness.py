@@ -174,11 +174,13 @@ def spawn_run(url: str, env: Mapping[str, str], *extra: str, log: Path) -> subpr
 
 
 async def wait_until_answering(
-    url: str, names: BackendNames | None = None, deadline: float = 20.0
+    server: str | NatsOptions, names: BackendNames | None = None, deadline: float = 20.0
 ) -> None:
-    """Wait until some backend answers `server_xkey` on `url` (bounded)."""
+    """Wait until some backend answers `server_xkey` at `server` (a URL, or the options of an
+    authenticated connection); TimeoutError after `deadline` seconds."""
     names = names or BackendNames()
-    nc = await connect(NatsOptions(servers=(url,)), name="probe", persistent=False)
+    options = NatsOptions(servers=(server,)) if isinstance(server, str) else server
+    nc = await connect(options, name="probe", persistent=False)
     try:
         with anyio.fail_after(deadline):
             while True:

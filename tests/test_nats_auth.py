@@ -21,14 +21,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anyio
 import pytest
-from harness import Identity, Keys, cli_env, run_cli, spawn_run
+from harness import Identity, Keys, cli_env, run_cli, spawn_run, wait_until_answering
 
 from secrets_nats_kv.client import HostClient
 from secrets_nats_kv.config import BackendNames, NatsOptions
@@ -353,35 +351,6 @@ def secured(
 # --- running things -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """`run` processes a test starts: stopped at teardown whatever happened."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-async def wait_answering(options: NatsOptions, log: Path, deadline: float = 20.0) -> None:
-    """Until a backend answers `server_xkey` through these (authenticated) options."""
-    nc = await connect(options, name="probe", persistent=False)
-    try:
-        with anyio.move_on_after(deadline):
-            while True:
-                try:
-                    msg = await nc.request(NAMES.subject("server_xkey"), b"", timeout=0.5)
-                    if msg.data.startswith(b"X"):
-                        return
-                except Exception:
-                    pass
-                await anyio.sleep(0.05)  # a condition polled with a deadline
-    finally:
-        await nc.close()
-    raise AssertionError(f"no backend answered within {deadline} s; see {log}")
-
-
 class Outputs:
     """Everything the processes of one test printed, for the leak scan."""
 
@@ -422,7 +391,10 @@ async def test_backend_serves_over_secured_nats(
     env = cli_env(keys, **good.always)
     log = tmp_path / "run.log"
     processes.append(spawn_run(good.url, env, *good.flags, log=log))
-    await wait_answering(good.options, log)
+    try:
+        await wait_until_answering(good.options, NAMES)
+    except TimeoutError:
+        raise AssertionError(f"no backend answered; see {log}") from None
 
     outputs = Outputs()
     value = f"value-{secrets.token_hex(8)}"
