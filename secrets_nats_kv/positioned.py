@@ -64,7 +64,6 @@ class PositionedPublisher:
         self._outstanding = 0
         self._moved = anyio.Event()
         self.error: StorageError | None = None
-        self.published = 0
 
     async def __aenter__(self) -> PositionedPublisher:
         self._sub = await self._nc.subscribe(
@@ -109,7 +108,6 @@ class PositionedPublisher:
         except nats.errors.Error as exc:
             self._outstanding -= 1
             raise convert(f"write {self.stream}", exc) from None
-        self.published += 1
 
     async def _wait_for_acks(self) -> None:
         try:
