@@ -64,8 +64,8 @@ class RotationLock:
 
     async def __aenter__(self) -> RotationLock:
         try:
+            # Subscribe, then ask: the server handles our commands in that order.
             self._sub = await self._nc.subscribe(self._subject, cb=self._on_question)
-            await self._nc.flush()  # subscribed at the server before asking
             others = await self._other_holders()
         except BaseException as exc:
             await self._release()

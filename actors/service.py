@@ -20,6 +20,7 @@ from nats.micro.service import EndpointStats, Service
 from actors.pool import ResponderPool
 from secrets_nats_kv import __version__
 from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.connection import round_trip
 
 SERVICE_NAME = "secrets-nats-kv"
 
@@ -49,9 +50,9 @@ class MicroService:
             handler=self._handle,
             metadata={"operations": ",".join(operations)},
         )
-        # The SUB only leaves with the next flush; until the server has it, a request from
-        # another connection gets "no responders". A round trip makes "started" mean ready.
-        await self._nc.flush()
+        # Started means ready: the server has the endpoint's SUB, so a request from any
+        # other connection finds a responder (no "no responders" right after start).
+        await round_trip(self._nc)
 
     async def _handle(self, request: MicroRequest) -> None:
         await self._pool.submit(request._msg)  # the raw message: the pool answers it itself

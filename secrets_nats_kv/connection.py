@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.errors import ConfigError, NatsUnavailable
+from secrets_nats_kv.jetstream import convert
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +223,23 @@ def _describe(exc: BaseException, options: NatsOptions) -> str:
     if isinstance(exc, nats.errors.NoServersError):
         return f"cannot reach NATS at {_where(options)}"
     return f"cannot connect to NATS at {_where(options)}: {type(exc).__name__}"
+
+
+ROUND_TRIP_TIMEOUT = 10.0
+
+
+async def round_trip(nc: NATS) -> None:
+    """Return once the server has processed everything `nc` sent before this call.
+
+    `nc.flush()` is no proof of that: nats-py writes its PING ahead of commands still in
+    its buffer. A message to ourselves goes through the same buffer, after them, and the
+    server handles a connection's commands in order, so its arrival is the proof (that a
+    SUB is registered, that publishes have landed).
+    """
+    probe = nc.new_inbox()
+    try:
+        sub = await nc.subscribe(probe, max_msgs=1)
+        await nc.publish(probe, b"")
+        await sub.next_msg(timeout=ROUND_TRIP_TIMEOUT)
+    except nats.errors.Error as exc:
+        raise convert("round trip to the server", exc) from None

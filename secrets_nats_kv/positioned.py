@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from secrets_nats_kv.connection import round_trip
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.jetstream import WRONG_LAST_SEQUENCE, convert
 
@@ -124,5 +125,5 @@ class PositionedPublisher:
             raise self.error
 
     async def flush(self) -> None:
-        """Push what is buffered to the server (for crash hooks)."""
-        await self._nc.flush(timeout=int(ACK_TIMEOUT))
+        """Return once the server has every publish sent so far (for crash hooks)."""
+        await round_trip(self._nc)
