@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from secrets_nats_kv.decoding import DECODE_FAILURES, why_undecodable
 from secrets_nats_kv.errors import SecretsBackendError
 
 
@@ -57,6 +58,7 @@ def decode_access(data: bytes) -> tuple[AccessRecord, ...]:
     """The records of one access-log message (a batch, or a lone record)."""
     try:
         decoded = _decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # the latter for bad UTF-8
-        raise UndecodableAccessRecord(f"not an access record: {exc}") from None
+    except DECODE_FAILURES:
+        reason = why_undecodable(data, AccessBatch | AccessRecord)
+        raise UndecodableAccessRecord(f"not an access record: {reason}") from None
     return decoded.records if isinstance(decoded, AccessBatch) else (decoded,)

@@ -12,6 +12,7 @@ from typing import Literal
 
 import msgspec
 
+from secrets_nats_kv.decoding import DECODE_FAILURES, why_undecodable
 from secrets_nats_kv.errors import SecretsBackendError
 
 SecretKind = Literal["string", "binary"]
@@ -104,8 +105,8 @@ def encode_event(event: Event) -> bytes:
 def decode_event(data: bytes) -> Event:
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise UndecodableEvent(f"not an event: {exc}") from None
+    except DECODE_FAILURES:
+        raise UndecodableEvent(f"not an event: {why_undecodable(data, Event)}") from None
 
 
 def event_type(event: Event) -> str:

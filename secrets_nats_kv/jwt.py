@@ -19,6 +19,7 @@ from typing import Annotated
 
 import msgspec
 
+from .decoding import DECODE_FAILURES, why_undecodable
 from .errors import InvalidJWT, InvalidKey
 from .nkeys import Role, SigningKey, decode_public, role_of, verify
 
@@ -91,7 +92,7 @@ def _show(value: object) -> str:
 def _check_header(data: bytes) -> None:
     try:
         header = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
+    except DECODE_FAILURES:
         raise InvalidJWT("malformed: header is not JSON") from None
     if not isinstance(header, dict):
         raise InvalidJWT("malformed: header is not a JSON object")
@@ -155,12 +156,11 @@ def _verified(token: str, host: bool) -> Claims:
         raise InvalidJWT("malformed: not three segments")
     header, body, signature_segment = segments
     _check_header(_b64decode(header, "header"))
+    claims_json = _b64decode(body, "claims")
     try:
-        claims = _decode_claims.decode(_b64decode(body, "claims"))
-    except msgspec.DecodeError as exc:
-        raise InvalidJWT(f"malformed claims: {exc}") from None
-    except UnicodeDecodeError:
-        raise InvalidJWT("malformed claims: not UTF-8") from None
+        claims = _decode_claims.decode(claims_json)
+    except DECODE_FAILURES:
+        raise InvalidJWT(f"malformed claims: {why_undecodable(claims_json, _RawClaims)}") from None
     signature = _b64decode(signature_segment, "signature")
     if len(signature) != _SIGNATURE_SIZE:
         raise InvalidJWT(f"malformed: signature is {len(signature)} bytes (want 64)")

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, TypeAlias, TypeVar, overload
 
 import msgspec
 
+from secrets_nats_kv.decoding import DECODE_FAILURES, why_undecodable
 from secrets_nats_kv.errors import (
     TEXT_VARIANTS,
     InvalidPayload,
@@ -74,12 +75,6 @@ UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 msgspec cannot bound beyond int64 (no revision or timestamp comes near it)."""
 
 _REDACTED = "<redacted>"
-
-# Exceptions a decode can raise: malformed or mistyped JSON (DecodeError and its subclass
-# ValidationError), nesting deeper than the interpreter's recursion limit, which msgspec
-# reports as RecursionError even inside a field it is only skipping, and invalid UTF-8
-# inside a JSON string, which it reports as UnicodeDecodeError.
-_DECODE_FAILURES = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 # --- get ----------------------------------------------------------------------------------
@@ -289,22 +284,24 @@ def _decode(
     """Decode `data`, or raise `error` saying it is not `what` (never msgspec's own errors)."""
     try:
         return decoder.decode(data)
-    except _DECODE_FAILURES as exc:
-        raise error(f"not {what}: {exc}") from exc
+    except DECODE_FAILURES:
+        raise error(f"not {what}: {why_undecodable(data, decoder.type)}") from None
 
 
 def decode_lifecycle_reply(data: bytes, reply_type: type[LifecycleReply]) -> LifecycleReply:
     """A lifecycle reply of `reply_type`, or raise the error it carries / `InvalidPayload`."""
     try:
         value = msgspec.json.decode(data)
-    except _DECODE_FAILURES as exc:
-        raise InvalidPayload(f"not a {reply_type.__name__}: {exc}") from exc
+    except DECODE_FAILURES:
+        reason = why_undecodable(data, reply_type)
+        raise InvalidPayload(f"not a {reply_type.__name__}: {reason}") from None
     if isinstance(value, dict) and "error" in value:
         raise protocol_error_from_wire(value["error"])
     try:
         return msgspec.convert(value, reply_type)
-    except _DECODE_FAILURES as exc:
-        raise InvalidPayload(f"not a {reply_type.__name__}: {exc}") from exc
+    except DECODE_FAILURES:
+        reason = why_undecodable(data, reply_type)
+        raise InvalidPayload(f"not a {reply_type.__name__}: {reason}") from None
 
 
 # --- encoders and decoders ----------------------------------------------------------------
