@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
-from secrets_nats_kv.jetstream import convert
+from secrets_nats_kv.nats.jetstream import convert
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from secrets_nats_kv.client import HOST_XKEY_HEADER
 from secrets_nats_kv.config import REQUEST_CLOCK_SKEW_S
 from secrets_nats_kv.errors import (
     InvalidHeaders,
@@ -22,6 +21,7 @@ from secrets_nats_kv.errors import (
     InvalidXKey,
     Unauthorized,
 )
+from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 
 

@@ -28,7 +28,7 @@ from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
 from secrets_nats_kv.config import BackendConfig
-from secrets_nats_kv.connection import connect
+from secrets_nats_kv.nats.connection import connect
 
 log = logging.getLogger(__name__)
 

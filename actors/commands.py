@@ -12,7 +12,6 @@ from actors.appender import Appender
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
 from secrets_nats_kv import wire
-from secrets_nats_kv.client import HOST_XKEY_HEADER
 from secrets_nats_kv.errors import (
     InvalidKey,
     InvalidRequest,
@@ -20,6 +19,7 @@ from secrets_nats_kv.errors import (
     ProtocolError,
 )
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
+from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 OK = Reply(b"ok")

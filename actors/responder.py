@@ -19,7 +19,6 @@ from events.access import AccessRecord
 from projections.live import LiveView
 from projections.state import Version
 from secrets_nats_kv import wire
-from secrets_nats_kv.client import RESPONSE_XKEY_HEADER
 from secrets_nats_kv.errors import (
     EncryptionError,
     InvalidEntityJWT,
@@ -33,6 +32,7 @@ from secrets_nats_kv.errors import (
     UpstreamError,
 )
 from secrets_nats_kv.jwt import Claims, verify_entity_jwt, verify_host_jwt
+from secrets_nats_kv.wire import RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 log = logging.getLogger(__name__)

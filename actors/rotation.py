@@ -92,8 +92,8 @@ from projections.state import (
 )
 from secrets_nats_kv.config import BackendNames, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretsBackendError, StorageError
-from secrets_nats_kv.jetstream import convert, erase_message
-from secrets_nats_kv.positioned import PositionedPublisher
+from secrets_nats_kv.nats.jetstream import convert, erase_message
+from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 CRASH_ENV = "SECRETS_NATS_KV_ROTATION_CRASH_AFTER"

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from secrets_nats_kv.errors import SecretsBackendError, StorageError
-from secrets_nats_kv.jetstream import convert
+from secrets_nats_kv.nats.jetstream import convert
 
 ANSWER_GRACE = 0.5  # seconds to wait for other holders after our own answer arrived
 OWN_ANSWER_TIMEOUT = 5.0

@@ -20,7 +20,7 @@ from nats.micro.service import EndpointStats, Service
 from actors.pool import ResponderPool
 from secrets_nats_kv import __version__
 from secrets_nats_kv.config import BackendNames
-from secrets_nats_kv.connection import round_trip
+from secrets_nats_kv.nats.connection import round_trip
 
 SERVICE_NAME = "secrets-nats-kv"
 

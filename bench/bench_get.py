@@ -65,20 +65,16 @@ from events.types import Event, MappingAdded, SecretPut, encode_event
 from projections.kv import KvLayout, KvViews
 from projections.state import ViewState, fold
 from secrets_nats_kv import wire
-from secrets_nats_kv.client import RESPONSE_XKEY_HEADER, AdminClient
+from secrets_nats_kv.app.client import AdminClient
+from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
 from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
 from secrets_nats_kv.errors import InvalidEntityJWT, InvalidJWT, ProtocolError, Unauthorized
-from secrets_nats_kv.jetstream import stream_state
-from secrets_nats_kv.jwt import (
-    _verified,
-    mint_component_jwt,
-    mint_host_jwt,
-    verify_entity_jwt,
-    verify_host_jwt,
-)
-from secrets_nats_kv.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.jwt import _verified, verify_entity_jwt, verify_host_jwt
+from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.wire import RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
+from tests.support.tokens import mint_component_jwt, mint_host_jwt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -536,7 +532,7 @@ class OursResponder(Responder):
         command = [
             sys.executable,
             "-m",
-            "secrets_nats_kv.cli",
+            "secrets_nats_kv.app.cli",
             "run",
             "--nats-address",
             url,

@@ -40,12 +40,12 @@ from events.types import Event, KeyRotated, MappingAdded, SecretDeleted, SecretP
 from events.types import encode_event as encode
 from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
+from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
-from secrets_nats_kv.connection import connect
-from secrets_nats_kv.jetstream import erase_message, stream_state
-from secrets_nats_kv.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.jetstream import erase_message, stream_state
+from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nkeys import Role, SigningKey
-from secrets_nats_kv.positioned import PositionedPublisher
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 NAMES = BackendNames()

@@ -42,7 +42,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from secrets_nats_kv import wire
-from secrets_nats_kv.client import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
+from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 
 NS = 1_000_000_000

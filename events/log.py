@@ -32,7 +32,7 @@ from events.types import (
     encode_event,
 )
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.jetstream import (
+from secrets_nats_kv.nats.jetstream import (
     WRONG_LAST_SEQUENCE,
     StreamState,
     convert,

@@ -35,7 +35,7 @@ from projections.state import (
 )
 from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
-from secrets_nats_kv.jetstream import WRONG_LAST_SEQUENCE, convert, erase_message, stream_state
+from secrets_nats_kv.nats.jetstream import WRONG_LAST_SEQUENCE, convert, erase_message, stream_state
 
 log = logging.getLogger(__name__)
 

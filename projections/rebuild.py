@@ -25,7 +25,7 @@ from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
 from secrets_nats_kv.config import kv_stream
-from secrets_nats_kv.positioned import PositionConflict, PositionedPublisher
+from secrets_nats_kv.nats.positioned import PositionConflict, PositionedPublisher
 
 log = logging.getLogger(__name__)
 

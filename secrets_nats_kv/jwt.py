@@ -11,9 +11,7 @@ import base64
 import binascii
 import functools
 import re
-import secrets
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -21,7 +19,7 @@ import msgspec
 
 from .decoding import DECODE_FAILURES, why_undecodable
 from .errors import InvalidJWT, InvalidKey
-from .nkeys import Role, SigningKey, decode_public, role_of, verify
+from .nkeys import Role, role_of, verify
 
 CACHE_SIZE = 8192
 MAX_TOKEN_LENGTH = 64 * 1024
@@ -206,94 +204,3 @@ def verify_entity_jwt(token: str, now: float | None = None) -> Claims:
 def verify_host_jwt(token: str, now: float | None = None) -> Claims:
     """Verify a host (`N…`) token issued by an account (`A…`) or by the host itself."""
     return _check_time(_verified(token, True), now)
-
-
-# --- minting (tests, benchmarks, the CLI) ---------------------------------------------------
-
-_ENCODED_HEADER = _b64encode(b'{"typ":"jwt","alg":"Ed25519"}')
-
-
-def encode_jwt(claims: dict[str, object], signer: SigningKey) -> str:
-    """Sign `claims` as given (nothing is checked, so tests can mint bad tokens too)."""
-    signed = f"{_ENCODED_HEADER}.{_b64encode(msgspec.json.encode(claims))}"
-    return f"{signed}.{_b64encode(signer.sign(signed.encode('ascii')))}"
-
-
-def _claims(
-    issuer: SigningKey,
-    subject: str,
-    metadata: dict[str, object],
-    exp: int | None,
-    nbf: int | None,
-    iat: int | None,
-) -> dict[str, object]:
-    """Claims in wascap's field order: exp, jti, iat, iss, sub, nbf, wascap, wascap_revision."""
-    claims: dict[str, object] = {} if exp is None else {"exp": exp}
-    claims["jti"] = secrets.token_hex(11).upper()
-    claims["iat"] = int(time.time()) if iat is None else iat
-    claims["iss"] = issuer.public_key
-    claims["sub"] = subject
-    if nbf is not None:
-        claims["nbf"] = nbf
-    claims["wascap"] = metadata
-    claims["wascap_revision"] = WASCAP_REVISION
-    return claims
-
-
-def mint_component_jwt(
-    account: SigningKey,
-    module_public: str,
-    *,
-    name: str = "component",
-    exp: int | None = None,
-    nbf: int | None = None,
-    iat: int | None = None,
-) -> str:
-    """A component token for module key `module_public` (`M…`), signed by `account`."""
-    decode_public(module_public, Role.MODULE)
-    metadata: dict[str, object] = {
-        "name": name,
-        "hash": "",
-        "tags": [],
-        "rev": 0,
-        "ver": "0.1.0",
-        "prov": False,
-    }
-    return encode_jwt(_claims(account, module_public, metadata, exp, nbf, iat), account)
-
-
-def mint_provider_jwt(
-    account: SigningKey,
-    service_public: str,
-    *,
-    name: str = "provider",
-    exp: int | None = None,
-    nbf: int | None = None,
-    iat: int | None = None,
-) -> str:
-    """A capability provider token for service key `service_public` (`V…`), signed by `account`."""
-    decode_public(service_public, Role.SERVICE)
-    metadata: dict[str, object] = {
-        "name": name,
-        "vendor": "secrets-nats-kv",
-        "rev": 0,
-        "ver": "0.1.0",
-        "target_hashes": {},
-    }
-    return encode_jwt(_claims(account, service_public, metadata, exp, nbf, iat), account)
-
-
-def mint_host_jwt(
-    issuer: SigningKey,
-    host_public: str,
-    *,
-    name: str = "host",
-    labels: Mapping[str, str] | None = None,
-    exp: int | None = None,
-    nbf: int | None = None,
-    iat: int | None = None,
-) -> str:
-    """A host token for server key `host_public` (`N…`), signed by an account or the host."""
-    decode_public(host_public, Role.SERVER)
-    metadata: dict[str, object] = {"name": name, "labels": dict(labels or {})}
-    return encode_jwt(_claims(issuer, host_public, metadata, exp, nbf, iat), issuer)

@@ -76,6 +76,11 @@ msgspec cannot bound beyond int64 (no revision or timestamp comes near it)."""
 
 _REDACTED = "<redacted>"
 
+HOST_XKEY_HEADER = "WasmCloud-Host-Xkey"
+"""The header carrying the xkey a host (or admin) sealed its request with."""
+RESPONSE_XKEY_HEADER = "Server-Response-Xkey"
+"""The header carrying the one-off xkey the backend sealed its reply with."""
+
 
 # --- get ----------------------------------------------------------------------------------
 

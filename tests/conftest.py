@@ -18,11 +18,12 @@ import nacl.signing
 import pytest
 
 from secrets_nats_kv import nkeys
-from secrets_nats_kv.natsserver import NatsCluster, NatsServer, NatsServerConfig
+from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
+from support.cluster import NatsCluster
 
 # The end-of-suite no-leak scan: every plaintext, seed and JWT the harness hands out is
 # searched for in every file the tests' servers wrote (tests/leakcheck.py).
-pytest_plugins = ["leakcheck"]
+pytest_plugins = ["support.leakcheck"]
 
 MakeNatsServer = Callable[..., NatsServer]
 

@@ -1,0 +1,185 @@
+"""Clients of a running backend: the admin side, for the CLI (the host side: tests/support).
+
+`AdminClient` seals admin requests to the backend's transit key with an admin xkey, with
+a fresh `request_id` and `issued_at`, and retries a timed-out request with the same id
+(the backend applies it once).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from secrets_nats_kv import wire
+from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.errors import (
+    BackendNotAnswering,
+    InvalidPayload,
+    InvalidXKey,
+    ProtocolError,
+    protocol_error_from_wire,
+)
+from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.wire import HOST_XKEY_HEADER
+from secrets_nats_kv.xkeys import XKey
+
+
+class BackendClient:
+    """Request/reply with a backend instance, NATS errors converted."""
+
+    def __init__(self, nc: NATS, names: BackendNames, *, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.names = names
+        self.timeout = timeout
+
+    async def request(
+        self, operation: str, payload: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        subject = self.names.subject(operation)
+        try:
+            msg = await self.nc.request(subject, payload, timeout=self.timeout, headers=headers)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            raise BackendNotAnswering(subject, self.timeout) from None
+        except nats.errors.Error as exc:
+            raise convert(subject, exc) from None
+        return msg.data, dict(msg.headers or {})
+
+    async def server_xkey(self) -> str:
+        data, _ = await self.request("server_xkey")
+        text = data.decode(errors="replace")
+        try:
+            XKey.from_public(text)
+        except Exception:
+            raise InvalidXKey("the backend's server_xkey reply is not a curve key") from None
+        return text
+
+
+class AdminClient(BackendClient):
+    """Admin operations, sealed by `admin_key` to the backend's transit key."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        names: BackendNames,
+        admin_key: XKey,
+        *,
+        timeout: float = 5.0,
+        retries: int = 2,
+    ) -> None:
+        super().__init__(nc, names, timeout=timeout)
+        self.admin_key = admin_key
+        self.retries = retries
+        self._transit: str | None = None
+
+    async def _sealed_request(self, operation: str, body: bytes) -> bytes:
+        if self._transit is None:
+            self._transit = await self.server_xkey()
+        sealed = self.admin_key.seal(body, self._transit)
+        headers = {HOST_XKEY_HEADER: self.admin_key.public_key}
+        for attempt in range(self.retries + 1):
+            try:
+                data, _ = await self.request(operation, sealed, headers)
+                return data
+            except BackendNotAnswering:
+                if attempt == self.retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _stamp() -> tuple[str, int]:
+        return uuid.uuid4().hex, int(time.time())
+
+    async def put_secret(self, name: str, value: str | bytes) -> int:
+        request_id, issued_at = self._stamp()
+        if isinstance(value, str):
+            req = wire.AdminPutSecretRequest(
+                key=name, string_secret=value, request_id=request_id, issued_at=issued_at
+            )
+        else:
+            req = wire.AdminPutSecretRequest(
+                key=name, binary_secret=list(value), request_id=request_id, issued_at=issued_at
+            )
+        data = await self._sealed_request("put_secret", wire.encode_put_request(req))
+        return wire.decode_put_response(data).result()
+
+    async def add_mapping(self, entity: str, secrets: Sequence[str]) -> None:
+        await self._mapping("add_mapping", entity, secrets)
+
+    async def remove_mapping(self, entity: str, secrets: Sequence[str]) -> None:
+        await self._mapping("remove_mapping", entity, secrets)
+
+    async def _mapping(self, operation: str, entity: str, secrets: Sequence[str]) -> None:
+        request_id, issued_at = self._stamp()
+        body = wire.encode_mapping_request(
+            wire.MappingRequest(list(secrets), request_id=request_id, issued_at=issued_at)
+        )
+        data = await self._sealed_request(f"{operation}.{entity}", body)
+        expect_ok(data)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def _lifecycle(
+        self,
+        operation: str,
+        reply_type: type[wire.LifecycleReply],
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        all: bool = False,
+        entity: str | None = None,
+    ) -> wire.LifecycleReply:
+        request_id, issued_at = self._stamp()
+        body = wire.encode_admin_request(
+            wire.AdminRequest(
+                request_id=request_id,
+                issued_at=issued_at,
+                name=name,
+                version=version,
+                all=all,
+                entity=entity,
+            )
+        )
+        data = await self._sealed_request(operation, body)
+        return wire.decode_lifecycle_reply(data, reply_type)
+
+    async def list_secrets(self) -> list[wire.SecretListing]:
+        return (await self._lifecycle("list", wire.ListReply)).secrets
+
+    async def mappings(self, entity: str | None = None) -> dict[str, list[str]]:
+        return (await self._lifecycle("mappings", wire.MappingsReply, entity=entity)).mappings
+
+    async def delete(self, name: str) -> int:
+        return (await self._lifecycle("delete", wire.ChangeReply, name=name)).revision
+
+    async def undelete(self, name: str) -> int:
+        return (await self._lifecycle("undelete", wire.ChangeReply, name=name)).revision
+
+    async def destroy(
+        self, name: str, *, version: int | None = None, all: bool = False
+    ) -> list[int]:
+        reply = await self._lifecycle(
+            "destroy", wire.ChangeReply, name=name, version=version, all=all
+        )
+        return reply.destroyed
+
+
+def expect_ok(data: bytes) -> None:
+    """A mapping-style reply: `ok`, or a plain error we turn back into its exception."""
+    if data == b"ok":
+        return
+    raise error_of_reply(data)
+
+
+def error_of_reply(data: bytes) -> ProtocolError:
+    try:
+        value = msgspec.json.decode(data)
+    except Exception:
+        return InvalidPayload(data.decode(errors="replace")[:200])
+    if isinstance(value, dict) and "error" in value:
+        return protocol_error_from_wire(value["error"])
+    return InvalidPayload(data.decode(errors="replace")[:200])

@@ -1,0 +1,493 @@
+"""What each CLI command does, once `cli` has parsed it.
+
+Client commands print one line (or, for `get`, the value) and raise the project's errors
+for `cli.main` to turn into one-line failures. `run` and `dev` start the actors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+
+from secrets_nats_kv import config
+from secrets_nats_kv.app import logs
+from secrets_nats_kv.app.client import AdminClient
+from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
+from secrets_nats_kv.config import BackendConfig, BackendNames, NatsOptions
+from secrets_nats_kv.errors import (
+    ConfigError,
+    InvalidKey,
+    InvalidSecretName,
+    SecretNotFound,
+    SecretsBackendError,
+    Unauthorized,
+)
+from secrets_nats_kv.naming import validate_entity, validate_secret_name
+from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.xkeys import SealBox, XKey
+
+log = logging.getLogger(__name__)
+
+
+def nats_options(args: argparse.Namespace) -> NatsOptions:
+    return NatsOptions(
+        servers=config.server_urls(args.nats_address),
+        creds_file=getattr(args, "nats_creds_file", None),
+        nkey_seed_file=getattr(args, "nats_nkey_seed_file", None),
+        user=getattr(args, "nats_user", None),
+        password=getattr(args, "nats_password", None),
+        tls_ca=getattr(args, "tls_ca", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+    )
+
+
+def backend_names(args: argparse.Namespace) -> BackendNames:
+    return BackendNames(
+        name=args.backend_name,
+        subject_base=args.subject_base,
+        api_version=args.secrets_api_version,
+        queue_base=args.nats_queue_base,
+        secrets_bucket=args.secrets_bucket,
+    )
+
+
+def seed_from_env(*names: str) -> XKey:
+    """The curve key in the first of `names` that is set; a clear error if none is."""
+    for name in names:
+        text = os.environ.get(name)
+        if text:
+            try:
+                return XKey.from_seed(text.strip())
+            except InvalidKey as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    raise ConfigError(f"set {' or '.join(names)} to a curve seed (SX…)")
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+def backend_config(args: argparse.Namespace) -> BackendConfig:
+    for key in (*args.admin_xkey, *args.trusted_issuer):
+        if not key:
+            raise ConfigError("empty key in --admin-xkey/--trusted-issuer")
+    try:
+        admin_keys = tuple(XKey.from_public(k).public_key for k in args.admin_xkey)
+    except InvalidKey as exc:
+        raise ConfigError(f"--admin-xkey: {exc}") from None
+    return BackendConfig(
+        transit_key=seed_from_env("TRANSIT_XKEY_SEED"),
+        encryption_key=seed_from_env("ENCRYPTION_XKEY_SEED"),
+        names=backend_names(args),
+        nats=nats_options(args),
+        max_secret_history=args.max_secret_history,
+        replicas=args.replicas,
+        admin_xkeys=admin_keys,
+        insecure_unauthenticated_admin=args.insecure_unauthenticated_admin,
+        trusted_issuers=tuple(args.trusted_issuer),
+        access_log=not args.no_access_log,
+    )
+
+
+async def run_until_signalled(
+    backend_config_: BackendConfig, *, argv: list[str] | None = None, workers: int = 1
+) -> int:
+    """Run a backend (and `workers - 1` child backends) until SIGINT/SIGTERM, then drain."""
+    import signal
+
+    from actors.backend import Backend
+
+    backend = Backend(backend_config_)
+    if backend_config_.insecure_unauthenticated_admin:
+        log.warning(
+            "--insecure-unauthenticated-admin: anyone who can publish on the subject "
+            "can write secrets and grant access"
+        )
+    if not backend_config_.trusted_issuers:
+        log.warning(
+            "no --trusted-issuer: any host with a self-made JWT can fetch any mapped secret"
+        )
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    log.info("stopping: draining requests in flight")
+                    stopping.set()
+                    backend.stop()
+                    return
+
+        tg.start_soon(stop_on_signal)
+
+        async def serve(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            await backend.run(task_status=task_status)
+            tg.cancel_scope.cancel()  # the backend has stopped: nothing left to wait for
+
+        await tg.start(serve)
+
+        def stop() -> None:
+            stopping.set()
+            backend.stop()
+
+        tg.start_soon(stop_when_orphaned, stopping, stop)
+        if workers > 1 and argv is not None:
+            tg.start_soon(supervise_children, argv, workers - 1, stopping)
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_format, args.log_level)
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    return await run_until_signalled(backend_config(args), argv=args.argv, workers=args.workers)
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.dev import run_dev
+
+    logs.configure(args.log_format, args.log_level)
+    return await run_dev(args.data_dir, args.nats_address)
+
+
+# --- client commands -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]:
+    """An admin client, closed on exit; a refusal says which key was refused and why.
+
+    The wire carries only the bare `Unauthorized`, whose own text ("not allowed") would
+    leave the operator guessing which of their seeds is wrong.
+    """
+    admin_key = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
+    nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
+    client = AdminClient(nc, backend_names(args), admin_key)
+    try:
+        yield client
+    except Unauthorized:
+        raise ConfigError(
+            f"Unauthorized: the backend refused admin key {admin_key.public_key} "
+            "(sign with its TRANSIT_XKEY_SEED or an ADMIN_XKEY_SEED given to it with "
+            "--admin-xkey; or this machine's clock is more than "
+            f"{config.REQUEST_CLOCK_SKEW_S} s off)"
+        ) from None
+    finally:
+        await nc.close()
+
+
+def _valid_name(name: str) -> str:
+    try:
+        return validate_secret_name(name)
+    except InvalidSecretName as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _put_value(args: argparse.Namespace) -> str | bytes:
+    """The value to store: a flag wins over the environment; exactly one source."""
+    string_value, binary_file = args.string, args.binary
+    if string_value is None and binary_file is None:
+        string_value = os.environ.get("SECRET_STRING_VALUE")
+        binary_file = os.environ.get("SECRET_BINARY_FILE")
+        if string_value is not None and binary_file:
+            raise ConfigError("both SECRET_STRING_VALUE and SECRET_BINARY_FILE are set")
+    if string_value is not None:
+        return str(string_value)
+    if not binary_file:
+        raise ConfigError("give --string, --binary FILE, SECRET_STRING_VALUE or SECRET_BINARY_FILE")
+    try:
+        with open(binary_file, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {binary_file}: {exc.strerror}") from None
+
+
+async def cmd_put(args: argparse.Namespace) -> int:
+    name = _valid_name(args.name)
+    value = _put_value(args)
+    async with _admin_session(args) as client:
+        revision = await client.put_secret(name, value)
+    _say(f"stored {name} as version {revision}")
+    return 0
+
+
+async def _mapping(args: argparse.Namespace, add: bool) -> int:
+    try:
+        entity = validate_entity(args.entity)
+    except InvalidKey as exc:
+        raise ConfigError(f"PUBKEY: {exc}") from None
+    names = [_valid_name(name) for name in args.secret]
+    async with _admin_session(args) as client:
+        if add:
+            await client.add_mapping(entity, names)
+        else:
+            await client.remove_mapping(entity, names)
+    verb = "may now read" if add else "may no longer read"
+    _say(f"{entity} {verb} {', '.join(names)}")
+    return 0
+
+
+async def cmd_add_mapping(args: argparse.Namespace) -> int:
+    return await _mapping(args, add=True)
+
+
+async def cmd_remove_mapping(args: argparse.Namespace) -> int:
+    return await _mapping(args, add=False)
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    """Read the KV bucket directly, as the original does, and open with the encryption key."""
+    name = _valid_name(args.name)
+    encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
+    names = backend_names(args)
+    nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
+    stream = config.kv_stream(names.secrets_bucket)
+    subject = f"$KV.{names.secrets_bucket}.{name}"
+    try:
+        js = nc.jetstream(timeout=5)
+        try:
+            if args.secret_version is not None:
+                msg = await js.get_msg(stream, seq=args.secret_version)
+                if msg.subject != subject:
+                    raise SecretNotFound(name, args.secret_version)
+            else:
+                msg = await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            raise SecretNotFound(name, args.secret_version) from None
+        except nats.errors.Error as exc:
+            raise convert(f"read {name}", exc) from None
+    finally:
+        await nc.close()
+    headers = msg.headers or {}
+    if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+        raise SecretNotFound(name, args.secret_version)
+    value = SealBox(encryption, encryption).open(msg.data)
+    kind = args.kind or headers.get(config.KIND_HEADER, "string")
+    if args.output:
+        try:
+            await anyio.Path(args.output).write_bytes(value)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.output}: {exc.strerror}") from None
+        _say(f"wrote {len(value)} bytes of {name} version {msg.seq} to {args.output}")
+    elif kind == "binary":
+        sys.stdout.buffer.write(value)
+        sys.stdout.buffer.flush()
+    else:
+        _say(value.decode("utf-8", errors="replace"))
+    return 0
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    async with _admin_session(args) as client:
+        listing = await client.list_secrets()
+    if not listing:
+        _say("no secrets")
+    for item in listing:
+        state = " (deleted)" if item.deleted else ""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.updated_at))
+        _say(f"{item.name}\tversion {item.version}\t{item.versions} versions\t{when}{state}")
+    return 0
+
+
+async def cmd_mappings(args: argparse.Namespace) -> int:
+    entity = None
+    if args.entity is not None:
+        try:
+            entity = validate_entity(args.entity)
+        except InvalidKey as exc:
+            raise ConfigError(f"PUBKEY: {exc}") from None
+    async with _admin_session(args) as client:
+        mappings = await client.mappings(entity)
+    if not any(mappings.values()):
+        _say("no mappings")
+    for key, names in mappings.items():
+        if names:
+            _say(f"{key}\t{', '.join(names)}")
+    return 0
+
+
+async def cmd_delete(args: argparse.Namespace) -> int:
+    name = _valid_name(args.name)
+    async with _admin_session(args) as client:
+        revision = await client.delete(name)
+    _say(f"deleted {name} (revision {revision}); undelete restores it")
+    return 0
+
+
+async def cmd_undelete(args: argparse.Namespace) -> int:
+    name = _valid_name(args.name)
+    async with _admin_session(args) as client:
+        revision = await client.undelete(name)
+    _say(f"restored {name} as version {revision}")
+    return 0
+
+
+async def cmd_destroy(args: argparse.Namespace) -> int:
+    name = _valid_name(args.name)
+    async with _admin_session(args) as client:
+        destroyed = await client.destroy(name, version=args.secret_version, all=args.all)
+    versions = ", ".join(str(v) for v in destroyed) or "none"
+    _say(f"destroyed {name} revisions {versions}: their bytes are erased")
+    return 0
+
+
+async def cmd_rebuild(args: argparse.Namespace) -> int:
+    from events.integrity import EventAuthenticator
+    from projections.kv import KvLayout
+    from projections.rebuild import rebuild_views
+
+    encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
+    names = backend_names(args)
+    nc = await connect(nats_options(args), name="secrets-nats-kv rebuild", persistent=False)
+    try:
+        report = await rebuild_views(
+            nc,
+            backend_name=names.name,
+            layout=KvLayout(
+                secrets_bucket=names.secrets_bucket,
+                state_bucket=names.state_bucket,
+                max_history=args.max_secret_history,
+                replicas=args.replicas,
+            ),
+            authenticator=EventAuthenticator.for_key(encryption),
+            progress=progress_printer("rebuild"),
+        )
+    finally:
+        await nc.close()
+    _say(
+        f"rebuilt views from {report.events} events: {report.secrets} secrets, "
+        f"{report.mappings} entities, secrets bucket at revision {report.secrets_revision}"
+    )
+    return 0
+
+
+def progress_printer(label: str) -> Callable[[int, int], None] | None:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent != last[0]:
+            last[0] = percent
+            bar = "#" * (percent // 4)
+            sys.stderr.write(f"\r{label} [{bar:<25}] {done}/{total} events")
+            if done >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return show
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    from projections.audit import Bound, export_audit
+
+    names = backend_names(args)
+    key = os.environ.get("ENCRYPTION_XKEY_SEED")
+    encryption = seed_from_env("ENCRYPTION_XKEY_SEED") if key else None
+    if encryption is None:
+        sys.stderr.write(
+            "secrets-nats-kv: warning: ENCRYPTION_XKEY_SEED unset: event tags are not checked\n"
+        )
+    window = {"since": Bound.parse(args.since), "until": Bound.parse(args.until)}
+    nc = await connect(nats_options(args), name="secrets-nats-kv audit", persistent=False)
+    try:
+        out = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: ASYNC230, SIM115
+        try:
+            count = await export_audit(
+                nc,
+                names.name,
+                out,
+                **window,
+                follow=args.follow,
+                include_access=args.access,
+                encryption=encryption,
+            )
+        finally:
+            if args.output:
+                out.close()
+    finally:
+        await nc.close()
+    if args.output:
+        _say(f"wrote {count} records to {args.output}")
+    return 0
+
+
+async def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from actors.rotation import rotate_key
+    from projections.kv import KvLayout
+
+    old = seed_from_env("ENCRYPTION_XKEY_SEED")
+    new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
+    names = backend_names(args)
+    nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
+    try:
+        report = await rotate_key(
+            nc,
+            names=names,
+            layout=KvLayout(
+                secrets_bucket=names.secrets_bucket,
+                state_bucket=names.state_bucket,
+                max_history=args.max_secret_history,
+                replicas=args.replicas,
+            ),
+            old=old,
+            new=new,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=progress_printer("rotate-key"),
+        )
+    finally:
+        await nc.close()
+    _say(report.summary())
+    return 0
+
+
+async def cmd_keys(args: argparse.Namespace) -> int:
+    key = XKey.generate()
+    _say(f"seed: {key.seed}")
+    _say(f"public key: {key.public_key}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "run": cmd_run,
+    "dev": cmd_dev,
+    "put": cmd_put,
+    "get": cmd_get,
+    "add-mapping": cmd_add_mapping,
+    "remove-mapping": cmd_remove_mapping,
+    "keys": cmd_keys,
+    "list": cmd_list,
+    "mappings": cmd_mappings,
+    "delete": cmd_delete,
+    "undelete": cmd_undelete,
+    "destroy": cmd_destroy,
+    "rebuild": cmd_rebuild,
+    "audit": cmd_audit,
+    "rotate-key": cmd_rotate_key,
+}
+
+
+async def dispatch(args: argparse.Namespace) -> int:
+    command = COMMANDS.get(args.command)
+    if command is None:
+        raise SecretsBackendError(f"unknown command {args.command}")
+    return await command(args)

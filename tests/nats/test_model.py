@@ -1,0 +1,922 @@
+"""The live backend against a plain in-memory model, driven by a hypothesis state machine.
+
+Two `Backend` instances share one queue group on one real nats-server, so every request
+lands on either of them; a third party (the model, a few dicts) predicts every reply:
+the revision of a write, the value of a get, or the exact protocol error. After every
+step the machine checks what must hold whatever the history: both live views equal a
+fold of the log from sequence 0 and the model, acknowledged writes read back at their
+revision, no entity reads outside its mapping, revisions only grow. Rules also restart
+an instance (it must catch up) and rebuild the KV views from the log (they must come
+back equal). Async work runs on one event loop in a thread (an anyio blocking portal),
+since hypothesis drives the rules synchronously.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, TypeVar
+
+import anyio
+import msgspec
+import nats.js.errors
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from nats.aio.client import Client as NATS
+
+from actors.backend import Backend
+from events.integrity import EventAuthenticator
+from events.log import EventLog
+from projections.kv import KvLayout
+from projections.rebuild import rebuild_views
+from projections.state import ViewState, fold
+from secrets_nats_kv import wire
+from secrets_nats_kv.app.client import AdminClient
+from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.config import KIND_HEADER, BackendConfig, BackendNames, NatsOptions
+from secrets_nats_kv.errors import ProtocolError
+from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.xkeys import SealBox
+from support.harness import Identity, Keys, backend_config
+from support.host import HostClient
+from support.leakcheck import remember
+
+LONG = os.environ.get("SECRETS_NATS_KV_LONG_TESTS") == "1"
+MAX_EXAMPLES = 80 if LONG else 30
+STEPS = 100 if LONG else 60
+INSTANCES = 2
+OP_TIMEOUT = 30.0  # one rule's network work; far above what a healthy step needs
+MAX_HISTORY = 64  # the secrets bucket's per-key history (BackendConfig's default)
+
+# Valid KV keys from a small alphabet, so that writes collide on the same secret.
+NAMES = ("a", "b", "c.d", "x/y", "e=f", "G_h-1")
+ENTITIES = ("comp1", "comp2", "prov")  # two components and a provider; rules change these
+AUDITOR = "auditor"  # mapped to every name at the start, never changed: reads back writes
+# Version texts a host may send, each with a known reading under Rust's u64::from_str.
+# (U+0661 is a digit to Python's str.isdigit, not to Rust; 2**64 is one past u64::MAX.)
+ODD_VERSIONS = (
+    "0",
+    "007",
+    "+1",
+    "",
+    "abc",
+    "-1",
+    " 1",
+    "1.0",
+    "\u0661",
+    str(2**64 - 1),
+    str(2**64),
+)
+JwtCase = Literal["valid", "expired", "not_yet_valid", "expired_host"]
+JWT_CASES: tuple[JwtCase, ...] = (
+    "valid",
+    "valid",
+    "valid",
+    "expired",
+    "not_yet_valid",
+    "expired_host",
+)
+
+# Draws never depend on the state (hypothesis replays them); `_version` makes them concrete.
+VersionChoice: TypeAlias = str | tuple[str, int] | None
+REVISION_CHOICES = st.tuples(st.sampled_from(["own", "issued", "future"]), st.integers(0, 1000))
+VERSION_CHOICES: st.SearchStrategy[VersionChoice] = st.one_of(
+    st.none(), REVISION_CHOICES, REVISION_CHOICES, st.sampled_from(ODD_VERSIONS)
+)
+
+Kind = Literal["string", "binary"]
+Value: TypeAlias = str | bytes
+Outcome: TypeAlias = tuple[str, object]  # ("ok", result) or ("refused", wire variant)
+T = TypeVar("T")
+
+_namespaces = itertools.count()
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class Refusal(Exception):
+    """The model's prediction that the backend refuses, with the protocol variant it names."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__(variant)
+        self.variant = variant
+
+
+@dataclass
+class MVersion:
+    origin: int  # the put whose bytes these are (an undelete copies them)
+    kind: Kind
+    value: Value
+
+    def plain(self) -> bytes:
+        return self.value.encode() if isinstance(self.value, str) else self.value
+
+
+@dataclass
+class MSecret:
+    """A secret's surviving KV entries: destroy takes entries away, as from the bucket.
+
+    A destroyed version is gone, as if never put: it is not among the revisions (so not
+    in a later `destroy all`'s answer), and a secret with no entry left does not exist.
+    """
+
+    revisions: list[int] = field(default_factory=list)  # surviving entries, oldest first
+    versions: dict[int, MVersion] = field(default_factory=dict)  # the value-bearing ones
+    markers: set[int] = field(default_factory=set)  # the delete markers
+
+    def newest_readable(self) -> int | None:
+        readable = [r for r in self.revisions if r in self.versions]
+        return readable[-1] if readable else None
+
+    @property
+    def deleted(self) -> bool:
+        """The newest entry is a delete marker (a KV reader sees the key deleted)."""
+        return bool(self.revisions) and self.revisions[-1] in self.markers
+
+    def latest(self) -> int | None:
+        return None if self.deleted else self.newest_readable()
+
+
+@dataclass(frozen=True)
+class KvValue:
+    name: str
+    kind: Kind
+    value: Value
+
+
+@dataclass(frozen=True)
+class KvDeleted:
+    name: str
+
+
+KvEntry: TypeAlias = KvValue | KvDeleted | None  # None: erased by destroy
+
+
+def parse_u64(text: str | None) -> int | None:
+    """Rust's `u64::from_str`, the original's reading of `version` (None: latest)."""
+    if text is None:
+        return None
+    digits = text[1:] if text.startswith("+") else text
+    if not digits or any(c not in "0123456789" for c in digits):
+        raise Refusal("InvalidRequest")
+    value = int(digits)
+    if value >= 2**64:
+        raise Refusal("InvalidRequest")
+    return value
+
+
+@dataclass
+class Model:
+    """What the backend should answer, in plain dicts sharing no code with the fold.
+
+    The protocol's rules (PROTOCOL.md §3, §5), and the lifecycle rules the design states:
+    a version is a KV revision, deleted means the newest surviving entry is a marker,
+    undelete copies the newest surviving value, copies of one value are shredded together.
+    """
+
+    revision: int = 0  # the secrets bucket's last revision: one per put, delete, undelete
+    secrets: dict[str, MSecret] = field(default_factory=dict)
+    mappings: dict[str, set[str]] = field(default_factory=dict)
+    kv: dict[int, KvEntry] = field(default_factory=dict)
+
+    def _next(self) -> int:
+        self.revision += 1
+        return self.revision
+
+    def _existing(self, name: str) -> MSecret:
+        secret = self.secrets.get(name)
+        if secret is None:
+            raise Refusal("SecretNotFound")
+        return secret
+
+    def put(self, name: str, value: Value) -> int:
+        kind: Kind = "string" if isinstance(value, str) else "binary"
+        revision = self._next()
+        secret = self.secrets.setdefault(name, MSecret())
+        secret.revisions.append(revision)
+        secret.versions[revision] = MVersion(revision, kind, value)
+        self.kv[revision] = KvValue(name, kind, value)
+        return revision
+
+    def map(self, entity: str, names: list[str], *, add: bool) -> None:
+        allowed = self.mappings.setdefault(entity, set())
+        if add:
+            allowed.update(names)
+        else:
+            allowed.difference_update(names)
+
+    def delete(self, name: str) -> int:
+        secret = self._existing(name)
+        if secret.latest() is None:
+            raise Refusal("SecretNotFound")
+        revision = self._next()
+        secret.revisions.append(revision)
+        secret.markers.add(revision)
+        self.kv[revision] = KvDeleted(name)
+        return revision
+
+    def undelete(self, name: str) -> int:
+        secret = self._existing(name)
+        source = secret.newest_readable()
+        if source is None:
+            raise Refusal("SecretNotFound")  # only delete markers left: nothing to restore
+        if not secret.deleted:
+            raise Refusal("InvalidRequest")
+        copied = secret.versions[source]
+        revision = self._next()
+        secret.revisions.append(revision)
+        secret.versions[revision] = MVersion(copied.origin, copied.kind, copied.value)
+        self.kv[revision] = KvValue(name, copied.kind, copied.value)
+        return revision
+
+    def destroy(self, name: str, version: int | None, all_: bool) -> list[int]:
+        if all_ == (version is not None):
+            raise Refusal("InvalidRequest")
+        secret = self._existing(name)
+        if all_:
+            shredded = list(secret.revisions)  # markers too: the key is gone from the bucket
+        else:
+            chosen = secret.versions.get(version) if version is not None else None
+            if chosen is None:
+                raise Refusal("SecretNotFound")
+            # Copies of the same bytes go together, or the value would stay readable.
+            shredded = [r for r, v in secret.versions.items() if v.origin == chosen.origin]
+        for revision in shredded:
+            secret.revisions.remove(revision)
+            secret.versions.pop(revision, None)
+            secret.markers.discard(revision)
+            self.kv[revision] = None
+        if not secret.revisions:
+            del self.secrets[name]
+        return sorted(shredded)
+
+    def get(
+        self, entity: str, jwt: JwtCase, name: str, version: str | None
+    ) -> tuple[int, Kind, Value]:
+        if jwt in ("expired", "not_yet_valid"):
+            raise Refusal("InvalidEntityJWT")
+        if jwt == "expired_host":
+            raise Refusal("InvalidHostJWT")
+        if name not in self.mappings.get(entity, ()):
+            raise Refusal("Unauthorized")
+        wanted = parse_u64(version)
+        secret = self.secrets.get(name)
+        if secret is None or secret.deleted:
+            raise Refusal("SecretNotFound")
+        revision = secret.latest() if wanted is None else wanted
+        if revision is None or revision not in secret.versions:
+            raise Refusal("SecretNotFound")
+        found = secret.versions[revision]
+        return revision, found.kind, found.value
+
+    def listing(self) -> list[tuple[str, int, int, bool]]:
+        rows = []
+        for name, secret in sorted(self.secrets.items()):
+            rows.append((name, secret.latest() or 0, len(secret.versions), secret.deleted))
+        return rows
+
+    def projection(self) -> Projection:
+        return Projection(
+            secrets={
+                name: (
+                    secret.deleted,
+                    tuple(secret.revisions),
+                    {r: (v.origin, v.kind, v.plain()) for r, v in secret.versions.items()},
+                )
+                for name, secret in self.secrets.items()
+            },
+            mappings={entity: frozenset(names) for entity, names in self.mappings.items()},
+            secrets_revision=self.revision,
+        )
+
+
+SecretView: TypeAlias = tuple[bool, tuple[int, ...], dict[int, tuple[int, str, bytes]]]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What a view means to a client: per secret (deleted, revisions, readable versions)."""
+
+    secrets: dict[str, SecretView]
+    mappings: dict[str, frozenset[str]]
+    secrets_revision: int
+
+    @classmethod
+    def of(cls, state: ViewState, at_rest: SealBox, *, as_kept: bool = False) -> Projection:
+        """A view as clients can tell: its surviving entries (readable values, markers).
+
+        `as_kept` keeps every revision and record the view holds instead, destroyed ones
+        too: two views of one log must agree on those as well, since replies (a `destroy
+        all`'s list, the error for a secret with nothing left) are made from them.
+        """
+        secrets: dict[str, SecretView] = {}
+        for name, record in state.secrets.items():
+            readable: dict[int, tuple[int, str, bytes]] = {
+                v.revision: (v.origin, v.kind, at_rest.open(v.sealed))
+                for v in record.versions.values()
+                if v.sealed is not None
+            }
+            surviving = tuple(r for r in record.revisions if r in readable or r in record.markers)
+            if as_kept or surviving:
+                kept = tuple(record.revisions) if as_kept else surviving
+                secrets[name] = (record.deleted, kept, readable)
+        return cls(
+            secrets=secrets,
+            mappings={entity: frozenset(names) for entity, names in state.mappings.items()},
+            secrets_revision=state.secrets_revision,
+        )
+
+    def differences(self, other: Projection) -> list[str]:
+        """Readable differences (never values: only their lengths)."""
+        out = []
+        for name in sorted(set(self.secrets) | set(other.secrets)):
+            mine, theirs = self.secrets.get(name), other.secrets.get(name)
+            if mine != theirs:
+                out.append(f"secret {name!r}: {_describe(mine)} != {_describe(theirs)}")
+        if self.mappings != other.mappings:
+            out.append(f"mappings {self.mappings} != {other.mappings}")
+        if self.secrets_revision != other.secrets_revision:
+            out.append(f"secrets revision {self.secrets_revision} != {other.secrets_revision}")
+        return out
+
+
+def _describe(view: SecretView | None) -> str:
+    if view is None:
+        return "absent"
+    deleted, revisions, readable = view
+    shown = {
+        r: (origin, kind, f"{len(value)} bytes") for r, (origin, kind, value) in readable.items()
+    }
+    return f"(deleted={deleted}, revisions={list(revisions)}, readable={shown})"
+
+
+def outcome(fn: Callable[[], object]) -> Outcome:
+    try:
+        return ("ok", fn())
+    except Refusal as refusal:
+        return ("refused", refusal.variant)
+
+
+def shown(result: Outcome) -> str:
+    """An outcome for an assertion message: values by length only."""
+    status, value = result
+    if status == "ok" and isinstance(value, tuple) and len(value) == 3:
+        revision, kind, data = value
+        return f"ok(version {revision}, {kind}, {len(data)} bytes/chars)"
+    return f"{status}({value})"
+
+
+# --- the system under test ------------------------------------------------------------------
+
+
+@dataclass
+class Party:
+    """A component, provider or the auditor, with its tokens minted once."""
+
+    identity: Identity
+    tokens: dict[JwtCase, tuple[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        now = int(time.time())
+        valid_host = self.identity.host_jwt()
+        self.tokens = {
+            "valid": (self.identity.entity_jwt(), valid_host),
+            "expired": (self.identity.entity_jwt(exp=now - 60), valid_host),
+            "not_yet_valid": (self.identity.entity_jwt(nbf=now + 3600), valid_host),
+            "expired_host": (self.identity.entity_jwt(), self.identity.host_jwt(exp=now - 60)),
+        }
+        for entity_jwt, host_jwt in self.tokens.values():
+            remember(entity_jwt)
+            remember(host_jwt)
+
+    @property
+    def key(self) -> str:
+        return self.identity.entity_key
+
+
+@dataclass
+class Instance:
+    backend: Backend
+    done: Future[None]
+
+
+@dataclass
+class Counters:
+    """What the runs did, for the report and a floor on honesty (the rules did run)."""
+
+    examples: int = 0
+    steps: int = 0
+    gets_ok: int = 0
+    restarts: int = 0
+    rebuilds: int = 0
+    kv_checks: int = 0
+
+
+async def _within(coro: Awaitable[T]) -> T:
+    with anyio.fail_after(OP_TIMEOUT):
+        return await coro
+
+
+class BackendMachine(RuleBasedStateMachine):
+    """One example: a fresh namespace (backend name, buckets) on the shared server."""
+
+    def __init__(self, portal: BlockingPortal, url: str, counters: Counters) -> None:
+        super().__init__()
+        self.portal = portal
+        self.counters = counters
+        counters.examples += 1
+        n = next(_namespaces)
+        self.keys = Keys()
+        remember(self.keys.transit.seed)
+        remember(self.keys.encryption.seed)
+        self.config: BackendConfig = backend_config(
+            url, self.keys, names=BackendNames(name=f"model{n}", secrets_bucket=f"MODEL_{n}")
+        )
+        self.names = self.config.names
+        self.at_rest = SealBox(self.keys.encryption, self.keys.encryption)
+        self.model = Model()
+        self.parties = {name: Party(Identity()) for name in ("comp1", "comp2", AUDITOR)}
+        self.parties["prov"] = Party(Identity.provider())
+        self.acked: list[tuple[str, int]] = []  # every acknowledged put: (name, revision)
+        self.last_revision: dict[str, int] = {}
+        self.probe = 0  # rotates the sample checks deterministically
+        self.instances: list[Instance] = []
+        self.nc: NATS | None = None
+        try:
+            for _ in range(INSTANCES):
+                self.instances.append(self._start_instance())
+            self.nc = self.call(
+                lambda: connect(NatsOptions(servers=(url,)), name="model client", persistent=False)
+            )
+            self.admin = AdminClient(self.nc, self.names, self.keys.transit)
+            self.host = HostClient(self.nc, self.names)
+            self._admin_ok(
+                "map the auditor",
+                lambda: self.model.map(self.parties[AUDITOR].key, list(NAMES), add=True),
+                lambda: self.admin.add_mapping(self.parties[AUDITOR].key, NAMES),
+            )
+        except BaseException:
+            self.teardown()
+            raise
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        async def bounded() -> T:
+            return await _within(fn(*args))
+
+        return self.portal.call(bounded)
+
+    def _start_instance(self) -> Instance:
+        backend = Backend(self.config)
+        done, _ = self.portal.start_task(backend.run)
+        return Instance(backend, done)
+
+    def _stop_instance(self, instance: Instance) -> None:
+        self.portal.call(instance.backend.stop)
+        instance.done.result(timeout=OP_TIMEOUT)  # raises what the backend died of, if it did
+
+    def teardown(self) -> None:
+        try:
+            for instance in self.instances:
+                self._stop_instance(instance)
+        finally:
+            if self.nc is not None:
+                self.portal.call(self.nc.close)
+
+    def _step(self) -> None:
+        self.counters.steps += 1
+
+    def _admin_ok(
+        self, what: str, expect: Callable[[], object], act: Callable[[], Awaitable[object]]
+    ) -> object:
+        """Run an admin operation and the model's prediction; they must agree exactly."""
+        expected = outcome(expect)
+        actual = self._actual(act)
+        assert actual == expected, f"{what}: backend {actual}, model {expected}"
+        return actual[1]
+
+    def _actual(self, act: Callable[[], Awaitable[object]]) -> Outcome:
+        async def attempt() -> Outcome:
+            try:
+                return ("ok", await act())
+            except ProtocolError as exc:
+                return ("refused", exc.variant)
+
+        return self.call(attempt)
+
+    def _record_revision(self, name: str, result: object) -> None:
+        """Revisions of one secret strictly increase, whatever happened in between."""
+        if isinstance(result, int):
+            previous = self.last_revision.get(name, 0)
+            assert result > previous, f"{name}: revision {result} after {previous}"
+            self.last_revision[name] = result
+
+    async def _get(self, party: Party, jwt: JwtCase, name: str, version: str | None) -> object:
+        entity_jwt, host_jwt = party.tokens[jwt]
+        secret = await self.host.get(
+            name, entity_jwt=entity_jwt, host_jwt=host_jwt, version=version
+        )
+        return _read(secret)
+
+    def _check_get(self, who: str, jwt: JwtCase, name: str, version: str | None) -> Outcome:
+        party = self.parties[who]
+        expected = outcome(lambda: self.model.get(party.key, jwt, name, version))
+        actual = self._actual(lambda: self._get(party, jwt, name, version))
+        assert actual == expected, (
+            f"get {name!r} version {version!r} as {who} ({jwt} tokens): "
+            f"backend {shown(actual)}, model {shown(expected)}"
+        )
+        if actual[0] == "ok":
+            self.counters.gets_ok += 1
+        return actual
+
+    def _version(self, choice: VersionChoice, name: str) -> str | None:
+        """A drawn choice made concrete against the revisions issued so far."""
+        if choice is None or isinstance(choice, str):
+            return choice  # latest, or an odd text
+        kind, n = choice
+        own = self.model.secrets.get(name)
+        if kind == "own" and own is not None:
+            return str(own.revisions[n % len(own.revisions)])  # a value or a delete marker
+        if kind in ("own", "issued") and self.model.revision:
+            return str(n % self.model.revision + 1)  # any revision: maybe another secret's
+        return str(self.model.revision + n % 50 + 1)  # not issued yet
+
+    # --- rules: writes ------------------------------------------------------------------
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        drawn=st.one_of(st.text(max_size=24), st.binary(max_size=24)),
+        marker=st.one_of(st.none(), st.uuids()),
+    )
+    def put(self, name: str, drawn: Value, marker: uuid.UUID | None) -> None:
+        """A drawn value (empty, unicode, any bytes), or one made unique for the leak check.
+
+        Only marked values are remembered: a drawn one may well be public text as well
+        (hypothesis likes the code's own string constants), and the check would cry wolf.
+        """
+        self._step()
+        value = drawn
+        if marker is not None:
+            value = marker.hex + drawn if isinstance(drawn, str) else marker.bytes + drawn
+            remember(value)
+        result = self._admin_ok(
+            f"put {name!r}",
+            lambda: self.model.put(name, value),
+            lambda: self.admin.put_secret(name, value),
+        )
+        assert isinstance(result, int)
+        self.acked.append((name, result))
+        self._record_revision(name, result)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        values=st.lists(
+            st.one_of(st.text(max_size=8), st.binary(max_size=8)), min_size=2, max_size=4
+        ),
+    )
+    def concurrent_puts(self, name: str, values: list[Value]) -> None:
+        """Puts racing through both instances: each lands once, on the next free revisions.
+
+        One secret only: which value wins which revision is the race's to decide, and with
+        one name the rest of the run (and a failure's replay) does not depend on it.
+        """
+        self._step()
+        base = self.model.revision
+
+        async def race() -> list[int]:
+            revisions = [0] * len(values)
+
+            async def put(i: int, value: Value) -> None:
+                revisions[i] = await self.admin.put_secret(name, value)
+
+            async with anyio.create_task_group() as tg:
+                for i, value in enumerate(values):
+                    tg.start_soon(put, i, value)
+            return revisions
+
+        revisions = self.call(race)
+        assert sorted(revisions) == list(range(base + 1, base + len(values) + 1)), revisions
+        for revision, value in sorted(zip(revisions, values, strict=True)):
+            assert self.model.put(name, value) == revision
+            self.acked.append((name, revision))
+            self._record_revision(name, revision)
+
+    @rule(
+        entity=st.sampled_from(ENTITIES),
+        names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
+        add=st.booleans(),
+    )
+    def change_mapping(self, entity: str, names: list[str], add: bool) -> None:
+        self._step()
+        key = self.parties[entity].key
+        self._admin_ok(
+            f"{'add' if add else 'remove'} mapping {entity} {names}",
+            lambda: self.model.map(key, names, add=add),
+            lambda: (self.admin.add_mapping if add else self.admin.remove_mapping)(key, names),
+        )
+
+    @rule(name=st.sampled_from(NAMES))
+    def delete(self, name: str) -> None:
+        self._step()
+        result = self._admin_ok(
+            f"delete {name!r}", lambda: self.model.delete(name), lambda: self.admin.delete(name)
+        )
+        self._record_revision(name, result)
+
+    @rule(name=st.sampled_from(NAMES))
+    def undelete(self, name: str) -> None:
+        self._step()
+        result = self._admin_ok(
+            f"undelete {name!r}",
+            lambda: self.model.undelete(name),
+            lambda: self.admin.undelete(name),
+        )
+        self._record_revision(name, result)
+
+    @rule(name=st.sampled_from(NAMES), choice=REVISION_CHOICES)
+    def destroy_version(self, name: str, choice: tuple[str, int]) -> None:
+        """The secret's own revision (a value or a marker), another's, or one not issued."""
+        self._step()
+        version = int(self._version(choice, name) or 0)
+        self._admin_ok(
+            f"destroy {name!r} version {version}",
+            lambda: self.model.destroy(name, version, False),
+            lambda: self.admin.destroy(name, version=version),
+        )
+
+    @rule(name=st.sampled_from(NAMES), both=st.booleans())
+    def destroy_needs_one_target(self, name: str, both: bool) -> None:
+        """Neither a version nor `all`, or both: refused before the secret is looked at."""
+        self._step()
+        version = 1 if both else None
+        self._admin_ok(
+            f"destroy {name!r} version={version} all={both}",
+            lambda: self.model.destroy(name, version, both),
+            lambda: self.admin.destroy(name, version=version, all=both),
+        )
+
+    @rule(name=st.sampled_from(NAMES))
+    def destroy_all(self, name: str) -> None:
+        self._step()
+        self._admin_ok(
+            f"destroy all of {name!r}",
+            lambda: self.model.destroy(name, None, True),
+            lambda: self.admin.destroy(name, all=True),
+        )
+
+    # --- rules: reads -------------------------------------------------------------------
+
+    @rule(
+        who=st.sampled_from((*ENTITIES, AUDITOR, AUDITOR)),
+        name=st.sampled_from(NAMES),
+        jwt=st.sampled_from(JWT_CASES),
+        version=VERSION_CHOICES,
+    )
+    def get(self, who: str, name: str, jwt: JwtCase, version: VersionChoice) -> None:
+        """Latest, pinned (this secret's, another's, not yet issued), or not a number."""
+        self._step()
+        self._check_get(who, jwt, name, self._version(version, name))
+
+    @rule()
+    def list_secrets(self) -> None:
+        self._step()
+
+        async def act() -> list[tuple[str, int, int, bool]]:
+            listing = await self.admin.list_secrets()
+            return [(s.name, s.version, s.versions, s.deleted) for s in listing]
+
+        self._admin_ok("list", self.model.listing, act)
+
+    @rule(entity=st.sampled_from((None, *ENTITIES)))
+    def mappings(self, entity: str | None) -> None:
+        self._step()
+        key = None if entity is None else self.parties[entity].key
+
+        def expect() -> dict[str, list[str]]:
+            known = self.model.mappings
+            if key is not None:
+                return {key: sorted(known.get(key, ()))}
+            return {k: sorted(v) for k, v in sorted(known.items())}
+
+        self._admin_ok(f"mappings of {entity}", expect, lambda: self.admin.mappings(key))
+
+    # --- rules: operations on the deployment ----------------------------------------------
+
+    @rule(index=st.integers(0, INSTANCES - 1))
+    def restart(self, index: int) -> None:
+        """Replace one instance by a new one with the same keys: it must catch up."""
+        self._step()
+        self.counters.restarts += 1
+        self._stop_instance(self.instances[index])
+        self.instances[index] = self._start_instance()
+
+    @rule()
+    def rebuild(self) -> None:
+        """Drop and refold the KV views while the instances run; they must come back equal."""
+        self._step()
+        self.counters.rebuilds += 1
+        nc, layout = self.nc, self._layout()
+        assert nc is not None
+        self.call(
+            lambda: rebuild_views(
+                nc,
+                backend_name=self.names.name,
+                layout=layout,
+                authenticator=EventAuthenticator.for_key(self.keys.encryption),
+            )
+        )
+        self.kv_views_match_the_model()
+
+    @precondition(lambda self: self.model.revision > 0)
+    @rule()
+    def kv_views_match_the_model(self) -> None:
+        """The original's buckets hold what the model says, revision by revision."""
+        self._step()
+        self.counters.kv_checks += 1
+        problems = self.call(self._kv_problems)
+        assert not problems, "KV views differ from the model:\n" + "\n".join(problems)
+
+    def _layout(self) -> KvLayout:
+        return KvLayout(
+            secrets_bucket=self.names.secrets_bucket,
+            state_bucket=self.names.state_bucket,
+            max_history=self.config.max_secret_history,
+            replicas=1,
+        )
+
+    async def _kv_problems(self) -> list[str]:
+        assert self.nc is not None
+        js = self.nc.jetstream(timeout=5)
+        problems: list[str] = []
+        stream = f"KV_{self.names.secrets_bucket}"
+        optional = self._beyond_history()
+        for revision in range(1, self.model.revision + 1):
+            entry = self.model.kv.get(revision)
+            try:
+                msg = await js.get_msg(stream, seq=revision)
+            except nats.js.errors.NotFoundError:
+                if entry is not None and revision not in optional:
+                    problems.append(f"revision {revision}: missing, expected {_kv_shown(entry)}")
+                continue
+            if entry is None:
+                problems.append(f"revision {revision}: still stored after destroy")
+                continue
+            subject = f"$KV.{self.names.secrets_bucket}.{entry.name}"
+            headers = msg.headers or {}
+            if msg.subject != subject:
+                problems.append(f"revision {revision}: subject {msg.subject}, expected {subject}")
+            elif isinstance(entry, KvDeleted):
+                if headers.get("KV-Operation") != "DEL":
+                    problems.append(f"revision {revision}: not a delete marker")
+            else:
+                plain = entry.value.encode() if isinstance(entry.value, str) else entry.value
+                if self.at_rest.open(msg.data or b"") != plain:
+                    problems.append(f"revision {revision}: sealed value differs")
+                if headers.get(KIND_HEADER) != entry.kind:
+                    problems.append(f"revision {revision}: kind {headers.get(KIND_HEADER)}")
+        state_stream = f"KV_{self.names.state_bucket}"
+        for entity, names in self.model.mappings.items():
+            subject = f"$KV.{self.names.state_bucket}.{entity}"
+            try:
+                msg = await js.get_last_msg(state_stream, subject)
+            except nats.js.errors.NotFoundError:
+                problems.append(f"mapping of {entity}: missing")
+                continue
+            if msgspec.json.decode(msg.data or b"null") != sorted(names):
+                problems.append(f"mapping of {entity}: {msg.data!r}, expected {sorted(names)}")
+        return problems
+
+    def _beyond_history(self) -> set[int]:
+        """Revisions the bucket's per-key history limit may already have dropped."""
+        per_key: dict[str, list[int]] = {}
+        for revision, entry in sorted(self.model.kv.items()):
+            if entry is not None:
+                per_key.setdefault(entry.name, []).append(revision)
+        return {r for revisions in per_key.values() for r in revisions[:-MAX_HISTORY]}
+
+    # --- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def instances_alive(self) -> None:
+        for instance in self.instances:
+            if instance.done.done():
+                instance.done.result()  # raises what it died of
+                raise AssertionError("a backend instance stopped by itself")
+
+    @invariant()
+    def views_equal_replay_and_model(self) -> None:
+        """Each live view == a fold of the whole log from sequence 0 == the model."""
+        views, replay, last_seqs = self.call(self._views_and_replay)
+        kept, surviving = replay
+        for index, live in enumerate(views):
+            diff = live.differences(kept)
+            assert not diff, f"instance {index}: live view != replay from 0:\n" + "\n".join(diff)
+        assert len(set(last_seqs)) == 1, f"views and replay at log positions {last_seqs}"
+        diff = surviving.differences(self.model.projection())
+        assert not diff, "replay != model:\n" + "\n".join(diff)
+
+    async def _views_and_replay(
+        self,
+    ) -> tuple[list[Projection], tuple[Projection, Projection], list[int]]:
+        """Projections made on the event loop's thread, where the views change."""
+        assert self.nc is not None
+        log = EventLog(
+            self.nc,
+            backend_name=self.names.name,
+            authenticator=EventAuthenticator.for_key(self.keys.encryption),
+        )
+        head = await log.head()
+        views, last_seqs = [], []
+        for instance in self.instances:
+            view = instance.backend.view
+            assert view is not None
+            await view.wait_applied(head)  # the step's writes are acknowledged: in the log
+            views.append(Projection.of(view.state, self.at_rest, as_kept=True))
+            last_seqs.append(view.state.last_seq)
+        replayed = ViewState()
+        async for entry in log.entries():
+            fold(replayed, entry.seq, entry.event)
+        for name, record in replayed.secrets.items():
+            assert record.revisions == sorted(set(record.revisions)), f"{name}: {record.revisions}"
+        replay = (
+            Projection.of(replayed, self.at_rest, as_kept=True),
+            Projection.of(replayed, self.at_rest),
+        )
+        return views, replay, [*last_seqs, replayed.last_seq]
+
+    @invariant()
+    def acknowledged_writes_read_back(self) -> None:
+        """A sample of acknowledged puts, read at their revision by the auditor."""
+        for name, revision in _rotate(self.acked, self.probe, 2):
+            self._check_get(AUDITOR, "valid", name, str(revision))
+        self.probe += 1
+
+    @invariant()
+    def nobody_reads_outside_its_mapping(self) -> None:
+        for entity in ENTITIES:
+            outside = [
+                n for n in NAMES if n not in self.model.mappings.get(self.parties[entity].key, ())
+            ]
+            for name in _rotate(outside, self.probe, 1):
+                assert self._check_get(entity, "valid", name, None) == ("refused", "Unauthorized")
+
+
+def _read(secret: wire.Secret) -> tuple[int, Kind, Value]:
+    if secret.binary_secret is not None:
+        return int(secret.version), "binary", bytes(secret.binary_secret)
+    assert secret.string_secret is not None
+    return int(secret.version), "string", secret.string_secret
+
+
+def _kv_shown(entry: KvValue | KvDeleted) -> str:
+    return "a delete marker" if isinstance(entry, KvDeleted) else f"a {entry.kind} value"
+
+
+def _rotate(items: list[T], start: int, count: int) -> Iterator[T]:
+    """`count` items from `start` on, cyclically: deterministic, so shrinking replays it."""
+    if not items:
+        return
+    for i in range(min(count, len(items))):
+        yield items[(start * count + i) % len(items)]
+
+
+MODEL_SETTINGS = settings(
+    max_examples=MAX_EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    # Every example starts two backends: a failure still shrinks to a minimal history,
+    # but the "explain" phase's hundreds of reruns would cost minutes for little.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+)
+
+
+@pytest.mark.timeout(900 if LONG else 600)
+def test_backend_matches_the_model(nats_server: NatsServer) -> None:
+    counters = Counters()
+    with start_blocking_portal(backend="asyncio") as portal:
+        run_state_machine_as_test(
+            # Any factory will do (hypothesis documents it); its stub says a class.
+            lambda: BackendMachine(portal, nats_server.url, counters),  # type: ignore[arg-type]
+            settings=MODEL_SETTINGS,
+        )
+    print(f"model: {counters}")
+    assert counters.examples >= min(MAX_EXAMPLES, 5)
+    assert counters.steps >= counters.examples  # the rules ran, not only the setup
