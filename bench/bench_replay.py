@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 from nats.aio.client import Client as NATS
 
-from actors.rotation import read_stream, read_stream_ordered, rotate_key
+from actors.rotation import rotate_key
 from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import Event, KeyRotated, MappingAdded, SecretDeleted, SecretPut, decode_event
@@ -45,6 +45,7 @@ from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import erase_message, stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
+from secrets_nats_kv.nats.reader import read_stream, read_stream_ordered
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import SealBox, XKey
 

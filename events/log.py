@@ -10,7 +10,6 @@ yielded as `Rejected`. NATS errors become the project's errors before they leave
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from secrets_nats_kv.nats.jetstream import (
     erase_message,
     stream_state,
 )
+from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
 
 log = logging.getLogger(__name__)
 
@@ -217,53 +217,3 @@ class EventLog:
 
     async def read_all(self) -> list[LogEntry]:
         return [entry async for entry in self.entries()]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    seq: int
-    time: float
-    data: bytes
-    headers: dict[str, str] | None
-
-
-async def stream_messages(
-    nc: NATS, stream: str, subject: str, *, from_seq: int = 1, follow: bool = False
-) -> AsyncIterator[StoredMessage]:
-    """A stream's messages in order from `from_seq`, to its head (or forever if following)."""
-    js = nc.jetstream()
-    state = await stream_state(nc, stream, 5.0)
-    last = state.last_seq
-    if not follow and (state.messages == 0 or last < from_seq):
-        return
-    config = api.ConsumerConfig(
-        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
-    )
-    try:
-        sub = await js.subscribe(
-            subject,
-            stream=stream,
-            ordered_consumer=True,
-            # A lost consumer (its node died) is noticed after two missed heartbeats.
-            idle_heartbeat=1.0,
-            config=config,
-            # No client-side cap: a slow reader (rebuild) must not have messages dropped as
-            # a "slow consumer"; the consumer's flow control bounds what is in flight.
-            pending_msgs_limit=0,
-            pending_bytes_limit=0,
-        )
-    except nats.errors.Error as exc:
-        raise convert(f"read {stream}", exc) from None
-    try:
-        async for msg in sub.messages:
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            if seq < from_seq:
-                continue
-            stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
-            yield StoredMessage(seq, stamp, msg.data, msg.headers)
-            if not follow and (seq >= last or meta.num_pending == 0):
-                break
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()

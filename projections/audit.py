@@ -26,7 +26,7 @@ from events.access import (
     decode_access,
 )
 from events.integrity import EventAuthenticator
-from events.log import EventLog, LogEntry, stream_messages
+from events.log import EventLog, LogEntry
 from events.types import (
     KeyRotated,
     MappingAdded,
@@ -40,6 +40,7 @@ from events.types import (
 )
 from projections.state import ViewState, fold
 from secrets_nats_kv.errors import ConfigError, StorageError
+from secrets_nats_kv.nats.reader import stream_messages
 from secrets_nats_kv.xkeys import XKey
 
 

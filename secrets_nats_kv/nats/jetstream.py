@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-sequence check
+STREAM_NOT_FOUND = 10059
 _MESSAGE_NOT_FOUND = (10037, 10043, 10057)  # no message, sequence not found, deleted
 
 
@@ -30,7 +31,20 @@ class StreamState(msgspec.Struct, frozen=True):
     last_seq: int = 0
 
 
+class StreamSettings(msgspec.Struct, frozen=True):
+    """The part of a stream's config the tools read back (replicas, metadata)."""
+
+    num_replicas: int = 1
+    metadata: dict[str, str] | None = None
+
+
+class StreamInfo(msgspec.Struct, frozen=True):
+    config: StreamSettings = StreamSettings()
+    state: StreamState = StreamState()
+
+
 class _InfoReply(msgspec.Struct):
+    config: StreamSettings | None = None
     state: StreamState | None = None
     error: _ApiError | None = None
 
@@ -64,14 +78,25 @@ async def api_request(nc: NATS, subject: str, payload: bytes, api_timeout: float
     return msg.data
 
 
-async def stream_state(nc: NATS, stream: str, api_timeout: float) -> StreamState:
-    """One STREAM.INFO request, decoding only the counters."""
+async def stream_info(nc: NATS, stream: str, api_timeout: float) -> StreamInfo | None:
+    """One STREAM.INFO request (counters, replicas, metadata); None if there is no such stream."""
     data = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", b"", api_timeout)
     reply = _info_decoder.decode(data)
-    if reply.error is not None or reply.state is None:
-        why = reply.error.description if reply.error else "no state in reply"
-        raise StorageError(f"stream {stream}", why)
-    return reply.state
+    if reply.error is not None:
+        if reply.error.err_code == STREAM_NOT_FOUND:
+            return None
+        raise StorageError(f"stream {stream}", reply.error.description)
+    if reply.state is None:
+        raise StorageError(f"stream {stream}", "no state in reply")
+    return StreamInfo(config=reply.config or StreamSettings(), state=reply.state)
+
+
+async def stream_state(nc: NATS, stream: str, api_timeout: float) -> StreamState:
+    """The counters of a stream that must exist (a missing one is a `StorageError`)."""
+    info = await stream_info(nc, stream, api_timeout)
+    if info is None:
+        raise StorageError(f"stream {stream}", "stream not found")
+    return info.state
 
 
 async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> None:
@@ -86,3 +111,12 @@ async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> 
     if gone and (reply.error.err_code != 10043 or "not found" in reply.error.description):
         return
     raise StorageError(f"erase {stream} #{seq}", reply.error.description)
+
+
+async def delete_stream(nc: NATS, stream: str, api_timeout: float) -> None:
+    """Delete a whole stream; one already gone is fine."""
+    data = await api_request(nc, f"$JS.API.STREAM.DELETE.{stream}", b"", api_timeout)
+    reply = _delete_decoder.decode(data)
+    if reply.error is None or reply.error.err_code == STREAM_NOT_FOUND:
+        return
+    raise StorageError(f"delete stream {stream}", reply.error.description)

@@ -38,12 +38,12 @@ from events.access import (
     decode_access,
     encode_access,
 )
-from events.log import stream_messages
 from events.types import Rejected
 from projections.audit import Bound, export_audit
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.errors import ConfigError, SecretNotFound, Unauthorized
+from secrets_nats_kv.nats.reader import stream_messages
 from secrets_nats_kv.xkeys import XKey
 from support.harness import (
     CLI,

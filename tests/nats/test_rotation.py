@@ -3,8 +3,9 @@
 Every check reads secrets back the way a wasmCloud host does (`get` on a backend started
 with the key under test), compares every version number and byte, and scans every sealed
 blob in the event stream and the KV bucket for the old key. Crashes are injected with the
-rotation's own hook (`SECRETS_NATS_KV_ROTATION_CRASH_AFTER`, `os._exit(1)` at an exact
-point), at random positions inside each phase, on the real CLI process.
+rotation's crash points (`support/rotation_crash.py` hands the CLI a hook that exits with
+`os._exit(1)` at an exact point), at random positions inside each phase, on the real CLI
+process.
 """
 
 from __future__ import annotations
@@ -23,15 +24,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from actors.rotation import (
-    CRASH_ENV,
-    STATE_KEY,
-    RotationRefused,
-    read_stream,
-    read_stream_ordered,
-    rotate_key,
-    staging_stream_name,
-)
+from actors.rotation import STATE_KEY, RotationRefused, rotate_key, staging_stream_name
 from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import (
@@ -47,8 +40,10 @@ from projections.kv import KvLayout
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.reader import read_stream, read_stream_ordered
 from secrets_nats_kv.xkeys import SealBox, XKey
-from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
+from support import rotation_crash
+from support.harness import CLI, Clients, Identity, Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remember, remembered
 
 if TYPE_CHECKING:
@@ -274,12 +269,12 @@ async def rotate(nc: NATS, old: XKey, new: XKey, **options: Any) -> Any:
 async def rotate_cli(
     url: str, old: XKey, new: XKey, *flags: str, crash: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    extra = {"NEW_ENCRYPTION_XKEY_SEED": new.seed}
-    if crash is not None:
-        extra[CRASH_ENV] = crash
-    env = cli_env(Keys(encryption=old), **extra)
+    env = cli_env(Keys(encryption=old), NEW_ENCRYPTION_XKEY_SEED=new.seed)
     args = ("rotate-key", "--nats-address", url, *flags)
-    return await anyio.to_thread.run_sync(lambda: run_cli(*args, env=env, timeout=120))
+    program = CLI if crash is None else rotation_crash.program(crash)
+    return await anyio.to_thread.run_sync(
+        lambda: run_cli(*args, env=env, timeout=120, program=program)
+    )
 
 
 def one_line(proc: subprocess.CompletedProcess[bytes], *seeds: XKey) -> str:

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,11 +145,15 @@ def cli_env(keys: Keys | None = None, **extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str], timeout: float = 30.0, input_: bytes | None = None
+    *args: str,
+    env: Mapping[str, str],
+    timeout: float = 30.0,
+    input_: bytes | None = None,
+    program: Sequence[str] = CLI,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run the CLI to completion and capture its output."""
+    """Run the CLI (or `program`, a wrapper around it) to completion and capture its output."""
     return subprocess.run(
-        [*CLI, *args],
+        [*program, *args],
         env=dict(env),
         capture_output=True,
         timeout=timeout,

@@ -1,0 +1,151 @@
+"""The entry point: inspect the live and staging streams, then resume, reuse, redo or start.
+
+A complete but uncommitted staging stream is reused if the live log has not moved since
+(its head is just before the staged `KeyRotated`); otherwise it is stale and redone. A
+committed one is resumed with the new key alone; one for another new key is refused,
+not deleted; one whose live log has grown past it (a backend wrote after the commit) is
+refused with a message, never overwritten. One run at a time: a run takes `RotationLock`
+before touching any stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
+from actors.rotation.copy import stage
+from actors.rotation.crashpoints import NO_CRASHES, CrashPoints
+from actors.rotation.lock import RotationLock, RotationLockHeld
+from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
+from actors.rotation.swap import commit, read_staging, swap
+from events.integrity import TAG_HEADER
+from projections.kv import KvLayout
+from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.nats.jetstream import convert, stream_info
+from secrets_nats_kv.xkeys import XKey
+
+
+async def rotate_key(
+    nc: NATS,
+    *,
+    names: BackendNames,
+    layout: KvLayout,
+    old: XKey,
+    new: XKey,
+    force: bool,
+    dry_run: bool,
+    progress: Callable[[int, int], None] | None,
+    crash: CrashPoints = NO_CRASHES,
+) -> RotationReport:
+    """Re-seal every value and re-tag every event for `new`; see `actors.rotation` for safety.
+
+    `crash` names the points where a test may stop the run (the product never stops).
+    """
+    run = RotationRun(nc, names, layout, old, new, progress, crash)
+    note = ""
+    if await _backend_answers(run):
+        if dry_run:
+            note = "a backend answers: stop it (or pass --force) before the real run"
+        elif not force:
+            raise RotationRefused(
+                f"a backend answers on {names.subject('server_xkey')}: stop every "
+                "backend first (rotate-key is offline), or pass --force"
+            )
+    if dry_run:
+        return await _decide(run, dry_run=True, note=note)
+    try:
+        async with RotationLock(nc, names.name):
+            return await _decide(run, dry_run=False, note=note)
+    except RotationLockHeld as exc:  # raised on entry only: the body never ran
+        raise RotationRefused(str(exc)) from None
+
+
+async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationReport:
+    """Resume, reuse, redo or start, from what the staging and live streams hold."""
+    staging = await run.inspect_staging()
+    if staging is not None and staging.state == COMMITTED:
+        if staging.marker is None or staging.new_key != run.new.public_key:
+            raise RotationRefused(
+                f"a committed rotation to {staging.new_key} is half done in stream "
+                f"{run.staging}: re-run with NEW_ENCRYPTION_XKEY_SEED set to that key"
+            )
+        await _refuse_if_live_moved_on(run, staging)
+        if dry_run:
+            counts, _ = await read_staging(run, staging, None, "scan")
+            return _report(run, "dry run", counts, note or "would resume a committed rotation")
+        return _report(run, "resumed", await swap(run, staging), note)
+    if run.old.public_key == run.new.public_key:
+        raise RotationRefused("the old and the new encryption keys are the same key")
+    live = await stream_info(run.nc, run.live, API_TIMEOUT)
+    if live is None:
+        raise RotationRefused(f"no event log {run.live}: nothing to rotate")
+    last_seq = live.state.last_seq
+    if staging is None and last_seq > 0 and run.is_marker(await run.get(run.live, last_seq)):
+        return _report(run, "already rotated", Counts(), note)
+    reusable = (
+        staging is not None
+        and staging.marker is not None
+        and staging.new_key == run.new.public_key
+        and staging.old_key == run.old.public_key
+        and staging.last_seq == last_seq + 1
+    )
+    if dry_run:
+        return _report(run, "dry run", await stage(run, last_seq, 0, publish=False), note)
+    if staging is None or not reusable:
+        if staging is not None:
+            await run.delete(run.staging)  # uncommitted, so the live log is intact
+        await stage(run, last_seq, live.config.num_replicas, publish=True)
+        staging = await run.inspect_staging()
+        if staging is None or staging.marker is None:
+            raise StorageError(run.staging, "the staged log did not end with its marker")
+    await run.checkpoint("staged")
+    await commit(run)
+    await run.checkpoint("commit")
+    return _report(run, "rotated", await swap(run, staging), note)
+
+
+def _report(run: RotationRun, outcome: Outcome, counts: Counts, note: str) -> RotationReport:
+    return RotationReport.of(
+        outcome, run.new.public_key, counts, time.monotonic() - run.started, note
+    )
+
+
+async def _backend_answers(run: RotationRun) -> bool:
+    try:
+        await run.nc.request(run.names.subject("server_xkey"), b"", timeout=1.0)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return False
+    except nats.errors.Error as exc:
+        raise convert("probe backends", exc) from None
+    return True
+
+
+async def _refuse_if_live_moved_on(run: RotationRun, staging: Staging) -> None:
+    """A committed rotation never discards staging; but it must not bury newer writes.
+
+    If the live log is still the old one (tagged for the old key at both ends) and has
+    grown past what was staged, a backend wrote to it after the commit: stop and say so
+    rather than overwrite those events.
+    """
+    if run.old.public_key == run.new.public_key:
+        return
+    info = await stream_info(run.nc, run.live, API_TIMEOUT)
+    if info is None:
+        return
+    state = info.state
+    if state.messages == 0 or state.last_seq < staging.last_seq:
+        return
+    ends = [await run.get(run.live, state.first_seq), await run.get(run.live, state.last_seq)]
+    if all(
+        raw is not None and run.old_auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER))
+        for raw in ends
+    ):
+        raise RotationRefused(
+            f"the event log grew after the rotation to {staging.new_key} was committed "
+            f"(did a backend run?): delete stream {run.staging} to abandon it, then re-run"
+        )
