@@ -70,7 +70,8 @@ from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
 from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
 from secrets_nats_kv.errors import InvalidEntityJWT, InvalidJWT, ProtocolError, Unauthorized
 from secrets_nats_kv.jwt import _verified, verify_entity_jwt, verify_host_jwt
-from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.nats.jetstream import stream_info_subject, stream_state
+from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.wire import RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
@@ -228,47 +229,6 @@ def put_events(encryption: XKey, admin: XKey, count: int, prefix: str) -> Iterat
 # --- writing a log (and its KV view) fast ----------------------------------------------------
 
 
-async def publish_pipelined(
-    nc: NATS, items: Iterable[tuple[str, bytes, dict[str, str]]], *, window: int = 2048
-) -> int:
-    """JetStream publishes with up to `window` acks outstanding, in order, all checked.
-
-    One task publishes on one connection, so the server sees them in order and every
-    `Nats-Expected-Last-Sequence` holds; a failed ack fails the setup.
-    """
-    inbox = nc.new_inbox()
-    acked = 0
-    failures: list[bytes] = []
-    progress = asyncio.Event()
-
-    async def on_ack(msg: Msg) -> None:
-        nonlocal acked
-        acked += 1
-        if b'"error"' in msg.data:
-            failures.append(msg.data[:300])
-        progress.set()
-
-    sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
-    sent = 0
-    try:
-        for subject, body, headers in items:
-            await nc.publish(subject, body, reply=f"{inbox}.{sent}", headers=headers)
-            sent += 1
-            while sent - acked > window and not failures:
-                progress.clear()
-                await asyncio.wait_for(progress.wait(), 30)
-            if failures:
-                break
-        while acked < sent and not failures:
-            progress.clear()
-            await asyncio.wait_for(progress.wait(), 30)
-    finally:
-        await sub.unsubscribe()
-    if failures:
-        raise RuntimeError(f"setup publish failed: {failures[0]!r}")
-    return sent
-
-
 async def write_log(
     url: str,
     names: BackendNames,
@@ -289,33 +249,26 @@ async def write_log(
         await KvViews(nc, layout).ensure()
         first = (await log.state()).last_seq + 1
         puts: list[SecretPut] = []
-
-        def entries() -> Iterator[tuple[str, bytes, dict[str, str]]]:
-            for offset, event in enumerate(events):
-                seq = first + offset
+        count = 0
+        # Pinned like the appender's publishes (which name the stream too).
+        async with PositionedPublisher(nc, log.stream, window=2048) as publisher:
+            for seq, event in enumerate(events, start=first):
                 body = encode_event(event)
                 if isinstance(event, SecretPut):
                     puts.append(event)
-                headers = {
-                    "Nats-Expected-Last-Sequence": str(seq - 1),
-                    TAG_HEADER: authenticator.tag(seq, body),
-                }
-                yield log.subject_for(event), body, headers
-
-        count = await publish_pipelined(nc, entries())
+                tag = {TAG_HEADER: authenticator.tag(seq, body)}
+                await publisher.publish(seq, log.subject_for(event), body, tag)
+                count += 1
+            await publisher.drain()
         if write_kv:
-            last = (await stream_state(nc, kv_stream(names.secrets_bucket), 5)).last_seq
-            await publish_pipelined(
-                nc,
-                (
-                    (
-                        f"$KV.{names.secrets_bucket}.{put.name}",
-                        put.sealed,
-                        {KIND_HEADER: put.kind, "Nats-Expected-Last-Sequence": str(rev - 1)},
-                    )
-                    for rev, put in enumerate(puts, start=last + 1)
-                ),
-            )
+            bucket = kv_stream(names.secrets_bucket)
+            last = (await stream_state(nc, bucket, 5)).last_seq
+            # Pinned like the KV writer's writes (which do not name the stream).
+            async with PositionedPublisher(nc, bucket, window=2048, expect_stream=False) as kv:
+                for rev, put in enumerate(puts, start=last + 1):
+                    subject = f"$KV.{names.secrets_bucket}.{put.name}"
+                    await kv.publish(rev, subject, put.sealed, {KIND_HEADER: put.kind})
+                await kv.drain()
         return count
     finally:
         await nc.close()
@@ -774,9 +727,7 @@ class Bench:
     def __init__(
         self, scale: Scale, server: NatsServer, gen_procs: int, log_dir: Path, names: BackendNames
     ) -> None:
-        self.head_reads = SubjectCounter(
-            server.url, f"$JS.API.STREAM.INFO.{stream_name(names.name)}"
-        )
+        self.head_reads = SubjectCounter(server.url, stream_info_subject(stream_name(names.name)))
         self.names = names
         self.scale = scale
         self.get_bank = scale.get_bank  # sealed gets per saturation run; resized once measured

@@ -32,12 +32,15 @@ from events.types import (
 )
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import (
-    WRONG_LAST_SEQUENCE,
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    MSG_ID_HEADER,
     StreamState,
-    convert,
+    WrongLastSequence,
+    ensure_stream,
     erase_message,
     stream_state,
 )
+from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
 
 log = logging.getLogger(__name__)
@@ -105,20 +108,10 @@ class EventLog:
             return f"{self.prefix}.key"
         return f"{self.prefix}.secret.{event.name}"
 
-    def secret_subject(self, name: str) -> str:
-        return f"{self.prefix}.secret.{name}"
-
     # --- setup ------------------------------------------------------------------------
 
     async def ensure(self) -> None:
         """Create the stream if it is missing (file storage, dedupe window, no purge)."""
-        try:
-            await self._js.stream_info(self.stream)
-            return
-        except nats.js.errors.NotFoundError:
-            pass
-        except nats.errors.Error as exc:
-            raise convert("stream info", exc) from None
         config = api.StreamConfig(
             name=self.stream,
             description="secrets-nats-kv event log (source of truth)",
@@ -129,22 +122,7 @@ class EventLog:
             deny_purge=True,
             allow_direct=True,
         )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if "already in use" not in str(exc.description or ""):
-                raise convert("create stream", exc) from None
-        except nats.errors.Error as exc:
-            raise convert("create stream", exc) from None
-
-    async def exists(self) -> bool:
-        try:
-            await self._js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            return False
-        except nats.errors.Error as exc:
-            raise convert("stream info", exc) from None
-        return True
+        await ensure_stream(self._nc, config, self._timeout)
 
     # --- writing ----------------------------------------------------------------------
 
@@ -157,23 +135,22 @@ class EventLog:
         subject = self.subject_for(event)
         body = encode_event(event)
         headers = {
-            api.Header.EXPECTED_LAST_SEQUENCE: str(expected_last_seq),
+            EXPECTED_LAST_SEQUENCE_HEADER: str(expected_last_seq),
             TAG_HEADER: self.authenticator.tag(expected_last_seq + 1, body),
         }
         if msg_id:
-            headers[api.Header.MSG_ID] = msg_id
+            headers[MSG_ID_HEADER] = msg_id
         return await self.append_raw(subject, body, headers)
 
     async def append_raw(self, subject: str, body: bytes, headers: dict[str, str]) -> Appended:
-        """Publish an already encoded and tagged entry (used by rotation's copy too)."""
+        """Publish an already encoded and tagged entry, pinned by its headers."""
         try:
             ack = await self._js.publish(subject, body, stream=self.stream, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise ConcurrentAppend(subject) from None
-            raise convert("append", exc) from None
         except nats.errors.Error as exc:
-            raise convert("append", exc) from None
+            error = convert("append", exc)
+            if isinstance(error, WrongLastSequence):
+                raise ConcurrentAppend(subject) from None
+            raise error from None
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
     async def erase(self, seq: int) -> None:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api
@@ -35,7 +33,20 @@ from projections.state import (
 )
 from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
-from secrets_nats_kv.nats.jetstream import WRONG_LAST_SEQUENCE, convert, erase_message, stream_state
+from secrets_nats_kv.nats.jetstream import (
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    KV_DELETE,
+    KV_OPERATION_HEADER,
+    WrongLastSequence,
+    api_error,
+    api_request,
+    delete_stream,
+    ensure_stream,
+    erase_message,
+    pub_ack_decoder,
+    stream_state,
+    update_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +64,11 @@ class KvLayout:
     replicas: int = 1
 
 
-class _PubAck(msgspec.Struct):
-    seq: int = 0
-    error: dict[str, object] | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_PubAck)
-
-
 class KvViews:
     """Create, inspect and write the two KV buckets."""
 
     def __init__(self, nc: NATS, layout: KvLayout, *, timeout: float = 5.0) -> None:
         self._nc = nc
-        self._js = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self.layout = layout
 
@@ -77,24 +79,8 @@ class KvViews:
         await self._ensure_bucket(self.layout.state_bucket, 1, "secrets-nats-kv mappings")
 
     async def _ensure_bucket(self, bucket: str, history: int, description: str) -> None:
-        name = kv_stream(bucket)
-        try:
-            info = await self._js.stream_info(name)
-        except nats.js.errors.NotFoundError:
-            info = None
-        except nats.errors.Error as exc:
-            raise convert("bucket info", exc) from None
-        if info is not None:
-            if info.config.deny_delete:
-                # A bucket made by the KV API: allow message deletes so destroy can erase.
-                info.config.deny_delete = False
-                try:
-                    await self._js.update_stream(info.config)
-                except nats.errors.Error as exc:
-                    raise convert(f"allow deletes on {name}", exc) from None
-            return
         config = api.StreamConfig(
-            name=name,
+            name=kv_stream(bucket),
             description=description,
             subjects=[f"$KV.{bucket}.>"],
             storage=api.StorageType.FILE,
@@ -107,13 +93,11 @@ class KvViews:
             duplicate_window=120.0,
             compression=api.StoreCompression.S2,
         )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if "already in use" not in str(exc.description or ""):
-                raise convert(f"create bucket {bucket}", exc) from None
-        except nats.errors.Error as exc:
-            raise convert(f"create bucket {bucket}", exc) from None
+        info = await ensure_stream(self._nc, config, self._timeout)
+        if info is not None and info.config.deny_delete:
+            # A bucket made by the KV API: allow message deletes so destroy can erase.
+            info.config.deny_delete = False
+            await update_stream(self._nc, info.config, self._timeout)
 
     async def last_revision(self, bucket: str) -> int:
         return (await stream_state(self._nc, kv_stream(bucket), self._timeout)).last_seq
@@ -121,12 +105,7 @@ class KvViews:
     async def drop(self) -> None:
         """Delete both buckets (for `rebuild`); missing buckets are fine."""
         for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
-            try:
-                await self._js.delete_stream(kv_stream(bucket))
-            except nats.js.errors.NotFoundError:
-                pass
-            except nats.errors.Error as exc:
-                raise convert(f"drop bucket {bucket}", exc) from None
+            await delete_stream(self._nc, kv_stream(bucket), self._timeout)
 
     # --- writes -----------------------------------------------------------------------
 
@@ -134,16 +113,17 @@ class KvViews:
         self, bucket: str, key: str, revision: int, value: bytes, headers: dict[str, str]
     ) -> bool:
         """Write `value` as revision `revision` of `bucket`; False if it was already written."""
-        headers = {**headers, "Nats-Expected-Last-Sequence": str(revision - 1)}
-        reply = await self._request(f"$KV.{bucket}.{key}", value, headers)
-        answer = _ack_decoder.decode(reply)
+        headers = {**headers, EXPECTED_LAST_SEQUENCE_HEADER: str(revision - 1)}
+        reply = await api_request(self._nc, f"$KV.{bucket}.{key}", value, self._timeout, headers)
+        answer = pub_ack_decoder.decode(reply)
         if answer.error is None:
             if answer.seq != revision:
                 raise StorageError(
                     f"bucket {bucket}", f"wrote revision {answer.seq}, expected {revision}"
                 )
             return True
-        if answer.error.get("err_code") == WRONG_LAST_SEQUENCE:
+        error = api_error(f"bucket {bucket}", answer.error)
+        if isinstance(error, WrongLastSequence):
             last = await self.last_revision(bucket)
             if last >= revision:
                 return False  # another writer got there first
@@ -152,19 +132,10 @@ class KvViews:
                 f"view is at revision {last}, the log expects {revision - 1}: "
                 "run `secrets-nats-kv rebuild`",
             )
-        raise StorageError(f"bucket {bucket}", str(answer.error.get("description")))
+        raise error
 
     async def erase_revision(self, bucket: str, revision: int) -> None:
         await erase_message(self._nc, kv_stream(bucket), revision, self._timeout)
-
-    async def _request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
-    ) -> bytes:
-        try:
-            msg = await self._nc.request(subject, payload, timeout=self._timeout, headers=headers)
-        except nats.errors.Error as exc:
-            raise convert(subject, exc) from None
-        return msg.data
 
 
 class KvWriter:
@@ -297,7 +268,7 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
             )
         case MarkSecretDeleted(key, revision):
             return PositionedWrite(
-                layout.secrets_bucket, key, revision, b"", {"KV-Operation": "DEL"}
+                layout.secrets_bucket, key, revision, b"", {KV_OPERATION_HEADER: KV_DELETE}
             )
         case FillErasedRevision(revision):  # a placeholder, erased once stored
             return PositionedWrite(layout.secrets_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {})

@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 
 import msgspec
-import nats.errors
 from nats.js import api
 
 from actors.rotation.context import (
@@ -30,7 +29,7 @@ from actors.rotation.report import Counts, RotationRefused
 from events.integrity import TAG_HEADER
 from events.types import Event, KeyRotated, SecretPut, UndecodableEvent, decode_event, encode_event
 from secrets_nats_kv.errors import DecryptionError
-from secrets_nats_kv.nats.jetstream import convert, erase_message
+from secrets_nats_kv.nats.jetstream import create_stream, erase_message
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
 from secrets_nats_kv.xkeys import SealBox
@@ -138,10 +137,7 @@ async def _create_staging(run: RotationRun, replicas: int) -> None:
             OLD_KEY_KEY: run.old.public_key,
         },
     )
-    try:
-        await run.nc.jetstream(timeout=API_TIMEOUT).add_stream(config)
-    except nats.errors.Error as exc:
-        raise convert(f"create stream {run.staging}", exc) from None
+    await create_stream(run.nc, config, API_TIMEOUT)
 
 
 async def replay(

@@ -26,7 +26,7 @@ from events.integrity import TAG_HEADER
 from projections.kv import KvLayout
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import convert, stream_info
+from secrets_nats_kv.nats.jetstream import stream_info, to_backend_error
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -121,7 +121,7 @@ async def _backend_answers(run: RotationRun) -> bool:
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         return False
     except nats.errors.Error as exc:
-        raise convert("probe backends", exc) from None
+        raise to_backend_error("probe backends", exc) from None
     return True
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import nats.errors
-
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
@@ -25,21 +23,16 @@ from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import convert, stream_info
+from secrets_nats_kv.nats.jetstream import stream_config, stream_info, update_stream
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
 
 
 async def commit(run: RotationRun) -> None:
     """The point of no return: from here on staging is the truth and is never dropped."""
-    js = run.nc.jetstream(timeout=API_TIMEOUT)
-    try:
-        info = await js.stream_info(run.staging)
-        config = info.config
-        config.metadata = {**(config.metadata or {}), STATE_KEY: COMMITTED}
-        await js.update_stream(config)
-    except nats.errors.Error as exc:
-        raise convert(f"commit {run.staging}", exc) from None
+    config = await stream_config(run.nc, run.staging, API_TIMEOUT)
+    config.metadata = {**(config.metadata or {}), STATE_KEY: COMMITTED}
+    await update_stream(run.nc, config, API_TIMEOUT)
 
 
 async def swap(run: RotationRun, staging: Staging) -> Counts:
