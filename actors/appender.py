@@ -8,7 +8,7 @@ view and KV view include it, so the reply to the admin is an honest `ok`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import anyio
@@ -16,9 +16,9 @@ import anyio
 from actors.admin import Opened
 from events.log import Appended, ConcurrentAppend, EventLog
 from events.types import Event
-from projections.kv import KvWriter
 from projections.live import LiveView
 from projections.state import ViewState
+from projections.watermark import Watermark
 from secrets_nats_kv.errors import NatsUnavailable, StorageError, UpstreamError
 
 _ATTEMPTS = 20
@@ -40,14 +40,14 @@ class Appender:
         self,
         log_: EventLog,
         view: LiveView,
-        writer: KvWriter | None,
+        settled: Sequence[Watermark] = (),
         *,
         settle_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.log = log_
         self.view = view
-        self._writer = writer
+        self._settled = tuple(settled)
         self._settle_timeout = settle_timeout
         self._turn = anyio.Lock()
         self._clock = clock
@@ -95,8 +95,8 @@ class Appender:
         try:
             with anyio.fail_after(self._settle_timeout):
                 await self.view.wait_applied(seq)
-                if self._writer is not None:
-                    await self._writer.wait_applied(seq)
+                for watermark in self._settled:
+                    await watermark.wait_for(seq)
         except TimeoutError:
             raise UpstreamError("stored, but the views did not catch up in time") from None
         except (StorageError, NatsUnavailable) as exc:

@@ -23,10 +23,12 @@ from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
+from actors.shredder import Shredder
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
+from projections.state import Effect
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.nats.connection import connect
 
@@ -74,9 +76,15 @@ class Backend:
             )
             await event_log.ensure()
             await views.ensure()
-            writer = KvWriter(views, event_log)
+            writer = KvWriter(views)
             await writer.prepare()
-            view = self.view = LiveView(event_log, on_effects=writer.submit)
+            shredder = Shredder(event_log)
+
+            def on_effects(seq: int, effects: list[Effect]) -> None:
+                writer.submit(seq, effects)
+                shredder.submit(seq, effects)
+
+            view = self.view = LiveView(event_log, on_effects=on_effects)
             gate = AdminGate(
                 config.transit_key,
                 config.admin_public_keys,
@@ -93,7 +101,7 @@ class Backend:
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            appender = Appender(event_log, view, writer)
+            appender = Appender(event_log, view, (writer.applied, shredder.applied))
             commands = CommandActor(appender, gate, encryption=config.encryption_key)
             lifecycle = LifecycleActor(appender, gate)
             handlers: dict[str, Handler] = {
@@ -116,6 +124,7 @@ class Backend:
                 if access_log is not None:
                     await tg.start(access_log.run)
                 await tg.start(writer.run)
+                await tg.start(shredder.run)
                 await tg.start(view.run)
                 await tg.start(pool.run)
                 await service.start(sorted(handlers))

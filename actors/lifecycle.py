@@ -12,7 +12,7 @@ from actors.admin import AdminGate, Opened
 from actors.appender import Appender
 from actors.pool import Reply, Request
 from events.types import SecretDeleted, SecretDestroyed, SecretUndeleted
-from projections.state import SecretRecord, ViewState
+from projections.state import SecretRecord, ViewState, shred_plan
 from secrets_nats_kv import wire
 from secrets_nats_kv.errors import (
     InvalidKey,
@@ -108,7 +108,7 @@ class LifecycleActor:
         provenance = self._appender.provenance(opened, admin.request_id)
 
         def decide(state: ViewState) -> SecretDestroyed:
-            versions, seqs = _shred_plan(_record(state, name), admin.version)
+            versions, seqs = shred_plan(_record(state, name), admin.version)
             return SecretDestroyed(
                 name=name, versions=versions, erased_seqs=seqs, all=admin.all, **provenance
             )
@@ -123,29 +123,6 @@ def _record(state: ViewState, name: str) -> SecretRecord:
     if record is None:
         raise SecretNotFound(name)
     return record
-
-
-def _shred_plan(
-    record: SecretRecord, version: int | None
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Versions to shred and the log entries holding their bytes.
-
-    Versions sharing bytes (an undelete's copy and the put it copied) go together:
-    shredding one without the other would leave the value readable.
-    """
-    if version is None:
-        targets = record.live_versions()
-        if not targets and not record.revisions:
-            raise SecretNotFound(record.name)
-        return tuple(record.revisions), tuple(sorted({v.event_seq for v in targets}))
-    chosen = record.versions.get(version)
-    if chosen is None or chosen.sealed is None:
-        raise SecretNotFound(record.name, version)
-    sharing = [v for v in record.live_versions() if v.origin == chosen.origin]
-    return (
-        tuple(sorted(v.revision for v in sharing)),
-        (chosen.event_seq,),
-    )
 
 
 def _name(admin: wire.AdminRequest) -> str:

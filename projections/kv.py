@@ -21,16 +21,15 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from events.log import EventLog
 from projections.state import (
     Effect,
-    EraseEvents,
     EraseSecretRevisions,
     FillErasedRevision,
     MarkSecretDeleted,
     PutMappingEntry,
     PutSecretEntry,
 )
+from projections.watermark import Watermark
 from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import (
@@ -141,16 +140,14 @@ class KvViews:
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, views: KvViews, log_: EventLog) -> None:
+    def __init__(self, views: KvViews) -> None:
         self.views = views
-        self._log = log_
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
-        self.applied_seq = 0
+        self.applied = Watermark()  # written up to
         self._secrets_last = 0
         self._state_last = 0
-        self._progress = anyio.Event()
         self._queued = 0  # entries submitted and not yet applied
         self.failed: str | None = None
 
@@ -185,10 +182,13 @@ class KvWriter:
             case _:
                 return False
 
+    @property
+    def applied_seq(self) -> int:
+        return self.applied.at
+
     async def wait_applied(self, seq: int) -> None:
         """Wait until entry `seq` is written; failed writes are retried, callers bound the wait."""
-        while self.applied_seq < seq:
-            await self._progress.wait()
+        await self.applied.wait_for(seq)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -200,9 +200,7 @@ class KvWriter:
                 self._advance(seq)
 
     def _advance(self, seq: int) -> None:
-        self.applied_seq = seq
-        self._progress.set()
-        self._progress = anyio.Event()
+        self.applied.advance(seq)
 
     async def _apply_with_retry(self, effect: Effect) -> None:
         delay = 0.05
@@ -214,8 +212,6 @@ class KvWriter:
             except (StorageError, NatsUnavailable) as exc:
                 self.failed = str(exc)
                 log.warning("KV view write failed, retrying", extra={"error": str(exc)})
-                self._progress.set()
-                self._progress = anyio.Event()
                 await anyio.sleep(delay)  # back off while NATS recovers
                 delay = min(delay * 2, 2.0)
 
@@ -237,11 +233,8 @@ class KvWriter:
             case EraseSecretRevisions(revisions):
                 for revision in revisions:
                     await self.views.erase_revision(layout.secrets_bucket, revision)
-            case EraseEvents(seqs):
-                for seq in seqs:
-                    await self._log.erase(seq)
             case _:
-                pass
+                pass  # EraseEvents is the shredder's (actors/shredder.py): the log is not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,4 +274,4 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
 
 def erases(effect: Effect) -> bool:
     """Whether `effect` erases something (after its own write, if it has one)."""
-    return isinstance(effect, FillErasedRevision | EraseSecretRevisions | EraseEvents)
+    return isinstance(effect, FillErasedRevision | EraseSecretRevisions)

@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 
 from events.log import EventLog
 from projections.state import Effect, ViewState, fold
+from projections.watermark import Watermark
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ class LiveView:
         self._log = log_
         self._on_effects = on_effects
         self.state = ViewState()
-        self._progress = anyio.Event()
-        self._waiting = 0
+        self.applied = Watermark()  # folded up to (`state.last_seq`, once listeners have it)
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
@@ -63,7 +63,7 @@ class LiveView:
 
     @property
     def applied_seq(self) -> int:
-        return self.state.last_seq
+        return self.applied.at
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Catch up with the log, report started (ready), then follow it and serve head reads."""
@@ -87,9 +87,7 @@ class LiveView:
                         effects = fold(self.state, entry.seq, entry.event)
                         if self._on_effects is not None:
                             self._on_effects(entry.seq, effects)
-                        if self._waiting:  # wake waiters; no event churn while nobody waits
-                            self._progress.set()
-                            self._progress = anyio.Event()
+                        self.applied.advance(self.state.last_seq)
                         delay = 0.1
                 except (StorageError, NatsUnavailable) as exc:
                     log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
@@ -120,12 +118,7 @@ class LiveView:
             seen = self.state.last_seq
 
     async def wait_applied(self, seq: int) -> None:
-        self._waiting += 1
-        try:
-            while self.state.last_seq < seq:
-                await self._progress.wait()
-        finally:
-            self._waiting -= 1
+        await self.applied.wait_for(seq)
 
     async def wait_fresh(self, catch_up_within: float) -> None:
         """Return once the view includes every event appended before this call.

@@ -74,7 +74,7 @@ async def refold_views(
     fold is done again one write at a time, keeping what is stored and adding the rest.
     """
     total = await event_log.head()
-    writer = KvWriter(views, event_log)
+    writer = KvWriter(views)
     try:
         try:
             return await _refold_pipelined(nc, event_log, writer, total, progress)
