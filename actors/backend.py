@@ -16,17 +16,17 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
 from actors.access_log import AccessLog
-from actors.admin import AdminGate
-from actors.appender import Appender
-from actors.commands import CommandActor
+from actors.decider import Decider
+from actors.gate import AdminGate
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
 from actors.shredder import Shredder
+from actors.store import StoreActor
 from events.integrity import EventAuthenticator
 from events.log import EventLog
-from projections.kv import KvLayout, KvViews, KvWriter
+from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.live import LiveView
 from projections.state import Effect
 from secrets_nats_kv.config import BackendConfig
@@ -65,7 +65,7 @@ class Backend:
                 authenticator=EventAuthenticator.for_key(config.encryption_key),
                 replicas=config.replicas,
             )
-            views = KvViews(
+            views = KvBuckets(
                 nc,
                 KvLayout(
                     secrets_bucket=names.secrets_bucket,
@@ -101,15 +101,15 @@ class Backend:
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            appender = Appender(event_log, view, (writer.applied, shredder.applied))
-            commands = CommandActor(appender, gate, encryption=config.encryption_key)
-            lifecycle = LifecycleActor(appender, gate)
+            decider = Decider(event_log, view, (writer.applied, shredder.applied))
+            store = StoreActor(decider, gate, encryption=config.encryption_key)
+            lifecycle = LifecycleActor(decider, gate)
             handlers: dict[str, Handler] = {
                 "server_xkey": responder.server_xkey,
                 "get": responder.get,
-                "put_secret": commands.put_secret,
-                "add_mapping": commands.add_mapping,
-                "remove_mapping": commands.remove_mapping,
+                "put_secret": store.put_secret,
+                "add_mapping": store.add_mapping,
+                "remove_mapping": store.remove_mapping,
                 "list": lifecycle.list,
                 "mappings": lifecycle.mappings,
                 "delete": lifecycle.delete,
@@ -117,7 +117,7 @@ class Backend:
                 "destroy": lifecycle.destroy,
             }
             pool = self.pool = ResponderPool(
-                nc, names, handlers, workers=config.request_concurrency
+                nc, names, handlers, concurrency=config.request_concurrency
             )
             service = MicroService(nc, names, pool)
             async with anyio.create_task_group() as tg:

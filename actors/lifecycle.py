@@ -1,15 +1,16 @@
 """Lifecycle actor: list, mappings, delete, undelete and destroy.
 
 Each is an admin operation on the backend's subject, authenticated like `put_secret`
-(a sealed `AdminRequest`). Reads answer from the live view once it is fresh; changes
-check the view, then append conditionally on the secret's last log entry, so two
-admins racing on one secret cannot both act on the same state.
+(a sealed `AdminRequest`). Reads answer from the live view once it is fresh
+(`FreshReads`); changes are decided on a fresh view and appended as the log's very next
+entry (`Decider`: the whole stream's last sequence is pinned), so two admins racing,
+on one secret or on any, cannot both act on the same state.
 """
 
 from __future__ import annotations
 
-from actors.admin import AdminGate, Opened
-from actors.appender import Appender
+from actors.decider import Decider
+from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import SecretDeleted, SecretDestroyed, SecretUndeleted
 from projections.state import SecretRecord, ViewState, shred_plan
@@ -26,8 +27,9 @@ from secrets_nats_kv.naming import validate_entity, validate_secret_name
 class LifecycleActor:
     """Actor: the operations an operator uses to look after secrets over their life."""
 
-    def __init__(self, appender: Appender, gate: AdminGate) -> None:
-        self._appender = appender
+    def __init__(self, decider: Decider, gate: AdminGate) -> None:
+        self._decider = decider
+        self._reads = decider.reads
         self._gate = gate
 
     def _open(self, request: Request) -> tuple[Opened, wire.AdminRequest]:
@@ -40,9 +42,9 @@ class LifecycleActor:
 
     async def list(self, request: Request) -> Reply:
         self._open(request)
-        await self._appender.fresh()
+        state = await self._reads.state()
         listing = []
-        for name, record in sorted(self._appender.view.state.secrets.items()):
+        for name, record in sorted(state.secrets.items()):
             latest = record.latest() if not record.deleted else None
             if latest is None and not record.deleted and not record.live_versions():
                 continue  # everything destroyed: nothing left to list
@@ -59,8 +61,7 @@ class LifecycleActor:
 
     async def mappings(self, request: Request) -> Reply:
         _, admin = self._open(request)
-        await self._appender.fresh()
-        mappings = self._appender.view.state.mappings
+        mappings = (await self._reads.state()).mappings
         if admin.entity is not None:
             entity = _entity(admin.entity)
             selected = {entity: sorted(mappings.get(entity, ()))}
@@ -73,7 +74,7 @@ class LifecycleActor:
     async def delete(self, request: Request) -> Reply:
         opened, admin = self._open(request)
         name = _name(admin)
-        provenance = self._appender.provenance(opened, admin.request_id)
+        provenance = self._decider.provenance(opened, admin.request_id)
 
         def decide(state: ViewState) -> SecretDeleted:
             record = _record(state, name)
@@ -81,13 +82,13 @@ class LifecycleActor:
                 raise SecretNotFound(name)
             return SecretDeleted(name=name, **provenance)
 
-        revision = await self._appender.append_revision(decide, admin.request_id)
+        revision = await self._decider.append_revision(decide, admin.request_id)
         return Reply(wire.encode_reply(wire.ChangeReply(revision=revision)))
 
     async def undelete(self, request: Request) -> Reply:
         opened, admin = self._open(request)
         name = _name(admin)
-        provenance = self._appender.provenance(opened, admin.request_id)
+        provenance = self._decider.provenance(opened, admin.request_id)
 
         def decide(state: ViewState) -> SecretUndeleted:
             record = _record(state, name)
@@ -97,7 +98,7 @@ class LifecycleActor:
                 raise InvalidRequest(f"secret {name!r} is not deleted")
             return SecretUndeleted(name=name, **provenance)
 
-        revision = await self._appender.append_revision(decide, admin.request_id)
+        revision = await self._decider.append_revision(decide, admin.request_id)
         return Reply(wire.encode_reply(wire.ChangeReply(revision=revision)))
 
     async def destroy(self, request: Request) -> Reply:
@@ -105,7 +106,7 @@ class LifecycleActor:
         name = _name(admin)
         if admin.all == (admin.version is not None):
             raise InvalidRequest("destroy needs exactly one of a version or all")
-        provenance = self._appender.provenance(opened, admin.request_id)
+        provenance = self._decider.provenance(opened, admin.request_id)
 
         def decide(state: ViewState) -> SecretDestroyed:
             versions, seqs = shred_plan(_record(state, name), admin.version)
@@ -113,8 +114,8 @@ class LifecycleActor:
                 name=name, versions=versions, erased_seqs=seqs, all=admin.all, **provenance
             )
 
-        appended = await self._appender.append(decide, admin.request_id)
-        destroyed = self._appender.view.state.destroyed.get(appended.seq, ())
+        appended = await self._decider.append(decide, admin.request_id)
+        destroyed = self._reads.current().destroyed.get(appended.seq, ())
         return Reply(wire.encode_reply(wire.ChangeReply(destroyed=list(destroyed))))
 
 

@@ -62,7 +62,7 @@ from bench.load import (
 from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name
 from events.types import Event, MappingAdded, SecretPut, encode_event
-from projections.kv import KvLayout, KvViews
+from projections.kv import KvBuckets, KvLayout
 from projections.state import ViewState, fold
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.client import AdminClient
@@ -246,7 +246,7 @@ async def write_log(
         log = EventLog(nc, backend_name=names.name, authenticator=authenticator)
         await log.ensure()
         layout = KvLayout(names.secrets_bucket, names.state_bucket)
-        await KvViews(nc, layout).ensure()
+        await KvBuckets(nc, layout).ensure()
         first = (await log.state()).last_seq + 1
         puts: list[SecretPut] = []
         count = 0
@@ -426,7 +426,7 @@ async def direct_kv_get(
     msg: Msg, transit: XKey, at_rest: SealBox, state_kv: Any, secrets_kv: Any, trusted: str
 ) -> tuple[bytes, dict[str, str]]:
     """One get the original's way; raises the protocol error it answers with."""
-    from actors.admin import sender_key  # the same header checks as ours
+    from actors.gate import sender_key  # the same header checks as ours
 
     host_key = sender_key(msg.headers, msg.data)
     request = wire.decode_secret_request(transit.open(msg.data, host_key))

@@ -63,7 +63,7 @@ class KvLayout:
     replicas: int = 1
 
 
-class KvViews:
+class KvBuckets:
     """Create, inspect and write the two KV buckets."""
 
     def __init__(self, nc: NATS, layout: KvLayout, *, timeout: float = 5.0) -> None:
@@ -140,8 +140,8 @@ class KvViews:
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, views: KvViews) -> None:
-        self.views = views
+    def __init__(self, buckets: KvBuckets) -> None:
+        self.buckets = buckets
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
@@ -158,9 +158,9 @@ class KvWriter:
 
     async def prepare(self) -> None:
         """Read where the buckets are, so a restart skips what is already written."""
-        layout = self.views.layout
-        self._secrets_last = await self.views.last_revision(layout.secrets_bucket)
-        self._state_last = await self.views.last_revision(layout.state_bucket)
+        layout = self.buckets.layout
+        self._secrets_last = await self.buckets.last_revision(layout.secrets_bucket)
+        self._state_last = await self.buckets.last_revision(layout.state_bucket)
 
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """Queue one log entry's effects (called by the live view, never blocks)."""
@@ -217,22 +217,22 @@ class KvWriter:
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""
-        write = positioned_write(self.views.layout, effect)
+        write = positioned_write(self.buckets.layout, effect)
         if write is not None:
-            await self.views.publish_at(
+            await self.buckets.publish_at(
                 write.bucket, write.key, write.revision, write.value, write.headers
             )
         await self.erase(effect)
 
     async def erase(self, effect: Effect) -> None:
         """The erasures `effect` implies, once its own write (if any) is stored; idempotent."""
-        layout = self.views.layout
+        layout = self.buckets.layout
         match effect:
             case FillErasedRevision(revision):
-                await self.views.erase_revision(layout.secrets_bucket, revision)
+                await self.buckets.erase_revision(layout.secrets_bucket, revision)
             case EraseSecretRevisions(revisions):
                 for revision in revisions:
-                    await self.views.erase_revision(layout.secrets_bucket, revision)
+                    await self.buckets.erase_revision(layout.secrets_bucket, revision)
             case _:
                 pass  # EraseEvents is the shredder's (actors/shredder.py): the log is not ours
 

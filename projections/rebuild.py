@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from events.integrity import EventAuthenticator
 from events.log import EventLog
-from projections.kv import KvLayout, KvViews, KvWriter, erases, positioned_write
+from projections.kv import KvBuckets, KvLayout, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.nats.positioned import PositionConflict, PositionedPublisher
@@ -50,7 +50,7 @@ async def rebuild_views(
     event_log = EventLog(
         nc, backend_name=backend_name, authenticator=authenticator, replicas=layout.replicas
     )
-    views = KvViews(nc, layout)
+    views = KvBuckets(nc, layout)
     await views.drop()
     await views.ensure()
     state = await refold_views(nc, event_log, views, progress)
@@ -65,7 +65,7 @@ async def rebuild_views(
 async def refold_views(
     nc: NATS,
     event_log: EventLog,
-    views: KvViews,
+    views: KvBuckets,
     progress: Callable[[int, int], None] | None = None,
 ) -> ViewState:
     """Write every revision the log implies into `views`, which should start empty.
@@ -93,7 +93,7 @@ async def _refold_pipelined(
     progress: Callable[[int, int], None] | None,
 ) -> ViewState:
     """Fold the log into empty buckets with a window of pinned writes per bucket."""
-    layout = writer.views.layout
+    layout = writer.buckets.layout
     state = ViewState()
     erasures: list[Effect] = []  # done after the last write: no stall of the pipeline
     async with contextlib.AsyncExitStack() as stack:

@@ -5,7 +5,7 @@ The staging stream's metadata is switched to `committed` (one atomic stream upda
 truth and is never discarded: the live log is deleted, recreated (`EventLog.ensure`),
 filled from staging (gaps again as erased fillers, the `KeyRotated` last, so its presence
 at its position proves the copy complete), the KV views are rebuilt with `rebuild_views`
-and checked against `ExpectedViews`, and only then is the staging stream deleted.
+and checked against `ExpectedBuckets`, and only then is the staging stream deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
-from actors.rotation.verify import ExpectedViews
+from actors.rotation.verify import ExpectedBuckets
 from events.integrity import TAG_HEADER
 from events.log import EventLog
 from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
@@ -89,7 +89,7 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
 
 
 def _check_staged(
-    run: RotationRun, counts: Counts, expected: ExpectedViews
+    run: RotationRun, counts: Counts, expected: ExpectedBuckets
 ) -> Callable[[RawMessage], Converted]:
     """Staged entries must be tagged for the new key, or be rejected placeholders."""
 
@@ -116,13 +116,13 @@ def _check_staged(
 
 async def read_staging(
     run: RotationRun, staging: Staging, publisher: PositionedPublisher | None, phase: str
-) -> tuple[Counts, ExpectedViews]:
+) -> tuple[Counts, ExpectedBuckets]:
     """Read the staged log, checking it, and copy it through `publisher` if one is given:
     every entry but the marker at its position, then the marker last. Without a publisher
     it only counts and folds (resumed runs, dry runs)."""
     marker = staging.marker
     assert marker is not None
-    counts, expected = Counts(), ExpectedViews(run.layout.max_history)
+    counts, expected = Counts(), ExpectedBuckets(run.layout.max_history)
     source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
     await replay(
         run,
