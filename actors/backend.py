@@ -23,6 +23,7 @@ from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
+from actors.transit import TransitKeys
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
@@ -86,9 +87,10 @@ class Backend:
             if config.access_log:
                 access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
                 await access_log.ensure()
+            transit = TransitKeys(config.transit_key, config.previous_transit_keys)
             responder = GetResponder(
                 view,
-                transit=config.transit_key,
+                transit=transit,
                 encryption=config.encryption_key,
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
@@ -111,7 +113,7 @@ class Backend:
             pool = self.pool = ResponderPool(
                 nc, names, handlers, workers=config.request_concurrency
             )
-            service = MicroService(nc, names, pool)
+            service = MicroService(nc, names, pool, transit)
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)
