@@ -24,6 +24,7 @@ from actors.responder import GetResponder
 from actors.service import MicroService
 from actors.shredder import Shredder
 from actors.store import StoreActor
+from actors.transit import TransitKeys
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvBuckets, KvLayout, KvWriter
@@ -94,9 +95,10 @@ class Backend:
             if config.access_log:
                 access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
                 await access_log.ensure()
+            transit = TransitKeys(config.transit_key, config.previous_transit_keys)
             responder = GetResponder(
                 view,
-                transit=config.transit_key,
+                transit=transit,
                 encryption=config.encryption_key,
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
@@ -119,7 +121,7 @@ class Backend:
             pool = self.pool = ResponderPool(
                 nc, names, handlers, concurrency=config.request_concurrency
             )
-            service = MicroService(nc, names, pool)
+            service = MicroService(nc, names, pool, transit)
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)

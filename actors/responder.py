@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from actors.gate import sender_key
 from actors.pool import Reply, Request
+from actors.transit import TransitKeys
 from events.access import AccessRecord
 from projections.live import LiveView
 from projections.state import Version
@@ -45,7 +46,7 @@ class GetResponder:
         self,
         view: LiveView,
         *,
-        transit: XKey,
+        transit: TransitKeys,
         encryption: XKey,
         trusted_issuers: frozenset[str] = frozenset(),
         freshness_timeout: float = 5.0,
@@ -57,7 +58,7 @@ class GetResponder:
         self._trusted = trusted_issuers
         self._freshness_timeout = freshness_timeout
         self._on_decision = on_decision
-        self._xkey_reply = Reply(transit.public_key.encode())
+        self._xkey_reply = Reply(transit.current.public_key.encode())
 
     async def server_xkey(self, request: Request) -> Reply:
         return self._xkey_reply
@@ -74,7 +75,8 @@ class GetResponder:
 
     async def _get(self, request: Request, context: dict[str, str | None]) -> Reply:
         host_key = sender_key(request.headers, request.payload)
-        plaintext = self._transit.open(request.payload, host_key)
+        plaintext, transit_key = self._transit.open(request.payload, host_key)
+        context["transit_key"] = transit_key.public_key
         secret_request = wire.decode_secret_request(plaintext)
         context["secret"] = secret_request.key
         context["version"] = secret_request.version
@@ -82,6 +84,7 @@ class GetResponder:
         context["entity"] = entity.sub
         host = self._verify(secret_request.context.host_jwt, entity=False)
         context["host"] = host.sub
+        self._transit.note_use(transit_key, host.sub)  # only hosts that proved themselves
         await self._wait_fresh()
         allowed = self._view.state.mappings.get(entity.sub)
         if not allowed or secret_request.key not in allowed:
@@ -146,6 +149,7 @@ class GetResponder:
                 host=context.get("host"),
                 granted=granted,
                 error=None if error is None else json.dumps(error.wire()),
+                transit_key=context.get("transit_key"),
             )
         )
 

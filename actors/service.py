@@ -18,6 +18,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointStats, Service
 
 from actors.pool import ResponderPool
+from actors.transit import TransitKeys
 from secrets_nats_kv import __version__
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.nats.connection import round_trip
@@ -28,10 +29,13 @@ SERVICE_NAME = "secrets-nats-kv"
 class MicroService:
     """Owns the micro service registration of one backend instance."""
 
-    def __init__(self, nc: NATS, names: BackendNames, pool: ResponderPool) -> None:
+    def __init__(
+        self, nc: NATS, names: BackendNames, pool: ResponderPool, transit: TransitKeys
+    ) -> None:
         self._nc = nc
         self._names = names
         self._pool = pool
+        self._transit = transit
         self._service: Service | None = None
 
     async def start(self, operations: list[str]) -> None:
@@ -40,7 +44,11 @@ class MicroService:
             name=SERVICE_NAME,
             version=__version__,
             description="wasmCloud secrets backend (NATS KV layout, event-sourced)",
-            metadata={"backend": self._names.name, "subject": self._names.subject_prefix},
+            metadata={
+                "backend": self._names.name,
+                "subject": self._names.subject_prefix,
+                "transit_key": self._transit.current.public_key,
+            },
             stats_handler=self._stats_data,
         )
         await self._service.add_endpoint(
@@ -58,7 +66,10 @@ class MicroService:
         await self._pool.submit(request._msg)  # the raw message: the pool answers it itself
 
     def _stats_data(self, _: EndpointStats) -> dict[str, object]:
-        return self._pool.stats.as_dict()
+        return {
+            **self._pool.stats.as_dict(),
+            "previous_transit_keys": self._transit.snapshot(),
+        }
 
     async def stop(self) -> None:
         """Stop taking requests and leave discovery, answering every request already routed here.

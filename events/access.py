@@ -33,6 +33,7 @@ class AccessRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     host: str | None = None
     granted: bool
     error: str | None = None  # the wire error value, as JSON text
+    transit_key: str | None = None  # the transit public key the request was sealed to
 
 
 class AccessBatch(msgspec.Struct, frozen=True, tag_field="type", tag="gets"):

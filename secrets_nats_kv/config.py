@@ -92,6 +92,7 @@ class BackendConfig:
 
     transit_key: XKey
     encryption_key: XKey
+    previous_transit_keys: tuple[XKey, ...] = ()  # still opened for gets (host key caches)
     names: BackendNames = BackendNames()
     nats: NatsOptions = NatsOptions()
     max_secret_history: int = DEFAULT_MAX_SECRET_HISTORY
@@ -109,6 +110,12 @@ class BackendConfig:
             raise ConfigError("--replicas must be at least 1")
         if not self.transit_key.has_private or not self.encryption_key.has_private:
             raise ConfigError("the transit and encryption keys must be curve seeds (SX…)")
+        if not all(key.has_private for key in self.previous_transit_keys):
+            raise ConfigError("previous transit keys must be curve seeds (SX…)")
+        transit = [self.transit_key.public_key]
+        transit += [key.public_key for key in self.previous_transit_keys]
+        if len(set(transit)) != len(transit):
+            raise ConfigError("a previous transit key repeats the current one or another")
 
     @property
     def admin_public_keys(self) -> frozenset[str]:

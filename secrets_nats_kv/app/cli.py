@@ -86,6 +86,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="public xkey allowed to sign admin operations (repeatable; env ADMIN_XKEYS)",
     )
     parser.add_argument(
+        "--previous-transit-xkey-seeds-file",
+        metavar="FILE",
+        help="previous transit seeds (one per line), still accepted for gets while hosts "
+        "keep the old key cached (env PREVIOUS_TRANSIT_XKEY_SEEDS, comma-separated)",
+    )
+    parser.add_argument(
         "--trusted-issuer",
         action="append",
         default=_env_list("TRUSTED_ISSUERS"),

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import nats.errors
@@ -75,6 +76,36 @@ def seed_from_env(*names: str) -> XKey:
     raise ConfigError(f"set {' or '.join(names)} to a curve seed (SX…)")
 
 
+def previous_transit_keys(args: argparse.Namespace) -> tuple[XKey, ...]:
+    """PREVIOUS_TRANSIT_XKEY_SEEDS (comma-separated) and --previous-transit-xkey-seeds-file."""
+    texts = [
+        (f"PREVIOUS_TRANSIT_XKEY_SEEDS item {i + 1}", t.strip())
+        for i, t in enumerate(os.environ.get("PREVIOUS_TRANSIT_XKEY_SEEDS", "").split(","))
+        if t.strip()
+    ]
+    path = getattr(args, "previous_transit_xkey_seeds_file", None)
+    if path:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"--previous-transit-xkey-seeds-file: cannot read {path}: "
+                f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}"
+            ) from None
+        texts += [
+            (f"{path} line {n}", line.strip())
+            for n, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    keys: list[XKey] = []
+    for where, text in texts:
+        try:
+            keys.append(XKey.from_seed(text))
+        except InvalidKey as exc:
+            raise ConfigError(f"previous transit key ({where}): {exc}") from None
+    return tuple(keys)
+
+
 def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -93,6 +124,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         raise ConfigError(f"--admin-xkey: {exc}") from None
     return BackendConfig(
         transit_key=seed_from_env("TRANSIT_XKEY_SEED"),
+        previous_transit_keys=previous_transit_keys(args),
         encryption_key=seed_from_env("ENCRYPTION_XKEY_SEED"),
         names=backend_names(args),
         nats=nats_options(args),

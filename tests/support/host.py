@@ -24,8 +24,11 @@ class HostClient(BackendClient):
         version: str | None = None,
         field: str | None = None,
         application: str | None = None,
+        transit: str | None = None,
     ) -> wire.Secret:
-        transit = await self.server_xkey()
+        """`get` as a host does it; `transit` seals to a key the host cached instead of
+        asking `server_xkey` (a wasmCloud host asks once per backend, for its whole life)."""
+        transit = transit or await self.server_xkey()
         host_key = XKey.generate()
         body = wire.encode_secret_request(
             wire.SecretRequest(
