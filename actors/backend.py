@@ -8,6 +8,7 @@ those in flight, then cancel the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -132,5 +133,6 @@ class Backend:
                     await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.move_on_after(5, shield=True):
+            # NATS may be gone by now: closing a dead connection is not a failure of ours.
+            with anyio.move_on_after(5, shield=True), contextlib.suppress(OSError):
                 await nc.close()
