@@ -258,10 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging(dev)
     dev_commands = dev.add_subparsers(dest="dev_command", parser_class=_Parser, metavar="")
-    dev_commands.add_parser(
+    dev_rotate = dev_commands.add_parser(
         "rotate-key",
         help="re-encrypt the dev store under a fresh encryption key (stop `dev` first)",
     )
+    # Also after the subcommand; SUPPRESS keeps dev's own value when not repeated here.
+    dev_rotate.add_argument("--data-dir", default=argparse.SUPPRESS, help="as for dev")
+    dev_rotate.add_argument("--nats-address", default=argparse.SUPPRESS, help="as for dev")
 
     put = _client(commands, "put", "store a new version of a secret", seed="transit")
     put.add_argument("name")

@@ -137,11 +137,28 @@ def _command_line(pid: int) -> str | None:
     return text or None
 
 
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (from /proc, else ps), None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[1])  # after "pid (comm) state"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        out = subprocess.run(
+            ["ps", "-p", str(pid), "-o", "ppid="], capture_output=True, check=False, timeout=5
+        )
+        return int(out.stdout.decode().strip())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def stop_orphan(folder: Path) -> int | None:
     """Stop a nats-server an earlier `dev` on `folder` left running; its pid, if there was one.
 
     Only a process whose command line names this folder's config file is ours; a stale
-    pid file (the pid reused by something else) is left alone and removed.
+    pid file (the pid reused by something else) is left alone and removed. A server whose
+    parent is a live `secrets-nats-kv` is no orphan: that `dev` still runs, and is refused.
     """
     pid_file = folder / "nats" / PID_FILE
     try:
@@ -157,6 +174,12 @@ def stop_orphan(folder: Path) -> int | None:
     if command is None or conf not in command or "nats-server" not in command:
         pid_file.unlink(missing_ok=True)
         return None
+    parent = _parent_of(pid)
+    parent_command = _command_line(parent) if parent not in (None, 0, 1) else None
+    if parent_command is not None and "secrets" in parent_command and "nats" in parent_command:
+        raise ConfigError(
+            f"a dev is running on {folder} (pid {parent}, its nats-server {pid}): stop `dev` first"
+        )
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + _ORPHAN_STOP_S
