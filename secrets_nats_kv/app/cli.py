@@ -366,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nats(export)
     _add_names(export)
 
+    backup = commands.add_parser(
+        "backup", help="copy the event and access logs to a folder (never a seed)"
+    )
+    backup.add_argument("--output", metavar="DIR", required=True, help="a new or empty folder")
+    _add_nats(backup)
+    _add_names(backup)
+    restore = commands.add_parser(
+        "restore", help="restore a backup into a NATS that holds nothing of this backend"
+    )
+    restore.add_argument("source", metavar="DIR", help="a folder written by `backup`")
+    restore.add_argument(
+        "--replicas", type=int, default=None, help="replicas of the streams (default: as backed up)"
+    )
+    _add_nats(restore)
+    _add_names(restore)
+
     keys = commands.add_parser("keys", help="key utilities")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     gen = key_commands.add_parser(

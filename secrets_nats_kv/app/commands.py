@@ -477,7 +477,7 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_printer(label: str) -> Callable[[int, int], None] | None:
+def progress_printer(label: str, unit: str = "events") -> Callable[[int, int], None] | None:
     """A progress bar on stderr when it is a terminal; nothing otherwise."""
     if not sys.stderr.isatty():
         return None
@@ -488,7 +488,7 @@ def progress_printer(label: str) -> Callable[[int, int], None] | None:
         if percent != last[0]:
             last[0] = percent
             bar = "#" * (percent // 4)
-            sys.stderr.write(f"\r{label} [{bar:<25}] {done}/{total} events")
+            sys.stderr.write(f"\r{label} [{bar:<25}] {done}/{total} {unit}")
             if done >= total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -574,6 +574,18 @@ async def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_backup(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.backup import cmd_backup as run
+
+    return await run(args)
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.backup import cmd_restore as run
+
+    return await run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run,
     "dev": cmd_dev,
@@ -590,6 +602,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "rebuild": cmd_rebuild,
     "audit": cmd_audit,
     "rotate-key": cmd_rotate_key,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
 }
 
 
