@@ -20,10 +20,11 @@ from actors.access_log import AccessLog
 from actors.admin import AdminGate
 from actors.appender import Appender
 from actors.commands import CommandActor
+from actors.health import Health
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
-from actors.service import MicroService
+from actors.service import STATS_INCIDENTS, STATS_KEYS, STATS_VIEW_SEQ, MicroService
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
@@ -47,9 +48,22 @@ class Backend:
         self.nc: NATS | None = None
         self.view: LiveView | None = None
         self.pool: ResponderPool | None = None
+        self.health = Health()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def status(self) -> dict[str, object]:
+        """What `secrets-nats-kv status` judges: view position, incidents, public keys."""
+        return {
+            STATS_VIEW_SEQ: self.view.applied_seq if self.view is not None else 0,
+            STATS_INCIDENTS: self.health.snapshot(),
+            STATS_KEYS: {
+                "transit": self.config.transit_key.public_key,
+                "encryption": self.config.encryption_key.public_key,
+                "admin": sorted(self.config.admin_public_keys),
+            },
+        }
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -112,7 +126,7 @@ class Backend:
             pool = self.pool = ResponderPool(
                 nc, names, handlers, workers=config.request_concurrency
             )
-            service = MicroService(nc, names, pool)
+            service = MicroService(nc, names, pool, status=self.status)
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)

@@ -382,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nats(restore)
     _add_names(restore)
 
+    status = commands.add_parser(
+        "status", help="health check: exit 0 only if a caught-up, healthy backend answers"
+    )
+    status.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for instances to answer"
+    )
+    _add_nats(status)
+    _add_names(status)
+
     keys = commands.add_parser("keys", help="key utilities")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     gen = key_commands.add_parser(

@@ -586,6 +586,12 @@ async def cmd_restore(args: argparse.Namespace) -> int:
     return await run(args)
 
 
+async def cmd_status(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.status import cmd_status as run
+
+    return await run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run,
     "dev": cmd_dev,
@@ -604,6 +610,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "rotate-key": cmd_rotate_key,
     "backup": cmd_backup,
     "restore": cmd_restore,
+    "status": cmd_status,
 }
 
 
