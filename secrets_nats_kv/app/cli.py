@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -74,7 +75,7 @@ class _DefaultsShown(argparse.HelpFormatter):
 def version_number(text: str) -> int:
     """A secret version: a revision, 1 to 2^64-1 (JetStream's sequence range)."""
     stripped = text.strip()
-    if not stripped.isdigit() or not 1 <= int(stripped) <= MAX_VERSION:
+    if not (stripped.isascii() and stripped.isdigit()) or not 1 <= int(stripped) <= MAX_VERSION:
         raise argparse.ArgumentTypeError(
             f"a version is a whole number from 1 to {MAX_VERSION}, got {text!r}"
         )
@@ -447,7 +448,32 @@ def _seeds_from_flags(args: argparse.Namespace) -> None:
     args.seed_flags = given
 
 
+class _EarlySignal(BaseException):
+    """SIGTERM before the command's own receiver is installed (while starting up)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _early_signal(signum: int, _frame: object) -> None:
+    raise _EarlySignal(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until `interrupts` installs its receiver, SIGTERM would kill us silently.
+    previous = signal.signal(signal.SIGTERM, _early_signal)
+    try:
+        return _main(argv)
+    except (_EarlySignal, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, _EarlySignal) else signal.SIGINT
+        sys.stderr.write(f"{PROG}: interrupted by {signal.Signals(signum).name}\n")
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "help":
@@ -474,9 +500,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         sys.stderr.write(f"{PROG}: error: {known}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
     except Exception as exc:
         if os.environ.get("SECRETS_NATS_KV_DEBUG"):
             raise

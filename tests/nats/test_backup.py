@@ -255,3 +255,64 @@ def test_backup_of_a_backend_that_is_not_there_names_it(
         "-n nobody",
     )
     assert not (tmp_path / "b").exists()
+
+
+def run_with_terminal_stderr(args: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal: its exit code, stdout, and the terminal."""
+    import pty
+
+    from support.harness import CLI, REPO
+
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [*CLI, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        try:
+            while chunk := os.read(controller, 4096):
+                shown += chunk
+        except OSError:  # EIO: the other end is closed and everything was read
+            pass
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return proc.returncode, proc.stdout, shown
+
+
+def test_backup_and_restore_show_progress_on_a_terminal(
+    make_nats_server: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    keys = Keys()
+    server = make_nats_server()
+    proc = running(server, keys, tmp_path / "run.log")
+    env = env_for(server, keys)
+    ok(
+        run_cli(
+            "put", "bk-progress", "--string", remembered(secrets.token_hex(12), "value"), env=env
+        )
+    )
+    code, out, shown = run_with_terminal_stderr(["backup", "--output", str(tmp_path / "b")], env)
+    stop(proc)
+    assert code == 0, shown
+    assert out.startswith(b"backed up nats-kv")
+    assert b"\rbackup events [" in shown
+    assert b"#########################]" in shown  # the bar reached 100%
+    target = make_nats_server()
+    code, out, shown = run_with_terminal_stderr(
+        ["restore", str(tmp_path / "b")], env_for(target, keys)
+    )
+    assert code == 0, shown
+    assert b"\rrestore events [" in shown
+    # Not a terminal: no progress at all (the other tests' one-line checks rely on it).
+    quiet = run_cli("backup", "--output", str(tmp_path / "c"), env=env_for(target, keys))
+    assert ok(quiet).startswith("backed up nats-kv")

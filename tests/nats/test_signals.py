@@ -202,7 +202,8 @@ async def _hold_requests(
         task_status.started()
         await anyio.sleep_forever()
     finally:
-        await nc.close()
+        with anyio.CancelScope(shield=True):  # cancelled is how it ends: close anyway
+            await nc.close()
 
 
 @SIGNALS
