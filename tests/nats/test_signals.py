@@ -165,7 +165,15 @@ def one_line(text: str, sig: signal.Signals) -> None:
 
 @SIGNALS
 @pytest.mark.parametrize(
-    "command", [["list"], ["get", "x"], ["put", "x", "--string", "irrelevant"]]
+    "command",
+    [
+        ["list"],
+        ["get", "x"],
+        ["put", "x", "--string", "irrelevant"],
+        ["backup", "--output", "OUT"],
+        ["status"],
+    ],
+    ids=["list", "get", "put", "backup", "status"],
 )
 def test_client_command_while_connecting(
     sig: signal.Signals,
