@@ -10,6 +10,7 @@ only once its view has caught up, so answering PING means ready.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -18,24 +19,32 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointStats, Service
 
 from actors.pool import ResponderPool
-from actors.transit import TransitKeys
 from secrets_nats_kv import __version__
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.nats.connection import round_trip
 
 SERVICE_NAME = "secrets-nats-kv"
+# What an instance adds to its endpoint's stats data, for `secrets-nats-kv status`.
+STATS_VIEW_SEQ = "view_seq"  # the last log sequence its view has applied
+STATS_INCIDENTS = "incidents"  # Health.snapshot()
+STATS_KEYS = "public_keys"  # {"transit": X…, "encryption": X…, "admin": [X…]}: never a seed
+STATS_PREVIOUS_TRANSIT = "previous_transit_keys"  # TransitKeys.snapshot(): last use, hosts
 
 
 class MicroService:
     """Owns the micro service registration of one backend instance."""
 
     def __init__(
-        self, nc: NATS, names: BackendNames, pool: ResponderPool, transit: TransitKeys
+        self,
+        nc: NATS,
+        names: BackendNames,
+        pool: ResponderPool,
+        status: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._nc = nc
         self._names = names
         self._pool = pool
-        self._transit = transit
+        self._status = status
         self._service: Service | None = None
 
     async def start(self, operations: list[str]) -> None:
@@ -47,7 +56,6 @@ class MicroService:
             metadata={
                 "backend": self._names.name,
                 "subject": self._names.subject_prefix,
-                "transit_key": self._transit.current.public_key,
             },
             stats_handler=self._stats_data,
         )
@@ -66,10 +74,10 @@ class MicroService:
         await self._pool.submit(request._msg)  # the raw message: the pool answers it itself
 
     def _stats_data(self, _: EndpointStats) -> dict[str, object]:
-        return {
-            **self._pool.stats.as_dict(),
-            "previous_transit_keys": self._transit.snapshot(),
-        }
+        data = self._pool.stats.as_dict()
+        if self._status is not None:
+            data.update(self._status())
+        return data
 
     async def stop(self) -> None:
         """Stop taking requests and leave discovery, answering every request already routed here.

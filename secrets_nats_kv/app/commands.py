@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,16 +19,20 @@ from pathlib import Path
 import anyio
 import nats.errors
 import nats.js.errors
-from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
 
 from secrets_nats_kv import config
 from secrets_nats_kv.app import logs
 from secrets_nats_kv.app.client import AdminClient
+from secrets_nats_kv.app.interrupts import Shutdown
 from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
 from secrets_nats_kv.config import BackendConfig, BackendNames, NatsOptions
 from secrets_nats_kv.errors import (
+    BackendNotAnswering,
     ConfigError,
+    DecryptionError,
     InvalidKey,
+    InvalidRequest,
     InvalidSecretName,
     SecretNotFound,
     SecretsBackendError,
@@ -60,7 +65,7 @@ def backend_names(args: argparse.Namespace) -> BackendNames:
         subject_base=args.subject_base,
         api_version=args.secrets_api_version,
         queue_base=args.nats_queue_base,
-        secrets_bucket=args.secrets_bucket,
+        secrets_bucket=getattr(args, "secrets_bucket", config.DEFAULT_SECRETS_BUCKET),
     )
 
 
@@ -138,11 +143,17 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
 
 
 async def run_until_signalled(
-    backend_config_: BackendConfig, *, argv: list[str] | None = None, workers: int = 1
+    backend_config_: BackendConfig,
+    shutdown: Shutdown,
+    *,
+    argv: list[str] | None = None,
+    workers: int = 1,
 ) -> int:
-    """Run a backend (and `workers - 1` child backends) until SIGINT/SIGTERM, then drain."""
-    import signal
+    """Run a backend (and `workers - 1` child backends) until `shutdown`, then drain.
 
+    `shutdown.clean` is set when the backend stopped in order: it never got as far as
+    taking requests, or it answered every request it had taken while NATS was reachable.
+    """
     from actors.backend import Backend
 
     backend = Backend(backend_config_)
@@ -156,31 +167,38 @@ async def run_until_signalled(
             "no --trusted-issuer: any host with a self-made JWT can fetch any mapped secret"
         )
     stopping = anyio.Event()
+    connected_at_stop = [False]
     async with anyio.create_task_group() as tg:
 
-        async def stop_on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    log.info("stopping: draining requests in flight")
-                    stopping.set()
-                    backend.stop()
-                    return
-
-        tg.start_soon(stop_on_signal)
-
-        async def serve(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-            await backend.run(task_status=task_status)
-            tg.cancel_scope.cancel()  # the backend has stopped: nothing left to wait for
-
-        await tg.start(serve)
+        async def stop_on_request() -> None:
+            await shutdown.requested.wait()
+            log.info(
+                "stopping: draining requests in flight", extra={"signal": shutdown.signal_name}
+            )
+            stop()
 
         def stop() -> None:
-            stopping.set()
-            backend.stop()
+            if not stopping.is_set():
+                connected_at_stop[0] = backend.nc is not None and backend.nc.is_connected
+                stopping.set()
+                backend.stop()
+            if not backend.ready.is_set():
+                tg.cancel_scope.cancel()  # still connecting or catching up: nothing to drain
 
+        async def serve() -> None:
+            await backend.run()
+            tg.cancel_scope.cancel()  # the backend has stopped: nothing left to wait for
+
+        tg.start_soon(stop_on_request)
+        tg.start_soon(serve)
         tg.start_soon(stop_when_orphaned, stopping, stop)
         if workers > 1 and argv is not None:
             tg.start_soon(supervise_children, argv, workers - 1, stopping)
+    pool = backend.pool
+    drained = pool is not None and pool.finished.is_set() and connected_at_stop[0]
+    shutdown.clean = not backend.ready.is_set() or drained
+    if not connected_at_stop[0]:
+        shutdown.why_unclean = "while NATS was unreachable: replies in flight may be lost"
     return 0
 
 
@@ -188,17 +206,41 @@ async def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
-    return await run_until_signalled(backend_config(args), argv=args.argv, workers=args.workers)
+    return await run_until_signalled(
+        backend_config(args), args.shutdown, argv=args.argv, workers=args.workers
+    )
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
-    from secrets_nats_kv.app.dev import run_dev
+    from secrets_nats_kv.app import dev
 
     logs.configure(args.log_format, args.log_level)
-    return await run_dev(args.data_dir, args.nats_address)
+    if args.dev_command == "rotate-key":
+        return await dev.rotate_dev_key(args.data_dir, args.nats_address)
+    return await dev.run_dev(args.data_dir, args.nats_address, args.shutdown)
 
 
 # --- client commands -----------------------------------------------------------------------
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """`1 version`, `2 versions`: output a person reads without wincing."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def _refuse_bucket(args: argparse.Namespace) -> None:
+    """`-b` on a command the backend answers: refused, never silently ignored."""
+    if getattr(args, "refused_bucket", None) is not None:
+        raise ConfigError(
+            f"{args.command} -b/--secrets-bucket: the backend answers this with its own "
+            "bucket (set it with `run -b`); drop -b here, or pick the backend with -n/--name"
+        )
+
+
+async def _close(nc: NATS) -> None:
+    """Close a CLI connection even while being cancelled (a signal), within a bound."""
+    with anyio.move_on_after(2, shield=True), contextlib.suppress(OSError):
+        await nc.close()
 
 
 @contextlib.asynccontextmanager
@@ -206,11 +248,17 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
     """An admin client, closed on exit; a refusal says which key was refused and why.
 
     The wire carries only the bare `Unauthorized`, whose own text ("not allowed") would
-    leave the operator guessing which of their seeds is wrong.
+    leave the operator guessing which of their seeds is wrong. A `-t` flag wins over
+    ADMIN_XKEY_SEED (it was given for this run); otherwise ADMIN_XKEY_SEED wins.
     """
-    admin_key = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
+    _refuse_bucket(args)
+    if "transit_xkey_seed" in getattr(args, "seed_flags", ()):
+        admin_key = seed_from_env("TRANSIT_XKEY_SEED")
+    else:
+        admin_key = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
     nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
-    client = AdminClient(nc, backend_names(args), admin_key)
+    names = backend_names(args)
+    client = AdminClient(nc, names, admin_key)
     try:
         yield client
     except Unauthorized:
@@ -220,8 +268,13 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
             "--admin-xkey; or this machine's clock is more than "
             f"{config.REQUEST_CLOCK_SKEW_S} s off)"
         ) from None
+    except BackendNotAnswering as exc:
+        raise ConfigError(
+            f"{exc}: {args.command} needs a running backend; start one with "
+            f"`secrets-nats-kv run` (or `dev`), with -n {names.name} if it is not the default"
+        ) from None
     finally:
-        await nc.close()
+        await _close(nc)
 
 
 def _valid_name(name: str) -> str:
@@ -253,6 +306,11 @@ def _put_value(args: argparse.Namespace) -> str | bytes:
 async def cmd_put(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
     value = _put_value(args)
+    if args.secret_version is not None:
+        sys.stderr.write(
+            "secrets-nats-kv: warning: put --secret-version is ignored: the backend assigns "
+            "versions (the original ignored it too)\n"
+        )
     async with _admin_session(args) as client:
         revision = await client.put_secret(name, value)
     _say(f"stored {name} as version {revision}")
@@ -283,6 +341,18 @@ async def cmd_remove_mapping(args: argparse.Namespace) -> int:
     return await _mapping(args, add=False)
 
 
+def _stored_kind(headers: dict[str, str], value: bytes) -> str:
+    """How the value was stored: our kind header, else the original's rule (UTF-8 is a string)."""
+    kind = headers.get(config.KIND_HEADER)
+    if kind in ("string", "binary"):
+        return kind
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    return "string"
+
+
 async def cmd_get(args: argparse.Namespace) -> int:
     """Read the KV bucket directly, as the original does, and open with the encryption key."""
     name = _valid_name(args.name)
@@ -305,19 +375,35 @@ async def cmd_get(args: argparse.Namespace) -> int:
         except nats.errors.Error as exc:
             raise convert(f"read {name}", exc) from None
     finally:
-        await nc.close()
+        await _close(nc)
     headers = msg.headers or {}
     if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
         raise SecretNotFound(name, args.secret_version)
-    value = SealBox(encryption, encryption).open(msg.data)
-    kind = args.kind or headers.get(config.KIND_HEADER, "string")
+    try:
+        value = SealBox(encryption, encryption).open(msg.data)
+    except DecryptionError:
+        raise ConfigError(
+            f"{name} version {msg.seq} does not open with this ENCRYPTION_XKEY_SEED "
+            f"({encryption.public_key}): the key may be wrong, or the store was rotated to a "
+            "new key with rotate-key"
+        ) from None
+    kind = _stored_kind(headers, value)
+    if args.kind is not None and args.kind != kind:
+        raise ConfigError(
+            f"secret {name} was in {kind} format, but {args.kind} format was requested"
+        )
     if args.output:
         try:
             await anyio.Path(args.output).write_bytes(value)
         except OSError as exc:
             raise ConfigError(f"cannot write {args.output}: {exc.strerror}") from None
-        _say(f"wrote {len(value)} bytes of {name} version {msg.seq} to {args.output}")
+        _say(f"wrote {plural(len(value), 'byte')} of {name} version {msg.seq} to {args.output}")
     elif kind == "binary":
+        if sys.stdout.isatty():
+            raise ConfigError(
+                f"{name} is binary ({plural(len(value), 'byte')}) and stdout is a terminal: "
+                "give --output FILE or pipe the output"
+            )
         sys.stdout.buffer.write(value)
         sys.stdout.buffer.flush()
     else:
@@ -333,7 +419,8 @@ async def cmd_list(args: argparse.Namespace) -> int:
     for item in listing:
         state = " (deleted)" if item.deleted else ""
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.updated_at))
-        _say(f"{item.name}\tversion {item.version}\t{item.versions} versions\t{when}{state}")
+        versions = plural(item.versions, "version")
+        _say(f"{item.name}\tversion {item.version}\t{versions}\t{when}{state}")
     return 0
 
 
@@ -357,7 +444,10 @@ async def cmd_mappings(args: argparse.Namespace) -> int:
 async def cmd_delete(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
     async with _admin_session(args) as client:
-        revision = await client.delete(name)
+        try:
+            revision = await client.delete(name)
+        except SecretNotFound:
+            raise SecretNotFound(name) from None
     _say(f"deleted {name} (revision {revision}); undelete restores it")
     return 0
 
@@ -365,7 +455,12 @@ async def cmd_delete(args: argparse.Namespace) -> int:
 async def cmd_undelete(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
     async with _admin_session(args) as client:
-        revision = await client.undelete(name)
+        try:
+            revision = await client.undelete(name)
+        except SecretNotFound:
+            raise SecretNotFound(name) from None
+        except InvalidRequest:  # the only request undelete can get wrong: a live secret
+            raise ConfigError(f"secret {name!r} is not deleted: nothing to undelete") from None
     _say(f"restored {name} as version {revision}")
     return 0
 
@@ -373,9 +468,13 @@ async def cmd_undelete(args: argparse.Namespace) -> int:
 async def cmd_destroy(args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
     async with _admin_session(args) as client:
-        destroyed = await client.destroy(name, version=args.secret_version, all=args.all)
+        try:
+            destroyed = await client.destroy(name, version=args.secret_version, all=args.all)
+        except SecretNotFound:
+            raise SecretNotFound(name, args.secret_version) from None
     versions = ", ".join(str(v) for v in destroyed) or "none"
-    _say(f"destroyed {name} revisions {versions}: their bytes are erased")
+    word = "revision" if len(destroyed) == 1 else "revisions"
+    _say(f"destroyed {name} {word} {versions}: their bytes are erased")
     return 0
 
 
@@ -401,15 +500,16 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
             progress=progress_printer("rebuild"),
         )
     finally:
-        await nc.close()
+        await _close(nc)
     _say(
-        f"rebuilt views from {report.events} events: {report.secrets} secrets, "
-        f"{report.mappings} entities, secrets bucket at revision {report.secrets_revision}"
+        f"rebuilt views from {plural(report.events, 'event')}: "
+        f"{plural(report.secrets, 'secret')}, {plural(report.mappings, 'entity', 'entities')}, "
+        f"secrets bucket at revision {report.secrets_revision}"
     )
     return 0
 
 
-def progress_printer(label: str) -> Callable[[int, int], None] | None:
+def progress_printer(label: str, unit: str = "events") -> Callable[[int, int], None] | None:
     """A progress bar on stderr when it is a terminal; nothing otherwise."""
     if not sys.stderr.isatty():
         return None
@@ -420,7 +520,7 @@ def progress_printer(label: str) -> Callable[[int, int], None] | None:
         if percent != last[0]:
             last[0] = percent
             bar = "#" * (percent // 4)
-            sys.stderr.write(f"\r{label} [{bar:<25}] {done}/{total} events")
+            sys.stderr.write(f"\r{label} [{bar:<25}] {done}/{total} {unit}")
             if done >= total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -456,7 +556,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             if args.output:
                 out.close()
     finally:
-        await nc.close()
+        await _close(nc)
     if args.output:
         _say(f"wrote {count} records to {args.output}")
     return 0
@@ -487,16 +587,41 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
             progress=progress_printer("rotate-key"),
         )
     finally:
-        await nc.close()
+        await _close(nc)
     _say(report.summary())
     return 0
 
 
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 async def cmd_keys(args: argparse.Namespace) -> int:
-    key = XKey.generate()
-    _say(f"seed: {key.seed}")
-    _say(f"public key: {key.public_key}")
+    """Fresh seeds as `export NAME=SEED  # public key X…` lines, to paste or `eval`."""
+    for variable in args.variables:
+        if not _VARIABLE.fullmatch(variable):
+            raise ConfigError(f"keys gen: {variable!r} is not a shell variable name")
+    for variable in args.variables:
+        key = XKey.generate()
+        _say(f"export {variable}={key.seed}  # public key {key.public_key}")
     return 0
+
+
+async def cmd_backup(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.backup import cmd_backup as run
+
+    return await run(args)
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.backup import cmd_restore as run
+
+    return await run(args)
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app.status import cmd_status as run
+
+    return await run(args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
@@ -515,6 +640,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "rebuild": cmd_rebuild,
     "audit": cmd_audit,
     "rotate-key": cmd_rotate_key,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
+    "status": cmd_status,
 }
 
 

@@ -25,18 +25,25 @@ log = logging.getLogger(__name__)
 _HEALTHY_RUN_S = 60.0  # a child that ran this long before dying restarts without backoff
 
 
+# Options left off a child's command line: `--workers` (forced to 1) and seed flags, which
+# `cli` has moved into the environment the children inherit (off the process list).
+_DROPPED = ("--workers", "-e", "--encryption-xkey-seed", "-t", "--transit-xkey-seed")
+
+
 def child_argv(argv: Sequence[str]) -> list[str]:
-    """The command line of a child: ours with `--workers` forced to 1."""
+    """The command line of a child: ours with `--workers` forced to 1 and no seed flags."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--workers":
+        if arg in _DROPPED:
             skip = True
             continue
-        if arg.startswith("--workers="):
+        if any(arg.startswith(f"{flag}=") for flag in _DROPPED if flag.startswith("--")):
+            continue
+        if arg[:2] in ("-e", "-t") and len(arg) > 2:  # -eSEED
             continue
         out.append(arg)
     return [sys.executable, "-m", "secrets_nats_kv.app.cli", *out, "--workers", "1"]

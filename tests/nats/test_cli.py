@@ -141,9 +141,13 @@ def test_put_string_by_flag_and_env_then_get_each_version(backend: CliBackend) -
     assert pinned.returncode == 0
     assert pinned.stderr == b""
     assert pinned.stdout == first.encode() + b"\n"
-    raw = cli("get", "cli-string", "--kind", "binary", env=backend.env)
-    assert raw.returncode == 0
-    assert raw.stdout == second.encode()
+    as_string = cli("get", "cli-string", "--kind", "string", env=backend.env)
+    assert as_string.stdout == second.encode() + b"\n"
+    # As in the original: asking for the other kind is an error, not a reinterpretation.
+    one_line_error(
+        cli("get", "cli-string", "--kind", "binary", env=backend.env),
+        "string format, but binary format was requested",
+    )
 
 
 def test_put_binary_by_flag_and_env_then_get_raw_bytes_and_to_a_file(
@@ -227,7 +231,7 @@ def test_lifecycle_commands_one_happy_path_each(backend: CliBackend) -> None:
     assert cli("get", "cli-life", env=env).stdout == new.encode() + b"\n"
 
     out = ok(cli("destroy", "cli-life", "--version", str(v1), env=env))
-    assert out == f"destroyed cli-life revisions {v1}: their bytes are erased\n"
+    assert out == f"destroyed cli-life revision {v1}: their bytes are erased\n"
     one_line_error(
         cli("get", "cli-life", "--secret-version", str(v1), env=env), "cli-life", "not found"
     )
@@ -235,23 +239,32 @@ def test_lifecycle_commands_one_happy_path_each(backend: CliBackend) -> None:
 
     only = int(ok(cli("put", "cli-shred", "--string", secret_text("shred"), env=env)).split()[-1])
     out = ok(cli("destroy", "cli-shred", "--all", env=env))
-    assert out == f"destroyed cli-shred revisions {only}: their bytes are erased\n"
+    assert out == f"destroyed cli-shred revision {only}: their bytes are erased\n"
     one_line_error(cli("get", "cli-shred", env=env), "cli-shred", "not found")
 
 
-def test_keys_gen_prints_a_matching_curve_seed_and_public_key() -> None:
-    outputs = []
-    for _ in range(2):
-        result = run_cli("keys", "gen", env=cli_env())  # prints a seed by design
+def test_keys_gen_prints_export_lines_with_matching_public_keys() -> None:
+    """Lines to paste (or `eval`): `export NAME=SEED  # public key X…`, fresh each time."""
+    seeds = []
+    for args in (("keys", "gen"), ("keys", "gen", "NEW_ENCRYPTION_XKEY_SEED")):
+        result = run_cli(*args, env=cli_env())  # prints a seed by design
         lines = ok(result).splitlines()
-        assert len(lines) == 2
-        assert lines[0].startswith("seed: SX")
-        assert lines[1].startswith("public key: X")
-        seed, public = lines[0].removeprefix("seed: "), lines[1].removeprefix("public key: ")
-        assert XKey.from_seed(seed).public_key == public
-        assert XKey.from_public(public).public_key == public
-        outputs.append(seed)
-    assert outputs[0] != outputs[1]
+        names = list(args[2:]) or ["TRANSIT_XKEY_SEED", "ENCRYPTION_XKEY_SEED"]
+        assert len(lines) == len(names)
+        for name, line in zip(names, lines, strict=True):
+            assignment, _, comment = line.partition("  # public key ")
+            assert assignment.startswith(f"export {name}=SX")
+            seed = assignment.removeprefix(f"export {name}=")
+            assert XKey.from_seed(seed).public_key == comment
+            seeds.append(seed)
+        shell = subprocess.run(
+            ["sh", "-c", f"{result.stdout.decode()}\necho ${names[-1]}"],
+            capture_output=True,
+            check=True,
+        )
+        assert shell.stdout.decode().strip() == seeds[-1]  # the lines paste as they are
+    assert len(set(seeds)) == len(seeds)
+    one_line_error(run_cli("keys", "gen", "1BAD", env=cli_env()), "1BAD", "variable name")
 
 
 # --- failures: one line, says what is wrong ------------------------------------------------
