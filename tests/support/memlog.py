@@ -27,6 +27,7 @@ from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.shredder import Shredder
 from actors.store import StoreActor
+from actors.transit import TransitKeys
 from events.log import Appended, ConcurrentAppend, LogEntry
 from events.types import Event, Rejected, UndecodableEvent, decode_event, encode_event
 from projections.live import LiveView
@@ -127,7 +128,7 @@ class MemoryBackend:
         lifecycle = LifecycleActor(decider, gate)
         responder = GetResponder(
             self.view,
-            transit=self.transit,
+            transit=TransitKeys(self.transit),
             encryption=self.encryption,
             trusted_issuers=self.trusted_issuers,
         )
