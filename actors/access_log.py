@@ -12,7 +12,6 @@ import logging
 
 import anyio
 import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api

@@ -382,11 +382,12 @@ def test_admin_keys_from_the_flag_and_the_environment_may_write_others_may_not(
         [XKey.generate(), XKey.generate()],
         XKey.generate(),
     )
-    names = ("--name", "cliadmin", "-b", "CLIADMIN_SECRETS")
+    run_names = ("--name", "cliadmin", "-b", "CLIADMIN_SECRETS")
+    names = ("--name", "cliadmin")  # clients pick the backend; its bucket is its own
     run_env = {**backend.env, "ADMIN_XKEYS": ",".join(k.public_key for k in env_keys)}
     url = backend.server.url
     proc = spawn_run(
-        url, run_env, *names, "--admin-xkey", flag_key.public_key,
+        url, run_env, *run_names, "--admin-xkey", flag_key.public_key,
         log=backend.directory / "run-admin-keys.log",
     )  # fmt: skip
     try:
