@@ -128,7 +128,7 @@ async def test_list_shows_names_latest_versions_and_times_never_values(
     lines = done.stdout.decode().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("alpha\tversion 2\t2 versions\t")
-    assert lines[1].startswith("beta\tversion 0\t1 versions\t")
+    assert lines[1].startswith("beta\tversion 0\t1 version\t")
     assert lines[1].endswith("(deleted)")
     for value in (b"alpha-value-one", b"alpha-value-two", b"beta-value"):
         assert value not in done.stdout + done.stderr
