@@ -19,12 +19,20 @@ from actors.access_log import AccessLog
 from actors.admin import AdminGate
 from actors.appender import Appender
 from actors.commands import CommandActor
+from actors.health import Health
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
 from events.integrity import EventAuthenticator
 from events.log import EventLog
+from projections.foreign import (
+    check_explained,
+    check_layout,
+    check_tail,
+    check_views,
+    inspect_views,
+)
 from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
 from secrets_nats_kv.config import BackendConfig
@@ -46,6 +54,7 @@ class Backend:
         self.nc: NATS | None = None
         self.view: LiveView | None = None
         self.pool: ResponderPool | None = None
+        self.health = Health()
 
     def stop(self) -> None:
         self._stop.set()
@@ -72,10 +81,16 @@ class Backend:
                     replicas=config.replicas,
                 ),
             )
+            # Before anything is created or changed: buckets only `import` may take over.
+            found = await inspect_views(nc, names.secrets_bucket, names.state_bucket)
+            if not await event_log.exists():
+                for bucket in found:
+                    check_explained(bucket, 0)
+            for bucket in found:
+                check_layout(bucket)
             await event_log.ensure()
-            await views.ensure()
-            writer = KvWriter(views, event_log)
-            await writer.prepare()
+            writer = KvWriter(views, event_log, incidents=self.health)
+            writer.prime(found[0].last_seq, found[1].last_seq)
             view = self.view = LiveView(event_log, on_effects=writer.submit)
             gate = AdminGate(
                 config.transit_key,
@@ -93,7 +108,7 @@ class Backend:
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            appender = Appender(event_log, view, writer)
+            appender = Appender(event_log, view, writer, health=self.health)
             commands = CommandActor(appender, gate, encryption=config.encryption_key)
             lifecycle = LifecycleActor(appender, gate)
             handlers: dict[str, Handler] = {
@@ -115,8 +130,13 @@ class Backend:
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)
-                await tg.start(writer.run)
+                # The view catches up first (its writes queue in the writer): the buckets
+                # are checked against the log it read after them, before any is written.
                 await tg.start(view.run)
+                check_views(found[0], found[1], view.state)
+                await check_tail(nc, found[0], view.state)
+                await views.ensure()
+                await tg.start(writer.run)
                 await tg.start(pool.run)
                 await service.start(sorted(handlers))
                 self.ready.set()

@@ -20,7 +20,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 
 from secrets_nats_kv import config
-from secrets_nats_kv.app import logs
+from secrets_nats_kv.app import import_command, logs
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
 from secrets_nats_kv.config import BackendConfig, BackendNames, NatsOptions
@@ -483,6 +483,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "rebuild": cmd_rebuild,
     "audit": cmd_audit,
     "rotate-key": cmd_rotate_key,
+    "import": import_command.cmd_import,
 }
 
 
