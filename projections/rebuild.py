@@ -109,7 +109,9 @@ async def _refold_pipelined(
             # No stream pin: a header stored with each entry, which the live writer omits.
             publisher = PositionedPublisher(nc, kv_stream(bucket), expect_stream=False)
             publishers[bucket] = await stack.enter_async_context(publisher)
-        async for entry in event_log.entries():
+        # The whole log first, then the writes: reading the ordered consumer while the
+        # same connection pipelines writes runs about three times slower (bench_import).
+        for entry in await event_log.read_all():
             for effect in fold(state, entry.seq, entry.event):
                 write = positioned_write(layout, effect)
                 if write is not None:

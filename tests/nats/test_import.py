@@ -56,7 +56,9 @@ class Built:
 async def build_original(nc: NATS, *, deny_delete: bool = True) -> Built:
     keys = Keys()
     names = fresh_names()
-    original = await Original(nc, keys.encryption, names).create(deny_delete=deny_delete)
+    original = await Original(nc, keys.encryption, names, remember=remember).create(
+        deny_delete=deny_delete
+    )
     built = Built(names, keys, (Identity(), Identity()))
     revisions: list[int] = []
     for i in range(70):  # more than the 64-entry history: the first six are dropped
@@ -332,7 +334,7 @@ async def test_an_import_killed_twice_part_way_finishes_with_nothing_lost_or_dou
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
     keys, names = Keys(), fresh_names()
-    original = await Original(nc, keys.encryption, names).create()
+    original = await Original(nc, keys.encryption, names, remember=remember).create()
     reader = Identity()
     expected: dict[str, tuple[int, bytes]] = {}
     for i in range(1500):

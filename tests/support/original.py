@@ -14,6 +14,7 @@ revisions, values and operations. Import must leave that view unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -24,7 +25,6 @@ from nats.js.kv import KeyValue
 
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.xkeys import SealBox, XKey
-from support.leakcheck import remember
 
 ORIGINAL_HISTORY = 64
 
@@ -58,6 +58,8 @@ class Original:
     names: BackendNames = field(default_factory=BackendNames)
     secrets_kv: KeyValue | None = None
     state_kv: KeyValue | None = None
+    # The leak registry (support.leakcheck.remember) for tests; bench leaves it out.
+    remember: Callable[[bytes, str], object] | None = None
 
     async def create(self, *, deny_delete: bool = True) -> Original:
         """Both buckets; `deny_delete=False` makes them as a KV client that allows deletes."""
@@ -84,8 +86,8 @@ class Original:
     async def put(self, name: str, value: str | bytes, *, track: bool = True) -> int:
         """The original's `put_secret`: the value sealed by the encryption key to itself."""
         plaintext = value.encode() if isinstance(value, str) else value
-        if track and len(plaintext) >= 8:
-            remember(plaintext, f"original value of {name}")
+        if track and self.remember is not None and len(plaintext) >= 8:
+            self.remember(plaintext, f"original value of {name}")
         sealed = SealBox(self.encryption, self.encryption).seal(plaintext)
         return await self._secrets().put(name, sealed)
 
