@@ -24,7 +24,7 @@ from nats.aio.client import Client as NATS
 
 from projections.state import ViewState
 from secrets_nats_kv.config import kv_stream
-from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.errors import SecretsBackendError, StorageError
 from secrets_nats_kv.nats.jetstream import convert
 
 IMPORT_MARKER = "secrets-nats-kv-import"  # stream metadata key while `import` replaces it
@@ -88,6 +88,29 @@ async def inspect_bucket(nc: NATS, bucket: str) -> BucketFound:
 async def inspect_views(nc: NATS, secrets_bucket: str, state_bucket: str) -> list[BucketFound]:
     """Both buckets, secrets first."""
     return [await inspect_bucket(nc, secrets_bucket), await inspect_bucket(nc, state_bucket)]
+
+
+async def why_no_backend(
+    nc: NATS, secrets_bucket: str, state_bucket: str, *, log_exists: bool
+) -> UnexplainedEntries | None:
+    """Why no backend answers, if it is because of the buckets (for client commands).
+
+    A backend refuses to start on buckets only `import` may take over; a command whose
+    request nobody answered says so instead of just "no backend answered". None when the
+    buckets are not the reason, or cannot be read (a user without JetStream rights).
+    """
+    try:
+        found = await inspect_views(nc, secrets_bucket, state_bucket)
+    except SecretsBackendError:
+        return None
+    try:
+        for bucket in found:
+            check_layout(bucket)
+            if not log_exists:
+                check_explained(bucket, 0)
+    except UnexplainedEntries as exc:
+        return exc
+    return None
 
 
 def check_layout(found: BucketFound) -> None:

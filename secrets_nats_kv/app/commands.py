@@ -18,6 +18,7 @@ import anyio
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
 
 from secrets_nats_kv import config
 from secrets_nats_kv.app import import_command, logs
@@ -25,6 +26,7 @@ from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
 from secrets_nats_kv.config import BackendConfig, BackendNames, NatsOptions
 from secrets_nats_kv.errors import (
+    BackendNotAnswering,
     ConfigError,
     InvalidKey,
     InvalidSecretName,
@@ -181,6 +183,8 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
     client = AdminClient(nc, backend_names(args), admin_key)
     try:
         yield client
+    except BackendNotAnswering as silence:
+        raise await _why_silent(nc, args) or silence from None
     except Unauthorized:
         raise ConfigError(
             f"Unauthorized: the backend refused admin key {admin_key.public_key} "
@@ -190,6 +194,19 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
         ) from None
     finally:
         await nc.close()
+
+
+async def _why_silent(nc: NATS, args: argparse.Namespace) -> SecretsBackendError | None:
+    """The buckets' reason no backend answers (they are the original's), if that is it."""
+    from events.log import EventLog
+    from projections.foreign import why_no_backend
+
+    names = backend_names(args)
+    try:
+        log_exists = await EventLog(nc, backend_name=names.name, authenticator=None).exists()
+    except SecretsBackendError:
+        return None
+    return await why_no_backend(nc, names.secrets_bucket, names.state_bucket, log_exists=log_exists)
 
 
 def _valid_name(name: str) -> str:
@@ -439,6 +456,8 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
     names = backend_names(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
     try:
+        if (refused := await _why_silent(nc, args)) is not None:
+            raise refused  # the original's buckets: import them before rotating
         report = await rotate_key(
             nc,
             names=names,

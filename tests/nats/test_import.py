@@ -147,8 +147,16 @@ async def test_run_on_the_originals_buckets_refuses_naming_import_and_changes_no
     err = one_line(result)
     assert "secrets-nats-kv import" in err
     assert "Traceback" not in err
-    # A rebuild would drop them: refused the same way.
-    assert "import" in one_line(run_cli("rebuild", *built.args(url), env=cli_env(built.keys)))
+    # A rebuild would drop them, a rotation rewrite them: refused the same way; so are the
+    # client commands that write, which no backend can answer.
+    env = cli_env(built.keys)
+    assert "import" in one_line(run_cli("rebuild", *built.args(url), env=env))
+    rotate_env = cli_env(built.keys, NEW_ENCRYPTION_XKEY_SEED=Keys().encryption.seed)
+    assert "import" in one_line(run_cli("rotate-key", *built.args(url), env=rotate_env))
+    put = run_cli("put", "api-token", "--string", "x", *built.args(url), env=env)
+    assert "secrets-nats-kv import" in one_line(put)
+    mapping = ("add-mapping", built.readers[0].entity_key, "--secret", "gone")
+    assert "secrets-nats-kv import" in one_line(run_cli(*mapping, *built.args(url), env=env))
     assert (await views(nc, built.names), await bounds(nc, built.names)) == before
     assert await stream_config(nc, built.names.secrets_bucket) == config_before
     assert not await log_exists(nc, built.names)
