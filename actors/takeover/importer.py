@@ -250,10 +250,13 @@ class _Importer:
         if not secrets_found.exists:
             raise ImportRefused(f"nothing to import: there is no {secrets_found.stream}")
         for bucket in found:
-            if _marked(bucket, IMPORT_REPLACING) or _marked(bucket, IMPORT_DONE):
+            # A bucket an import was still folding holds only part of the log, which is
+            # gone: importing it would lose the rest. (One marked done is whole: a new
+            # import of it is how to come back after a rollback to the original.)
+            if _marked(bucket, IMPORT_REPLACING):
                 raise ImportRefused(
-                    f"{bucket.stream} was made by an import whose event log is gone: "
-                    "restore the log, or rebuild"
+                    f"{bucket.stream} is half rebuilt by an import whose event log is gone: "
+                    "restore the log and run import again"
                 )
         secrets = await read_bucket(self.nc, self.layout.secrets_bucket)
         state = await read_bucket(self.nc, self.layout.state_bucket)
