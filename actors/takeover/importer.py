@@ -27,7 +27,8 @@ A log already holding the whole import and views marked done: nothing to do. A l
 events that no import wrote: refused (import only into a backend that never ran).
 
 Test hook: `SECRETS_NATS_KV_IMPORT_CRASH_AFTER=<phase>:<n>` exits with `os._exit(1)` (no
-cleanup, like SIGKILL) in `append` after n entries sent (flushed first), after `dropped`
+cleanup, like SIGKILL) in `append` after n entries sent (flushed first), after `appended`
+(every entry acknowledged, nothing replaced yet), after `dropped`
 (the original's streams deleted), or in `refold` after n log entries folded. It does
 nothing unless set.
 """
@@ -322,6 +323,8 @@ class _Importer:
                 self.progress(seq, total)
 
         await self.log.append_pipelined(planned[from_seq - 1 :], first_seq=from_seq, on_sent=sent)
+        if self.hook.at("appended"):
+            self.hook.crash()
 
     async def _discard_log(self) -> None:
         try:

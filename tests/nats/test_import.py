@@ -384,3 +384,50 @@ async def test_an_import_killed_twice_part_way_finishes_with_nothing_lost_or_dou
         got = run_cli("get", name, *args, env=cli_env(keys))
         assert got.returncode == 0, got.stderr
         assert got.stdout == value + b"\n"
+
+
+# --- an old instance that writes during the import; a log that is not an import's ------
+
+
+async def test_a_write_by_an_old_instance_before_the_replace_is_read_again_not_lost(
+    module_nats_server: NatsServer, nc: NATS
+) -> None:
+    keys, names = Keys(), fresh_names()
+    original = Original(nc, keys.encryption, names, remember=remember)
+    await original.create()
+    reader = Identity()
+    first = await original.put("app-key", b"first-value-0001")
+    await original.set_mapping(reader.entity_key, ["app-key", "late"])
+    args = ["--nats-address", module_nats_server.url, "--name", names.name]
+    args += ["-b", names.secrets_bucket]
+    crashed = run_cli("import", *args, env=cli_env(keys, **{CRASH_ENV: "appended"}))
+    assert crashed.returncode == 1
+    # The log is whole but nothing replaced; an old instance still running writes.
+    assert (await stream_config(nc, names.secrets_bucket)).deny_delete
+    late = await original.put("late", b"written-by-the-old-instance")
+    done = run_cli("import", *args, env=cli_env(keys))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().startswith("imported 2 secrets (2 versions")
+    async with running_backend(module_nats_server.url, keys, names=names) as clients:
+        got = await clients.get(reader, "late")
+        assert (got.version, got.string_secret) == (str(late), "written-by-the-old-instance")
+        got = await clients.get(reader, "app-key", version=str(first))
+        assert got.string_secret == "first-value-0001"
+
+
+async def test_import_refuses_a_log_it_did_not_write_and_a_log_under_another_key(
+    module_nats_server: NatsServer, nc: NATS
+) -> None:
+    built = await build_original(nc)
+    url = module_nats_server.url
+    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    wrong = cli_env(built.keys, ENCRYPTION_XKEY_SEED=Keys().encryption.seed)
+    assert "does not verify" in one_line(run_cli("import", *built.args(url), env=wrong))
+    # A backend that already ran (its own log) is not imported into.
+    keys, names = Keys(), fresh_names()
+    async with running_backend(url, keys, names=names) as clients:
+        remember(b"own-value-0001", "value")
+        await clients.admin.put_secret("own", "own-value-0001")
+    args = ["--nats-address", url, "--name", names.name, "-b", names.secrets_bucket]
+    err = one_line(run_cli("import", *args, env=cli_env(keys)))
+    assert "no import wrote" in err
