@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from actors.takeover.importer import CRASH_ENV
 from events.integrity import EventAuthenticator
 from events.log import EventLog
+from events.types import OriginalImported
 from projections.kv import BUCKET_AHEAD
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.natsserver import NatsServer
@@ -431,3 +432,34 @@ async def test_import_refuses_a_log_it_did_not_write_and_a_log_under_another_key
     args = ["--nats-address", url, "--name", names.name, "-b", names.secrets_bucket]
     err = one_line(run_cli("import", *args, env=cli_env(keys)))
     assert "no import wrote" in err
+
+
+@pytest.mark.parametrize("crash", ["append:1", "append:40", "appended", "dropped", "refold:30"])
+async def test_killed_at_any_point_then_run_again_the_import_is_whole(
+    module_nats_server: NatsServer, nc: NATS, crash: str
+) -> None:
+    built = await build_original(nc)
+    url = module_nats_server.url
+    before = await views(nc, built.names)
+    crashed = run_cli("import", *built.args(url), env=cli_env(built.keys, **{CRASH_ENV: crash}))
+    assert crashed.returncode == 1
+    assert not crashed.stdout
+    done = run_cli("import", *built.args(url), env=cli_env(built.keys), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "5 secrets (67 versions, 2 deleted" in done.stdout.decode()
+    assert await views(nc, built.names) == before
+    entries = await EventLog(
+        nc,
+        backend_name=built.names.name,
+        authenticator=EventAuthenticator.for_key(built.keys.encryption),
+    ).read_all()
+    record = entries[0].event
+    assert isinstance(record, OriginalImported)
+    assert [e.seq for e in entries] == list(range(1, record.entries + 2))  # none doubled
+    async with running_backend(url, built.keys, names=built.names) as clients:
+        first, second = built.readers
+        for name, versions in built.versions.items():
+            reader = first if name in built.mappings[first.entity_key] else second
+            for revision, value in versions.items():
+                got = await clients.get(reader, name, version=str(revision))
+                assert _value(got) == value
