@@ -177,6 +177,8 @@ async def check_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
         return  # erased: nothing readable there
     except nats.errors.Error as exc:
         raise convert(f"read {found.stream} #{found.last_seq}", exc) from None
+    if any(found.last_seq in versions for versions in state.destroyed.values()):
+        return  # destroyed by the log; its erasure may not have happened yet
     expected = expected_at(state, found.last_seq)
     key = (message.subject or "").removeprefix(f"$KV.{found.bucket}.")
     operation = (message.headers or {}).get("KV-Operation")
