@@ -27,6 +27,7 @@ from actors.service import MicroService
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.foreign import (
+    BucketFound,
     check_explained,
     check_layout,
     check_tail,
@@ -55,6 +56,7 @@ class Backend:
         self.view: LiveView | None = None
         self.pool: ResponderPool | None = None
         self.health = Health()
+        self._writer: KvWriter | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -89,7 +91,7 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
-            writer = KvWriter(views, event_log, incidents=self.health)
+            writer = self._writer = KvWriter(views, event_log, incidents=self.health)
             writer.prime(found[0].last_seq, found[1].last_seq)
             view = self.view = LiveView(event_log, on_effects=writer.submit)
             gate = AdminGate(
@@ -133,8 +135,7 @@ class Backend:
                 # The view catches up first (its writes queue in the writer): the buckets
                 # are checked against the log it read after them, before any is written.
                 await tg.start(view.run)
-                check_views(found[0], found[1], view.state)
-                await check_tail(nc, found[0], view.state)
+                await self._check_buckets(nc, found, view)
                 await views.ensure()
                 await tg.start(writer.run)
                 await tg.start(pool.run)
@@ -152,5 +153,23 @@ class Backend:
                     await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
+            if self._writer is not None:
+                self._writer.close()  # its queue, if it never ran (a refused start)
             with anyio.move_on_after(5, shield=True):
                 await nc.close()
+
+    async def _check_buckets(self, nc: NATS, found: list[BucketFound], view: LiveView) -> None:
+        """Refuse to start on buckets the log does not explain (projections/foreign.py).
+
+        Only a log this process could read whole explains anything: entries it rejected
+        (a wrong key, forgeries) wrote nothing it can count, so the comparison is left to
+        the writer's own checks then, with a warning.
+        """
+        if view.state.rejected:
+            log.warning(
+                "event log entries rejected: the buckets are not checked against the log",
+                extra={"rejected": view.state.rejected},
+            )
+            return
+        check_views(found[0], found[1], view.state)
+        await check_tail(nc, found[0], view.state)

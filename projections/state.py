@@ -113,6 +113,7 @@ class ViewState:
     destroyed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # destroy seq -> versions
     erased_revisions: set[int] = field(default_factory=set)  # revisions of erased log entries
     encryption_key: str | None = None  # public key named by the last KeyRotated
+    rejected: int = 0  # entries folded as Rejected (not ours, or not tagged for their place)
 
 
 # --- the KV writes a log entry implies ------------------------------------------------------
@@ -201,6 +202,7 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
         case RevisionsSkipped():
             return _skip(state, event)
         case Rejected():
+            state.rejected += 1
             return []
 
 
