@@ -283,6 +283,7 @@ async def test_import_keeps_every_version_number_value_deletion_and_mapping(
     assert head["type"] == "original_imported"
     assert head["seq"] == 1
     assert head["admin_key"] == built.keys.transit.public_key
+    assert head["time"].startswith("20")  # when it ran (ISO time)
     assert head["counts"]["secrets"] == 5
     assert head["counts"]["versions"] == 67
     assert head["counts"]["mappings"] == 2
@@ -463,3 +464,29 @@ async def test_killed_at_any_point_then_run_again_the_import_is_whole(
             for revision, value in versions.items():
                 got = await clients.get(reader, name, version=str(revision))
                 assert _value(got) == value
+
+
+async def test_an_imported_deployment_rotates_its_key_keeping_every_number(
+    module_nats_server: NatsServer, nc: NATS
+) -> None:
+    built = await build_original(nc)
+    url = module_nats_server.url
+    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    new = Keys(transit=built.keys.transit)
+    env = cli_env(built.keys, NEW_ENCRYPTION_XKEY_SEED=new.encryption.seed)
+    rotated = run_cli("rotate-key", *built.args(url), env=env, timeout=120)
+    assert rotated.returncode == 0, rotated.stderr
+    async with running_backend(url, new, names=built.names) as clients:
+        first, second = built.readers
+        for name, versions in built.versions.items():
+            reader = first if name in built.mappings[first.entity_key] else second
+            for revision, value in versions.items():
+                got = await clients.get(reader, name, version=str(revision))
+                assert _value(got) == value
+        for revision in built.dropped["api-token"]:
+            with pytest.raises(SecretNotFound):
+                await clients.get(first, "api-token", version=str(revision))
+        remember(b"after-rotation-0001", "value")
+        assert await clients.admin.put_secret("api-token", "after-rotation-0001") == (
+            built.last_revision + 1
+        )
