@@ -38,14 +38,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from actors.takeover.reader import BucketRead, read_bucket
+from actors.takeover.report import ImportReport
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from events.types import OriginalImported, Rejected, SecretKind
@@ -74,64 +73,6 @@ from secrets_nats_kv.xkeys import SealBox, XKey
 
 CRASH_ENV = "SECRETS_NATS_KV_IMPORT_CRASH_AFTER"
 _API_TIMEOUT = 10.0
-
-Outcome = Literal["imported", "resumed", "finished", "already imported", "dry run"]
-
-
-@dataclass(frozen=True)
-class ImportReport:
-    outcome: Outcome
-    secrets: int
-    versions: int
-    deleted: int
-    mappings: int
-    bytes: int
-    skipped: int
-    secrets_revision: int
-    state_revision: int
-
-    def summary(self) -> str:
-        what = (
-            f"{self.secrets} secrets ({self.versions} versions, {self.deleted} deleted, "
-            f"{self.skipped} revisions the original no longer held), {self.mappings} "
-            f"mappings, {self.bytes} bytes; next version {self.secrets_revision + 1}"
-        )
-        return {
-            "imported": f"imported {what}",
-            "resumed": f"imported (resumed) {what}",
-            "finished": f"finished the import of {what}",
-            "already imported": f"already imported ({what}): nothing to do",
-            "dry run": f"dry run: would import {what}; nothing changed",
-        }[self.outcome]
-
-    @classmethod
-    def of(cls, outcome: Outcome, plan: ImportPlan) -> ImportReport:
-        c = plan.counts
-        return cls(
-            outcome,
-            c.secrets,
-            c.versions,
-            c.deleted,
-            c.mappings,
-            c.bytes,
-            c.skipped,
-            plan.secrets_revision,
-            plan.state_revision,
-        )
-
-    @classmethod
-    def of_record(cls, outcome: Outcome, record: OriginalImported) -> ImportReport:
-        return cls(
-            outcome,
-            record.secrets,
-            record.versions,
-            record.deleted,
-            record.mappings,
-            record.bytes,
-            0,
-            record.secrets_revision,
-            record.state_revision,
-        )
 
 
 class _CrashHook:
