@@ -30,6 +30,7 @@ from projections.foreign import (
     BucketFound,
     check_explained,
     check_layout,
+    check_state_tail,
     check_tail,
     check_views,
     inspect_views,
@@ -173,3 +174,4 @@ class Backend:
             return
         check_views(found[0], found[1], view.state)
         await check_tail(nc, found[0], view.state)
+        await check_state_tail(nc, found[1], view.state)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -193,4 +194,31 @@ async def check_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
             f"{found.stream} revision {found.last_seq} holds an entry the event log does not "
             "explain (another writer, or the original secrets-nats-kv still running?): stop "
             f"it; if the bucket holds the original's data, {_RUN_IMPORT}"
+        )
+
+
+async def check_state_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
+    """Refuse if the state bucket's newest entry is not the mapping the log wrote last.
+
+    Only when the bucket is exactly where the log says (a writer behind has not written
+    the newest yet, and an older revision's content is not kept by the fold).
+    """
+    if found.last_seq == 0 or found.last_seq != state.state_revision:
+        return
+    try:
+        message = await nc.jetstream(timeout=_API_TIMEOUT).get_msg(found.stream, seq=found.last_seq)
+    except nats.js.errors.NotFoundError:
+        return
+    except nats.errors.Error as exc:
+        raise convert(f"read {found.stream} #{found.last_seq}", exc) from None
+    key = (message.subject or "").removeprefix(f"$KV.{found.bucket}.")
+    if state.last_mapping:
+        names = sorted(state.mappings.get(state.last_mapping, ()))
+        same = key == state.last_mapping and (message.data or b"") == msgspec.json.encode(names)
+    else:
+        same = not message.data  # an imported skip's placeholder, not erased yet
+    if not same:
+        raise UnexplainedEntries(
+            f"{found.stream} revision {found.last_seq} holds a mapping the event log does not "
+            "explain (another writer, or the original secrets-nats-kv still running?): stop it"
         )

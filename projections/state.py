@@ -114,6 +114,7 @@ class ViewState:
     erased_revisions: set[int] = field(default_factory=set)  # revisions of erased log entries
     encryption_key: str | None = None  # public key named by the last KeyRotated
     rejected: int = 0  # entries folded as Rejected (not ours, or not tagged for their place)
+    last_mapping: str = ""  # the entity of the newest state-bucket write (for start-up checks)
 
 
 # --- the KV writes a log entry implies ------------------------------------------------------
@@ -302,6 +303,7 @@ def _skip(state: ViewState, event: RevisionsSkipped) -> list[Effect]:
         effects.append(FillErasedRevision(state.secrets_revision))
     for _ in range(event.state_revisions):
         state.state_revision += 1
+        state.last_mapping = ""
         effects.append(FillStateRevision(state.state_revision))
     return effects
 
@@ -313,6 +315,7 @@ def _map(state: ViewState, seq: int, event: MappingAdded | MappingRemoved) -> li
     else:
         allowed.difference_update(event.secrets)
     state.state_revision += 1
+    state.last_mapping = event.entity
     return [PutMappingEntry(event.entity, state.state_revision, tuple(sorted(allowed)))]
 
 

@@ -520,3 +520,20 @@ async def test_an_imported_deployment_rotates_its_key_keeping_every_number(
         assert await clients.admin.put_secret("api-token", "after-rotation-0001") == (
             built.last_revision + 1
         )
+
+
+async def test_a_mapping_written_behind_the_logs_back_stops_writes_and_a_restart(
+    module_nats_server: NatsServer, nc: NATS
+) -> None:
+    built = await build_original(nc)
+    url = module_nats_server.url
+    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    first = built.readers[0]
+    async with running_backend(url, built.keys, names=built.names) as clients:
+        kv = await nc.jetstream().key_value(built.names.state_bucket)
+        await kv.put(first.entity_key, b'["everything"]')  # an old instance's add_mapping
+        with pytest.raises(UpstreamError):
+            await clients.admin.add_mapping(first.entity_key, ["db-password"])
+        assert clients.backend.health.incidents[BUCKET_AHEAD].blocks_writes
+    err = one_line(run_cli("run", *built.args(url), env=cli_env(built.keys), timeout=60))
+    assert "holds a mapping the event log does not explain" in err
