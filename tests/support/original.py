@@ -118,14 +118,20 @@ async def stock_view(nc: NATS, bucket: str) -> dict[str, list[StockEntry]]:
     js = nc.jetstream(timeout=10)
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=">")
     prefix = f"$KV.{bucket}."
-    keys = sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))
+    counts = {s.removeprefix(prefix): n for s, n in (info.state.subjects or {}).items()}
     kv = await js.key_value(bucket)
     view: dict[str, list[StockEntry]] = {}
-    for key in keys:
-        try:
-            history = await kv.history(key)
-        except nats.js.errors.NoKeysError:
-            continue
+    for key in sorted(counts):
+        # nats-py's history watcher can end early on a loaded machine (its "no more
+        # pending" marker racing a consumer reset): read again until it has every entry
+        # the stream counts for the key, as a reader that checked would.
+        for _ in range(5):
+            try:
+                history = await kv.history(key)
+            except nats.js.errors.NoKeysError:
+                history = []
+            if len(history) == counts[key]:
+                break
         view[key] = [
             (e.key, e.revision or 0, e.value or b"", str(e.operation or "PUT")) for e in history
         ]
