@@ -57,7 +57,7 @@ class Backend:
         self.view: LiveView | None = None
         self.pool: ResponderPool | None = None
         self.health = Health()
-        self._writer: KvWriter | None = None
+        self.writer: KvWriter | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -92,7 +92,7 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
-            writer = self._writer = KvWriter(views, event_log, incidents=self.health)
+            writer = self.writer = KvWriter(views, event_log, incidents=self.health)
             writer.prime(found[0].last_seq, found[1].last_seq)
             view = self.view = LiveView(event_log, on_effects=writer.submit)
             gate = AdminGate(
@@ -154,8 +154,8 @@ class Backend:
                     await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
-            if self._writer is not None:
-                self._writer.close()  # its queue, if it never ran (a refused start)
+            if self.writer is not None:
+                self.writer.close()  # its queue, if it never ran (a refused start)
             with anyio.move_on_after(5, shield=True):
                 await nc.close()
 

@@ -537,3 +537,38 @@ async def test_a_mapping_written_behind_the_logs_back_stops_writes_and_a_restart
         assert clients.backend.health.incidents[BUCKET_AHEAD].blocks_writes
     err = one_line(run_cli("run", *built.args(url), env=cli_env(built.keys), timeout=60))
     assert "holds a mapping the event log does not explain" in err
+
+
+async def test_after_a_foreign_write_a_rebuild_repairs_the_bucket_and_writes_resume(
+    module_nats_server: NatsServer, nc: NATS
+) -> None:
+    built = await build_original(nc)
+    url = module_nats_server.url
+    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    async with running_backend(url, built.keys, names=built.names) as clients:
+        kv = await nc.jetstream().key_value(built.names.secrets_bucket)
+        await kv.put("api-token", b"sealed-by-someone-else")
+        remember(b"stored-but-not-written", "value")
+        with pytest.raises(UpstreamError):
+            await clients.admin.put_secret("api-token", "stored-but-not-written")
+        health = clients.backend.health
+        assert BUCKET_AHEAD in health.incidents
+        rebuilt = run_cli("rebuild", *built.args(url), env=cli_env(built.keys), timeout=60)
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        head = await EventLog(nc, backend_name=built.names.name, authenticator=None).head()
+        writer = clients.backend.writer
+        assert writer is not None
+        with anyio.fail_after(20):
+            await writer.wait_applied(head)  # its retry finds the revision repaired
+        assert BUCKET_AHEAD not in health.incidents
+        got = await clients.get(built.readers[0], "api-token")
+        assert (got.version, got.string_secret) == (
+            str(built.last_revision + 1),
+            "stored-but-not-written",
+        )
+        remember(b"after-the-repair-01", "value")
+        assert await clients.admin.put_secret("api-token", "after-the-repair-01") == (
+            built.last_revision + 2
+        )
+    view = await stock_view(nc, built.names.secrets_bucket)
+    assert all(value != b"sealed-by-someone-else" for _, _, value, _ in view["api-token"])
