@@ -35,6 +35,15 @@ from actors.store import StoreActor
 from actors.transit import TransitKeys
 from events.integrity import EventAuthenticator
 from events.log import EventLog
+from projections.foreign import (
+    BucketFound,
+    check_explained,
+    check_layout,
+    check_state_tail,
+    check_tail,
+    check_views,
+    inspect_views,
+)
 from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.live import LiveView
 from projections.state import Effect
@@ -77,6 +86,7 @@ class Backend:
         self.pool: ResponderPool | None = None
         self.transit: TransitKeys | None = None
         self.health = Health()
+        self.writer: KvWriter | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -117,10 +127,16 @@ class Backend:
                     replicas=config.replicas,
                 ),
             )
+            # Before anything is created or changed: buckets only `import` may take over.
+            found = await inspect_views(nc, names.secrets_bucket, names.state_bucket)
+            if not await event_log.exists():
+                for bucket in found:
+                    check_explained(bucket, 0)
+            for bucket in found:
+                check_layout(bucket)
             await event_log.ensure()
-            await views.ensure()
-            writer = KvWriter(views)
-            await writer.prepare()
+            writer = self.writer = KvWriter(views, incidents=self.health)
+            writer.prime(found[0].last_seq, found[1].last_seq)
             shredder = Shredder(event_log)
 
             def on_effects(seq: int, effects: list[Effect]) -> None:
@@ -145,7 +161,9 @@ class Backend:
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            decider = Decider(event_log, view, (writer.applied, shredder.applied))
+            decider = Decider(
+                event_log, view, (writer.applied, shredder.applied), health=self.health
+            )
             store = StoreActor(decider, gate, encryption=config.encryption_key)
             lifecycle = LifecycleActor(decider, gate)
             handlers = operation_handlers(responder, store, lifecycle)
@@ -156,9 +174,13 @@ class Backend:
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)
+                # The view catches up first (its writes queue in the writer): the buckets
+                # are checked against the log it read after them, before any is written.
+                await tg.start(view.run)
+                await self._check_buckets(nc, found, view)
+                await views.ensure()
                 await tg.start(writer.run)
                 await tg.start(shredder.run)
-                await tg.start(view.run)
                 await tg.start(pool.run)
                 await service.start(sorted(handlers))
                 self.ready.set()
@@ -174,6 +196,25 @@ class Backend:
                     await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
+            if self.writer is not None:
+                self.writer.close()  # its queue, if it never ran (a refused start)
             # NATS may be gone by now: closing a dead connection is not a failure of ours.
             with anyio.move_on_after(5, shield=True), contextlib.suppress(OSError):
                 await nc.close()
+
+    async def _check_buckets(self, nc: NATS, found: list[BucketFound], view: LiveView) -> None:
+        """Refuse to start on buckets the log does not explain (projections/foreign.py).
+
+        Only a log this process could read whole explains anything: entries it rejected
+        (a wrong key, forgeries) wrote nothing it can count, so the comparison is left to
+        the writer's own checks then, with a warning.
+        """
+        if view.state.rejected:
+            log.warning(
+                "event log entries rejected: the buckets are not checked against the log",
+                extra={"rejected": view.state.rejected},
+            )
+            return
+        check_views(found[0], found[1], view.state)
+        await check_tail(nc, found[0], view.state)
+        await check_state_tail(nc, found[1], view.state)

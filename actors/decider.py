@@ -18,6 +18,7 @@ from typing import TypedDict
 import anyio
 
 from actors.gate import Opened
+from actors.health import Health
 from events.log import Appended, ConcurrentAppend, EventLog
 from events.types import Event
 from projections.live import LiveView
@@ -70,8 +71,10 @@ class Decider:
         *,
         settle_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        health: Health | None = None,
     ) -> None:
         self.log = log_
+        self._health = health
         self._view = view
         self.reads = FreshReads(view, timeout=settle_timeout)
         self._settled = tuple(settled)
@@ -94,6 +97,7 @@ class Decider:
         another command appends first, the position is taken: decide again on the newer
         view. A retried request id is answered with its first append.
         """
+        self._refuse_if_blocked()
         for _ in range(_ATTEMPTS):
             # Commands of this process take turns for a position (they would only collide);
             # other processes' commands are settled by the expected-sequence check.
@@ -112,6 +116,13 @@ class Decider:
             await self._settle(appended.seq)
             return appended
         raise UpstreamError("the log kept changing under this command; try again")
+
+    def _refuse_if_blocked(self) -> None:
+        """No write while an incident (a bucket ahead of the log) blocks writes."""
+        if self._health is None or not self._health.writes_blocked:
+            return
+        blocking = [i for i in self._health.incidents.values() if i.blocks_writes]
+        raise UpstreamError(f"writes are stopped: {blocking[0].detail}")
 
     async def append_revision(self, decide: Callable[[ViewState], Event], request_id: str) -> int:
         """`append`, for an event that writes the secrets bucket: the revision it became."""

@@ -11,7 +11,7 @@ yielded as `Rejected`. NATS errors become the project's errors before they leave
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import nats.errors
@@ -24,12 +24,15 @@ from events.types import (
     KeyRotated,
     MappingAdded,
     MappingRemoved,
+    OriginalImported,
     Rejected,
+    RevisionsSkipped,
     UndecodableEvent,
     decode_event,
     encode_event,
 )
 from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.nats.connection import round_trip
 from secrets_nats_kv.nats.jetstream import (
     EXPECTED_LAST_SEQUENCE_HEADER,
     MSG_ID_HEADER,
@@ -37,9 +40,11 @@ from secrets_nats_kv.nats.jetstream import (
     WrongLastSequence,
     ensure_stream,
     erase_message,
+    stream_info,
     stream_state,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
 
 log = logging.getLogger(__name__)
@@ -105,6 +110,8 @@ class EventLog:
             return f"{self.prefix}.mapping.{event.entity}"
         if isinstance(event, KeyRotated):
             return f"{self.prefix}.key"
+        if isinstance(event, OriginalImported | RevisionsSkipped):
+            return f"{self.prefix}.import"
         return f"{self.prefix}.secret.{event.name}"
 
     # --- setup ------------------------------------------------------------------------
@@ -123,6 +130,10 @@ class EventLog:
         )
         await ensure_stream(self._nc, config, self._timeout)
 
+    async def exists(self) -> bool:
+        """Whether the stream exists (an absent log explains no bucket entry: `import`)."""
+        return await stream_info(self._nc, self.stream, self._timeout) is not None
+
     # --- writing ----------------------------------------------------------------------
 
     async def append(
@@ -140,6 +151,49 @@ class EventLog:
         if msg_id:
             headers[MSG_ID_HEADER] = msg_id
         return await self.append_raw(subject, body, headers)
+
+    async def append_pipelined(
+        self,
+        events: AsyncIterator[Event] | Iterable[Event],
+        *,
+        first_seq: int,
+        on_sent: Callable[[int], Awaitable[None]] | None = None,
+    ) -> int:
+        """Append `events` as entries `first_seq`, `first_seq + 1`, … with a window in flight.
+
+        For offline tools that know every position in advance (`import`): each entry is
+        tagged for its position and pinned with `Nats-Expected-Last-Sequence`, so what
+        lands is always a prefix of `events` right after `first_seq - 1`; a taken position
+        raises `PositionConflict`. `on_sent(seq)` runs after each publish is sent. Returns
+        the last sequence written, once every publish is acknowledged.
+        """
+        if self.authenticator is None:
+            raise StorageError("append", "this log was opened without the encryption key")
+        seq = first_seq - 1
+        async with PositionedPublisher(self._nc, self.stream) as publisher:
+
+            async def send(event: Event) -> None:
+                nonlocal seq
+                seq += 1
+                body = encode_event(event)
+                assert self.authenticator is not None
+                headers = {TAG_HEADER: self.authenticator.tag(seq, body)}
+                await publisher.publish(seq, self.subject_for(event), body, headers)
+                if on_sent is not None:
+                    await on_sent(seq)
+
+            if isinstance(events, AsyncIterator):
+                async for event in events:
+                    await send(event)
+            else:
+                for event in events:
+                    await send(event)
+            await publisher.drain()
+        return seq
+
+    async def flush(self) -> None:
+        """Return once the server has received everything this connection sent."""
+        await round_trip(self._nc)
 
     async def append_raw(self, subject: str, body: bytes, headers: dict[str, str]) -> Appended:
         """Publish an already encoded and tagged entry, pinned by its headers."""
@@ -190,6 +244,18 @@ class EventLog:
         except UndecodableEvent:
             log.error("ignoring an undecodable event", extra={"seq": seq})
             return Rejected(reason="not an event")
+
+    async def entry(self, seq: int) -> LogEntry | None:
+        """The one entry at `seq`, read directly (None if there is none there)."""
+        try:
+            msg = await self._js.get_msg(self.stream, seq=seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.errors.Error as exc:
+            raise convert(f"read {self.stream} #{seq}", exc) from None
+        stamp = msg.time.timestamp() if msg.time else 0.0
+        stored = StoredMessage(seq, stamp, msg.data or b"", msg.headers)
+        return LogEntry(seq, stamp, self._read(stored))
 
     async def read_all(self) -> list[LogEntry]:
         return [entry async for entry in self.entries()]

@@ -35,6 +35,7 @@ class SecretPut(_Event, frozen=True, tag="secret_put"):
 
 class SecretDeleted(_Event, frozen=True, tag="secret_deleted"):
     name: str
+    purged: bool = False  # imported: the original's KV purge marker (history gone), not a delete
 
 
 class SecretUndeleted(_Event, frozen=True, tag="secret_undeleted"):
@@ -67,6 +68,38 @@ class KeyRotated(_Event, frozen=True, tag="key_rotated"):
     new_key: str
 
 
+class OriginalImported(_Event, frozen=True, tag="original_imported"):
+    """The start of an import of the original secrets-nats-kv's buckets (`import`).
+
+    It heads the log and says what follows: `entries` events whose encoded bodies hash
+    to `digest`, so a re-run after a crash knows whether the log holds all of them, and
+    whether what it holds is what the original's buckets still say. The counts are for
+    the audit log; no value is ever part of this record.
+    """
+
+    secrets_bucket: str
+    state_bucket: str
+    entries: int
+    digest: str
+    secrets_revision: int = 0  # the original secrets bucket's last revision
+    state_revision: int = 0  # the original state bucket's last revision
+    secrets: int = 0
+    versions: int = 0
+    deleted: int = 0
+    mappings: int = 0
+    bytes: int = 0
+
+
+class RevisionsSkipped(_Event, frozen=True, tag="revisions_skipped"):
+    """Imported: bucket revisions the original no longer holds (history limit, purge).
+
+    They are counted so every imported version keeps its number, and stay absent.
+    """
+
+    secret_revisions: int = 0
+    state_revisions: int = 0
+
+
 Event = (
     SecretPut
     | SecretDeleted
@@ -75,6 +108,8 @@ Event = (
     | MappingAdded
     | MappingRemoved
     | KeyRotated
+    | OriginalImported
+    | RevisionsSkipped
 )
 
 

@@ -31,7 +31,9 @@ from events.types import (
     KeyRotated,
     MappingAdded,
     MappingRemoved,
+    OriginalImported,
     Rejected,
+    RevisionsSkipped,
     SecretDeleted,
     SecretDestroyed,
     SecretPut,
@@ -59,6 +61,8 @@ class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str | None = None
     old_key: str | None = None
     new_key: str | None = None
+    buckets: list[str] | None = None  # an import's source buckets
+    counts: dict[str, int] | None = None  # an import's counts, or the revisions skipped
 
 
 class AccessAuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -143,6 +147,30 @@ def audit_record(entry: LogEntry, state: ViewState) -> AuditRecord:
             return replace(base, entity=event.entity, secrets=list(event.secrets))
         case KeyRotated():
             return replace(base, old_key=event.old_key, new_key=event.new_key)
+        case OriginalImported():
+            return replace(
+                base, buckets=[event.secrets_bucket, event.state_bucket], counts=_imported(event)
+            )
+        case RevisionsSkipped():
+            counts = {
+                "secret_revisions": event.secret_revisions,
+                "state_revisions": event.state_revisions,
+            }
+            return replace(base, counts=counts)
+
+
+def _imported(event: OriginalImported) -> dict[str, int]:
+    """What an import brought over, in numbers (never a value)."""
+    return {
+        "secrets": event.secrets,
+        "versions": event.versions,
+        "deleted": event.deleted,
+        "mappings": event.mappings,
+        "bytes": event.bytes,
+        "entries": event.entries,
+        "secrets_revision": event.secrets_revision,
+        "state_revision": event.state_revision,
+    }
 
 
 def _moment(entry: LogEntry) -> float:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -21,10 +22,12 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api
 
+from projections.foreign import UnexplainedEntries
 from projections.state import (
     Effect,
     EraseSecretRevisions,
     FillErasedRevision,
+    FillStateRevision,
     MarkSecretDeleted,
     PutMappingEntry,
     PutSecretEntry,
@@ -34,7 +37,6 @@ from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import (
     EXPECTED_LAST_SEQUENCE_HEADER,
-    KV_DELETE,
     KV_OPERATION_HEADER,
     WrongLastSequence,
     api_error,
@@ -43,6 +45,7 @@ from secrets_nats_kv.nats.jetstream import (
     ensure_stream,
     erase_message,
     pub_ack_decoder,
+    stored_message,
     stream_state,
     update_stream,
 )
@@ -51,6 +54,16 @@ log = logging.getLogger(__name__)
 
 ERASED_PLACEHOLDER_KEY = "_secrets-nats-kv_erased"
 EVENT_SEQ_HEADER = "Secrets-Event-Seq"
+
+BUCKET_AHEAD = "bucket-ahead-of-log"  # the incident kind the writer reports
+
+
+class IncidentSink(Protocol):
+    """Where the writer reports trouble an operator must see (`actors.health.Health`)."""
+
+    def report(self, kind: str, detail: str, *, blocks_writes: bool = False) -> bool: ...
+
+    def resolve(self, kind: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +84,19 @@ class KvBuckets:
         self._timeout = timeout
         self.layout = layout
 
-    async def ensure(self) -> None:
+    async def ensure(self, metadata: dict[str, str] | None = None) -> None:
+        """Create missing buckets (with `metadata` on their streams, for `import`)."""
         await self._ensure_bucket(
-            self.layout.secrets_bucket, self.layout.max_history, "secrets-nats-kv secrets"
+            self.layout.secrets_bucket,
+            self.layout.max_history,
+            "secrets-nats-kv secrets",
+            metadata,
         )
-        await self._ensure_bucket(self.layout.state_bucket, 1, "secrets-nats-kv mappings")
+        await self._ensure_bucket(self.layout.state_bucket, 1, "secrets-nats-kv mappings", metadata)
 
-    async def _ensure_bucket(self, bucket: str, history: int, description: str) -> None:
+    async def _ensure_bucket(
+        self, bucket: str, history: int, description: str, metadata: dict[str, str] | None
+    ) -> None:
         config = api.StreamConfig(
             name=kv_stream(bucket),
             description=description,
@@ -91,6 +110,7 @@ class KvBuckets:
             deny_delete=False,
             duplicate_window=120.0,
             compression=api.StoreCompression.S2,
+            metadata=metadata,
         )
         info = await ensure_stream(self._nc, config, self._timeout)
         if info is not None and info.config.deny_delete:
@@ -125,6 +145,7 @@ class KvBuckets:
         if isinstance(error, WrongLastSequence):
             last = await self.last_revision(bucket)
             if last >= revision:
+                await self._check_peer_wrote(bucket, key, revision, value, headers)
                 return False  # another writer got there first
             raise StorageError(
                 f"bucket {bucket}",
@@ -133,6 +154,29 @@ class KvBuckets:
             )
         raise error
 
+    async def _check_peer_wrote(
+        self, bucket: str, key: str, revision: int, value: bytes, headers: dict[str, str]
+    ) -> None:
+        """Raise `UnexplainedEntries` unless `revision` holds what this write would have.
+
+        A peer backend writes the same message for the same revision (or has erased it
+        since, as destroy does); anything else there was written by someone else.
+        """
+        found = await stored_message(self._nc, kv_stream(bucket), revision, self._timeout)
+        if found is None:
+            return  # erased since (a placeholder, a destroyed version)
+        operation = headers.get(KV_OPERATION_HEADER)
+        same = (
+            found.subject == f"$KV.{bucket}.{key}"
+            and (found.data or b"") == value
+            and (found.headers or {}).get(KV_OPERATION_HEADER) == operation
+        )
+        if not same:
+            raise UnexplainedEntries(
+                f"{kv_stream(bucket)} revision {revision} holds an entry the event log does "
+                "not explain (another writer, or the original secrets-nats-kv still running?)"
+            )
+
     async def erase_revision(self, bucket: str, revision: int) -> None:
         await erase_message(self._nc, kv_stream(bucket), revision, self._timeout)
 
@@ -140,8 +184,9 @@ class KvBuckets:
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, buckets: KvBuckets) -> None:
+    def __init__(self, buckets: KvBuckets, *, incidents: IncidentSink | None = None) -> None:
         self.buckets = buckets
+        self._incidents = incidents
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
@@ -162,6 +207,11 @@ class KvWriter:
         self._secrets_last = await self.buckets.last_revision(layout.secrets_bucket)
         self._state_last = await self.buckets.last_revision(layout.state_bucket)
 
+    def prime(self, secrets_last: int, state_last: int) -> None:
+        """`prepare` from bucket heads the caller has read (0 for a bucket not made yet)."""
+        self._secrets_last = secrets_last
+        self._state_last = state_last
+
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """Queue one log entry's effects (called by the live view, never blocks)."""
         needed = [e for e in effects if not self.already_written(e)]
@@ -177,7 +227,7 @@ class KvWriter:
         match effect:
             case PutSecretEntry() | MarkSecretDeleted() | FillErasedRevision():
                 return effect.revision <= self._secrets_last
-            case PutMappingEntry():
+            case PutMappingEntry() | FillStateRevision():
                 return effect.revision <= self._state_last
             case _:
                 return False
@@ -207,8 +257,20 @@ class KvWriter:
         while True:
             try:
                 await self.apply(effect)
+                if self.failed is not None and self._incidents is not None:
+                    self._incidents.resolve(BUCKET_AHEAD)
                 self.failed = None
                 return
+            except UnexplainedEntries as exc:
+                # Never a silent skip: the operator sees it (and writes stop) until the
+                # bucket is repaired, then the retry goes through.
+                self.failed = str(exc)
+                if self._incidents is not None:
+                    self._incidents.report(BUCKET_AHEAD, str(exc), blocks_writes=True)
+                else:
+                    log.error("KV view ahead of the log", extra={"error": str(exc)})
+                await anyio.sleep(delay)  # an operator repairs it: poll at the backoff
+                delay = min(delay * 2, 2.0)
             except (StorageError, NatsUnavailable) as exc:
                 self.failed = str(exc)
                 log.warning("KV view write failed, retrying", extra={"error": str(exc)})
@@ -230,6 +292,8 @@ class KvWriter:
         match effect:
             case FillErasedRevision(revision):
                 await self.buckets.erase_revision(layout.secrets_bucket, revision)
+            case FillStateRevision(revision):
+                await self.buckets.erase_revision(layout.state_bucket, revision)
             case EraseSecretRevisions(revisions):
                 for revision in revisions:
                     await self.buckets.erase_revision(layout.secrets_bucket, revision)
@@ -259,12 +323,14 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
             return PositionedWrite(
                 layout.secrets_bucket, key, revision, sealed, {KIND_HEADER: kind}
             )
-        case MarkSecretDeleted(key, revision):
+        case MarkSecretDeleted(key, revision, operation):
             return PositionedWrite(
-                layout.secrets_bucket, key, revision, b"", {KV_OPERATION_HEADER: KV_DELETE}
+                layout.secrets_bucket, key, revision, b"", {KV_OPERATION_HEADER: operation}
             )
         case FillErasedRevision(revision):  # a placeholder, erased once stored
             return PositionedWrite(layout.secrets_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {})
+        case FillStateRevision(revision):
+            return PositionedWrite(layout.state_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {})
         case PutMappingEntry(entity, revision, secrets):
             value = msgspec.json.encode(list(secrets))
             return PositionedWrite(layout.state_bucket, entity, revision, value, {})
@@ -274,4 +340,4 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
 
 def erases(effect: Effect) -> bool:
     """Whether `effect` erases something (after its own write, if it has one)."""
-    return isinstance(effect, FillErasedRevision | EraseSecretRevisions)
+    return isinstance(effect, FillErasedRevision | FillStateRevision | EraseSecretRevisions)

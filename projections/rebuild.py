@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 
 from events.integrity import EventAuthenticator
 from events.log import EventLog
+from projections.foreign import check_explained, check_layout, inspect_views
 from projections.kv import KvBuckets, KvLayout, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
 from secrets_nats_kv.config import kv_stream
@@ -51,6 +52,12 @@ async def rebuild_views(
         nc, backend_name=backend_name, authenticator=authenticator, replicas=layout.replicas
     )
     views = KvBuckets(nc, layout)
+    # Never drop what the log cannot write back: the original's buckets, or an import's.
+    empty_log = not await event_log.exists() or await event_log.head() == 0
+    for found in await inspect_views(nc, layout.secrets_bucket, layout.state_bucket):
+        check_layout(found)
+        if empty_log:
+            check_explained(found, 0)
     await views.drop()
     await views.ensure()
     state = await refold_views(nc, event_log, views, progress)
@@ -102,7 +109,9 @@ async def _refold_pipelined(
             # No stream pin: a header stored with each entry, which the live writer omits.
             publisher = PositionedPublisher(nc, kv_stream(bucket), expect_stream=False)
             publishers[bucket] = await stack.enter_async_context(publisher)
-        async for entry in event_log.entries():
+        # The whole log first, then the writes: reading the ordered consumer while the
+        # same connection pipelines writes runs about three times slower (bench_import).
+        for entry in await event_log.read_all():
             for effect in fold(state, entry.seq, entry.event):
                 write = positioned_write(layout, effect)
                 if write is not None:

@@ -20,7 +20,9 @@ from events.types import (
     KeyRotated,
     MappingAdded,
     MappingRemoved,
+    OriginalImported,
     Rejected,
+    RevisionsSkipped,
     SecretDeleted,
     SecretDestroyed,
     SecretKind,
@@ -111,6 +113,8 @@ class ViewState:
     destroyed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # destroy seq -> versions
     erased_revisions: set[int] = field(default_factory=set)  # revisions of erased log entries
     encryption_key: str | None = None  # public key named by the last KeyRotated
+    rejected: int = 0  # entries folded as Rejected (not ours, or not tagged for their place)
+    last_mapping: str = ""  # the entity of the newest state-bucket write (for start-up checks)
 
 
 # --- the KV writes a log entry implies ------------------------------------------------------
@@ -126,10 +130,17 @@ class PutSecretEntry(NamedTuple):
 class MarkSecretDeleted(NamedTuple):
     key: str
     revision: int
+    operation: str = "DEL"  # the KV-Operation header: "PURGE" for an imported purge marker
 
 
 class FillErasedRevision(NamedTuple):
     """An erased put's revision: write a placeholder so the count stays, then erase it."""
+
+    revision: int
+
+
+class FillStateRevision(NamedTuple):
+    """A state-bucket revision the original no longer held: a placeholder, then erased."""
 
     revision: int
 
@@ -152,6 +163,7 @@ Effect = (
     PutSecretEntry
     | MarkSecretDeleted
     | FillErasedRevision
+    | FillStateRevision
     | EraseSecretRevisions
     | EraseEvents
     | PutMappingEntry
@@ -186,7 +198,12 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
         case KeyRotated():
             state.encryption_key = event.new_key
             return []
+        case OriginalImported():
+            return []  # a record for the audit log: what follows it writes the buckets
+        case RevisionsSkipped():
+            return _skip(state, event)
         case Rejected():
+            state.rejected += 1
             return []
 
 
@@ -217,7 +234,7 @@ def _delete(state: ViewState, seq: int, event: SecretDeleted) -> list[Effect]:
     record = _record(state, event.name)
     revision = _next_secret_revision(state, seq, record, event.at)
     record.markers.add(revision)
-    return [MarkSecretDeleted(event.name, revision)]
+    return [MarkSecretDeleted(event.name, revision, "PURGE" if event.purged else "DEL")]
 
 
 def _undelete(state: ViewState, seq: int, event: SecretUndeleted) -> list[Effect]:
@@ -271,6 +288,24 @@ def _destroy(state: ViewState, seq: int, event: SecretDestroyed) -> list[Effect]
     return effects
 
 
+def _skip(state: ViewState, event: RevisionsSkipped) -> list[Effect]:
+    """Revisions the original's buckets had lost: counted, written as erased placeholders.
+
+    Like an erased put, each takes its number so every later version keeps the number the
+    original gave it, and nothing readable is left at it.
+    """
+    effects: list[Effect] = []
+    for _ in range(event.secret_revisions):
+        state.secrets_revision += 1
+        state.erased_revisions.add(state.secrets_revision)
+        effects.append(FillErasedRevision(state.secrets_revision))
+    for _ in range(event.state_revisions):
+        state.state_revision += 1
+        state.last_mapping = ""
+        effects.append(FillStateRevision(state.state_revision))
+    return effects
+
+
 def _map(state: ViewState, seq: int, event: MappingAdded | MappingRemoved) -> list[Effect]:
     allowed = state.mappings.setdefault(event.entity, set())
     if isinstance(event, MappingAdded):
@@ -278,6 +313,7 @@ def _map(state: ViewState, seq: int, event: MappingAdded | MappingRemoved) -> li
     else:
         allowed.difference_update(event.secrets)
     state.state_revision += 1
+    state.last_mapping = event.entity
     return [PutMappingEntry(event.entity, state.state_revision, tuple(sorted(allowed)))]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from secrets_nats_kv import __version__, config
+from secrets_nats_kv.app import import_command
 from secrets_nats_kv.errors import SecretsBackendError
 
 PROG = "secrets-nats-kv"
@@ -397,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_nats(status)
     _add_names(status)
+
+    importing = import_command.add_parser(commands)
+    _add_nats(importing)
+    _add_names(importing)
 
     keys = commands.add_parser("keys", help="key utilities")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

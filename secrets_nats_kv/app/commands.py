@@ -22,7 +22,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from secrets_nats_kv import config
-from secrets_nats_kv.app import logs
+from secrets_nats_kv.app import import_command, logs
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.interrupts import Shutdown
 from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
@@ -261,6 +261,14 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
     client = AdminClient(nc, names, admin_key)
     try:
         yield client
+    except BackendNotAnswering as silence:
+        reason = await _why_silent(nc, args)  # the original's buckets, not yet imported?
+        if reason is not None:
+            raise reason from None
+        raise ConfigError(
+            f"{silence}: {args.command} needs a running backend; start one with "
+            f"`secrets-nats-kv run` (or `dev`), with -n {names.name} if it is not the default"
+        ) from None
     except Unauthorized:
         raise ConfigError(
             f"Unauthorized: the backend refused admin key {admin_key.public_key} "
@@ -268,13 +276,21 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
             "--admin-xkey; or this machine's clock is more than "
             f"{config.REQUEST_CLOCK_SKEW_S} s off)"
         ) from None
-    except BackendNotAnswering as exc:
-        raise ConfigError(
-            f"{exc}: {args.command} needs a running backend; start one with "
-            f"`secrets-nats-kv run` (or `dev`), with -n {names.name} if it is not the default"
-        ) from None
     finally:
         await _close(nc)
+
+
+async def _why_silent(nc: NATS, args: argparse.Namespace) -> SecretsBackendError | None:
+    """The buckets' reason no backend answers (they are the original's), if that is it."""
+    from events.log import EventLog
+    from projections.foreign import why_no_backend
+
+    names = backend_names(args)
+    try:
+        log_exists = await EventLog(nc, backend_name=names.name, authenticator=None).exists()
+    except SecretsBackendError:
+        return None
+    return await why_no_backend(nc, names.secrets_bucket, names.state_bucket, log_exists=log_exists)
 
 
 def _valid_name(name: str) -> str:
@@ -571,6 +587,8 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
     names = backend_names(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
     try:
+        if (refused := await _why_silent(nc, args)) is not None:
+            raise refused  # the original's buckets: import them before rotating
         report = await rotate_key(
             nc,
             names=names,
@@ -643,6 +661,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "backup": cmd_backup,
     "restore": cmd_restore,
     "status": cmd_status,
+    "import": import_command.cmd_import,
 }
 
 

@@ -272,3 +272,15 @@ async def stream_config(nc: NATS, stream: str, api_timeout: float) -> api.Stream
     except nats.errors.Error as exc:
         raise to_backend_error(f"stream info {stream}", exc) from None
     return info.config
+
+
+async def stored_message(
+    nc: NATS, stream: str, seq: int, api_timeout: float
+) -> api.RawStreamMsg | None:
+    """The message stored at `seq` (subject, headers, data), or None if there is none."""
+    try:
+        return await nc.jetstream(timeout=api_timeout).get_msg(stream, seq=seq)
+    except nats.js.errors.NotFoundError:
+        return None
+    except nats.errors.Error as exc:
+        raise to_backend_error(f"{stream} #{seq}", exc) from None

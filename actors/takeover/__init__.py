@@ -1,0 +1,1 @@
+"""`import`: take over the buckets of the original Rust secrets-nats-kv (see importer)."""
