@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -23,7 +24,13 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.service import SERVICE_NAME, STATS_INCIDENTS, STATS_KEYS, STATS_VIEW_SEQ
+from actors.service import (
+    SERVICE_NAME,
+    STATS_INCIDENTS,
+    STATS_KEYS,
+    STATS_PREVIOUS_TRANSIT,
+    STATS_VIEW_SEQ,
+)
 from secrets_nats_kv.app.commands import _close, backend_names, nats_options, plural
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import ConfigError, StorageError
@@ -43,6 +50,7 @@ class Instance:
     view_seq: int
     keys: dict[str, Any]
     incidents: list[dict[str, Any]] = field(default_factory=list)
+    previous_transit: list[dict[str, Any]] = field(default_factory=list)
 
     def problems(self, log_seq: int) -> list[str]:
         found = []
@@ -61,9 +69,24 @@ class Instance:
         admin = self.keys.get("admin") or []
         return (
             f"{self.id}\tversion {self.version}\tview at {self.view_seq} of {log_seq}\t"
-            f"transit {self.keys.get('transit')}\tencryption {self.keys.get('encryption')}\t"
+            f"transit {self.keys.get('transit')}\t{self._previous_transit()}"
+            f"encryption {self.keys.get('encryption')}\t"
             f"{plural(len(admin), 'admin key')}\t" + ("; ".join(problems) if problems else "ok")
         )
+
+    def _previous_transit(self) -> str:
+        """Per previous transit key: when a host last used it, so it can be dropped."""
+        parts = []
+        for usage in self.previous_transit:
+            last = usage.get("last_used")
+            when = "never used" if not last else f"last used {_iso(float(last))}"
+            hosts = plural(len(usage.get("hosts") or []), "host")
+            parts.append(f"previous transit {usage.get('public_key')} {when} by {hosts}\t")
+        return "".join(parts)
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_instance(data: bytes, names: BackendNames) -> Instance | None:
@@ -87,6 +110,7 @@ def parse_instance(data: bytes, names: BackendNames) -> Instance | None:
             view_seq=int(stats.get(STATS_VIEW_SEQ, 0)),
             keys=dict(stats.get(STATS_KEYS) or {}),
             incidents=list(stats.get(STATS_INCIDENTS) or []),
+            previous_transit=list(stats.get(STATS_PREVIOUS_TRANSIT) or []),
         )
     return None
 

@@ -113,6 +113,15 @@ async def test_a_host_with_the_cached_old_key_keeps_getting_secrets(
         assert usage["hosts"] == [r.identity.host.public_key]
         assert usage["last_used"] is not None
 
+        status = await anyio.to_thread.run_sync(  # the backend runs on this event loop
+            lambda: run_cli("status", "--nats-address", nats_server.url, env=cli_env())
+        )
+        assert status.returncode == 0, status.stderr
+        line = status.stdout.decode()
+        assert f"transit {r.new.public_key}" in line
+        assert f"previous transit {r.old.public_key} last used " in line
+        assert " by 1 host\t" in line
+
 
 async def test_without_the_overlap_the_cached_old_key_fails(nats_server: NatsServer) -> None:
     async with rotated(nats_server, keep_old=False) as r:
