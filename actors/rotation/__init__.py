@@ -49,8 +49,8 @@ Rooms: `plan` (the entry point: what to do), `copy` (phase 1 and the copy loop),
 (where a test may stop a run: tests inject the stopping, the product never stops).
 """
 
+from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.context import STATE_KEY, staging_stream_name
-from actors.rotation.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.plan import rotate_key
 from actors.rotation.report import RotationRefused, RotationReport
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 
-from actors.rotation.crashpoints import CrashPoints
+from actors.crashpoints import CrashPoints
 from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import KeyRotated, UndecodableEvent, decode_event

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
 from actors.rotation.copy import stage
-from actors.rotation.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.lock import RotationLock, RotationLockHeld
 from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
 from actors.rotation.swap import commit, read_staging, swap

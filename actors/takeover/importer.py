@@ -26,16 +26,12 @@ Phases, each safe to be killed in:
 A log already holding the whole import and views marked done: nothing to do. A log with
 events that no import wrote: refused (import only into a backend that never ran).
 
-Test hook: `SECRETS_NATS_KV_IMPORT_CRASH_AFTER=<phase>:<n>` exits with `os._exit(1)` (no
-cleanup, like SIGKILL) in `append` after n entries sent (flushed first), after `appended`
-(every entry acknowledged, nothing replaced yet), after `dropped`
-(the original's streams deleted), or in `refold` after n log entries folded. It does
-nothing unless set.
+Crash points (`actors.crashpoints`, injected by tests): `append` per entry sent,
+`appended`, `dropped`, `refold` per entry folded.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -43,6 +39,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
+from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.takeover.reader import BucketRead, read_bucket
 from actors.takeover.report import ImportReport
 from events.integrity import EventAuthenticator
@@ -69,26 +66,11 @@ from projections.rebuild import refold_views
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import DecryptionError
 from secrets_nats_kv.nats.jetstream import to_backend_error
+from secrets_nats_kv.nats.positioned import PositionConflict
 from secrets_nats_kv.xkeys import SealBox, XKey
 
-CRASH_ENV = "SECRETS_NATS_KV_IMPORT_CRASH_AFTER"
 _API_TIMEOUT = 10.0
-
-
-class _CrashHook:
-    """The test hook described in the module docstring."""
-
-    def __init__(self, spec: str | None) -> None:
-        phase, _, count = (spec or "").partition(":")
-        self.phase = phase
-        self.count = int(count) if count.isdigit() else 0
-
-    def at(self, phase: str, done: int = 0) -> bool:
-        return self.phase == phase and done >= self.count
-
-    @staticmethod
-    def crash() -> None:
-        os._exit(1)
+_RESUME_ATTEMPTS = 5
 
 
 async def import_original(
@@ -100,9 +82,10 @@ async def import_original(
     admin_key: str,
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    crash: CrashPoints = NO_CRASHES,
 ) -> ImportReport:
     """Take over the original's buckets (see the module docstring); one line of report."""
-    importer = _Importer(nc, backend_name, layout, encryption, admin_key, progress)
+    importer = _Importer(nc, backend_name, layout, encryption, admin_key, progress, crash)
     return await importer.run(dry_run=dry_run)
 
 
@@ -115,8 +98,10 @@ class _Importer:
         encryption: XKey,
         admin_key: str,
         progress: Callable[[int, int], None] | None,
+        crash: CrashPoints,
     ) -> None:
         self.nc = nc
+        self.crash = crash
         self.layout = layout
         self.encryption = encryption
         self.admin_key = admin_key
@@ -128,7 +113,6 @@ class _Importer:
             replicas=layout.replicas,
         )
         self.views = KvBuckets(nc, layout)
-        self.hook = _CrashHook(os.environ.get(CRASH_ENV))
 
     async def run(self, *, dry_run: bool) -> ImportReport:
         head = await self.log.head() if await self.log.exists() else 0
@@ -139,7 +123,7 @@ class _Importer:
         if dry_run:
             return ImportReport.of("dry run", plan)
         if record is not None and plan.matches(record):
-            await self._append(plan, record, from_seq=head + 1)
+            await self._resume(plan, record, head)
             await self._replace(record)
             return ImportReport.of("resumed", plan)
         if head:
@@ -257,15 +241,33 @@ class _Importer:
         total = len(planned)
 
         async def sent(seq: int) -> None:
-            if self.hook.at("append", seq - from_seq + 1):
+            if self.crash.reached("append"):
                 await self.log.flush()
-                self.hook.crash()
+                self.crash.stop()
             if self.progress is not None:
                 self.progress(seq, total)
 
         await self.log.append_pipelined(planned[from_seq - 1 :], first_seq=from_seq, on_sent=sent)
-        if self.hook.at("appended"):
-            self.hook.crash()
+        if self.crash.reached("appended"):
+            self.crash.stop()
+
+    async def _resume(self, plan: ImportPlan, record: OriginalImported, head: int) -> None:
+        """Append the rest of `plan` after `head`.
+
+        A killed run's last publishes may still land after this run read the head (the
+        server reads what the dead connection sent on its own time). They are entries of
+        this same plan at their own pinned positions, so a taken position means: read
+        the head again and go on from there.
+        """
+        for _ in range(_RESUME_ATTEMPTS):
+            try:
+                await self._append(plan, record, from_seq=head + 1)
+                return
+            except PositionConflict:
+                head = await self.log.head()
+        raise ImportRefused(
+            f"{self.log.stream} kept moving while resuming: is another import running?"
+        )
 
     async def _discard_log(self) -> None:
         try:
@@ -285,13 +287,13 @@ class _Importer:
                 "secrets-nats-kv is still running; stop it and run import again"
             )
         await self.views.drop()
-        if self.hook.at("dropped"):
-            self.hook.crash()
+        if self.crash.reached("dropped"):
+            self.crash.stop()
         await self.views.ensure(metadata={IMPORT_MARKER: IMPORT_REPLACING})
 
         def folded(done: int, total: int) -> None:
-            if self.hook.at("refold", done):
-                self.hook.crash()
+            if self.crash.reached("refold"):
+                self.crash.stop()
             if self.progress is not None:
                 self.progress(done, total)
 

@@ -19,7 +19,6 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
-from actors.takeover.importer import CRASH_ENV
 from events.integrity import EventAuthenticator
 from events.log import EventLog
 from events.types import OriginalImported
@@ -30,6 +29,7 @@ from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
+from support.crash import program as crash_program
 from support.harness import (
     CLI,
     REPO,
@@ -62,7 +62,12 @@ class Built:
     last_revision: int = 0
 
     def args(self, url: str) -> list[str]:
-        return ["--nats-address", url, "--name", self.names.name, "-b", self.names.secrets_bucket]
+        """For `run` and the commands that read the buckets themselves."""
+        return [*self.client_args(url), "-b", self.names.secrets_bucket]
+
+    def client_args(self, url: str) -> list[str]:
+        """For the commands a backend answers: its bucket is its own (`-b` is refused)."""
+        return ["--nats-address", url, "--name", self.names.name]
 
 
 async def build_original(nc: NATS, *, deny_delete: bool = True) -> Built:
@@ -165,10 +170,10 @@ async def test_run_on_the_originals_buckets_refuses_naming_import_and_changes_no
     assert "import" in one_line(run_cli("rebuild", *built.args(url), env=env))
     rotate_env = cli_env(built.keys, NEW_ENCRYPTION_XKEY_SEED=Keys().encryption.seed)
     assert "import" in one_line(run_cli("rotate-key", *built.args(url), env=rotate_env))
-    put = run_cli("put", "api-token", "--string", "x", *built.args(url), env=env)
+    put = run_cli("put", "api-token", "--string", "x", *built.client_args(url), env=env)
     assert "secrets-nats-kv import" in one_line(put)
     mapping = ("add-mapping", built.readers[0].entity_key, "--secret", "gone")
-    assert "secrets-nats-kv import" in one_line(run_cli(*mapping, *built.args(url), env=env))
+    assert "secrets-nats-kv import" in one_line(run_cli(*mapping, *built.client_args(url), env=env))
     assert (await views(nc, built.names), await bounds(nc, built.names)) == before
     assert await stream_config(nc, built.names.secrets_bucket) == config_before
     assert not await log_exists(nc, built.names)
@@ -394,12 +399,12 @@ async def test_an_import_killed_twice_part_way_finishes_with_nothing_lost_or_dou
     assert await log_.head() >= 1  # something was written before the kill
 
     # Then killed again where any re-run must pass: folding the new buckets.
-    crashed = run_cli("import", *args, env=cli_env(keys, **{CRASH_ENV: "refold:900"}))
-    assert crashed.returncode == 1
-    assert not crashed.stdout
-    assert await log_.head() == 1502  # the whole log; the buckets mid-replacement
+    crashed = run_cli("import", *args, env=cli_env(keys), program=crash_program("refold:900"))
+    assert crashed.returncode == 1, crashed.stderr
+    assert not crashed.stdout, crashed.stdout
+    assert await log_.head() == 1502, crashed.stderr  # the whole log; the buckets mid-replacement
     refused = run_cli("run", *args, env=cli_env(keys), timeout=60)
-    assert "unfinished import" in one_line(refused)
+    assert "unfinished import" in one_line(refused), crashed.stderr
 
     done = run_cli("import", *args, env=cli_env(keys), timeout=120)
     assert done.returncode == 0, done.stderr
@@ -432,7 +437,7 @@ async def test_a_write_by_an_old_instance_before_the_replace_is_read_again_not_l
     await original.set_mapping(reader.entity_key, ["app-key", "late"])
     args = ["--nats-address", module_nats_server.url, "--name", names.name]
     args += ["-b", names.secrets_bucket]
-    crashed = run_cli("import", *args, env=cli_env(keys, **{CRASH_ENV: "appended"}))
+    crashed = run_cli("import", *args, env=cli_env(keys), program=crash_program("appended"))
     assert crashed.returncode == 1
     # The log is whole but nothing replaced; an old instance still running writes.
     assert (await stream_config(nc, names.secrets_bucket)).deny_delete
@@ -465,14 +470,16 @@ async def test_import_refuses_a_log_it_did_not_write_and_a_log_under_another_key
     assert "no import wrote" in err
 
 
-@pytest.mark.parametrize("crash", ["append:1", "append:40", "appended", "dropped", "refold:30"])
+@pytest.mark.parametrize("point", ["append:1", "append:40", "appended", "dropped", "refold:30"])
 async def test_killed_at_any_point_then_run_again_the_import_is_whole(
-    module_nats_server: NatsServer, nc: NATS, crash: str
+    module_nats_server: NatsServer, nc: NATS, point: str
 ) -> None:
     built = await build_original(nc)
     url = module_nats_server.url
     before = await views(nc, built.names)
-    crashed = run_cli("import", *built.args(url), env=cli_env(built.keys, **{CRASH_ENV: crash}))
+    crashed = run_cli(
+        "import", *built.args(url), env=cli_env(built.keys), program=crash_program(point)
+    )
     assert crashed.returncode == 1
     assert not crashed.stdout
     done = run_cli("import", *built.args(url), env=cli_env(built.keys), timeout=60)

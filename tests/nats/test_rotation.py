@@ -3,7 +3,7 @@
 Every check reads secrets back the way a wasmCloud host does (`get` on a backend started
 with the key under test), compares every version number and byte, and scans every sealed
 blob in the event stream and the KV bucket for the old key. Crashes are injected with the
-rotation's crash points (`support/rotation_crash.py` hands the CLI a hook that exits with
+rotation's crash points (`support/crash.py` hands the CLI a hook that exits with
 `os._exit(1)` at an exact point), at random positions inside each phase, on the real CLI
 process.
 """
@@ -42,7 +42,7 @@ from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.reader import read_stream, read_stream_ordered
 from secrets_nats_kv.xkeys import SealBox, XKey
-from support import rotation_crash
+from support.crash import program as crash_program
 from support.harness import CLI, Clients, Identity, Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remember, remembered
 
@@ -267,11 +267,11 @@ async def rotate(nc: NATS, old: XKey, new: XKey, **options: Any) -> Any:
 
 
 async def rotate_cli(
-    url: str, old: XKey, new: XKey, *flags: str, crash: str | None = None
+    url: str, old: XKey, new: XKey, *flags: str, crash_at: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     env = cli_env(Keys(encryption=old), NEW_ENCRYPTION_XKEY_SEED=new.seed)
     args = ("rotate-key", "--nats-address", url, *flags)
-    program = CLI if crash is None else rotation_crash.program(crash)
+    program = CLI if crash_at is None else crash_program(crash_at)
     return await anyio.to_thread.run_sync(
         lambda: run_cli(*args, env=env, timeout=120, program=program)
     )
@@ -445,7 +445,7 @@ async def test_killed_at_any_point_the_old_state_serves_or_a_rerun_finishes(
 
     async def crash(old: XKey, new: XKey, point: str, state: str) -> tuple[int, int]:
         """Kill a run at `point`; return the heads of the live and staging streams."""
-        proc = await rotate_cli(url, old, new, crash=point)
+        proc = await rotate_cli(url, old, new, crash_at=point)
         assert (proc.returncode, proc.stdout) == (1, b""), (seed, point, proc.stderr)
         assert b"Traceback" not in proc.stderr, (seed, point)
         assert b"error:" not in proc.stderr, (seed, point)  # died, not failed

@@ -1,10 +1,10 @@
-"""The real CLI, with `rotate-key` stopped hard at one crash point: a test's injected hook.
+"""The real CLI, with `rotate-key` or `import` stopped hard at one crash point.
 
-`python tests/support/rotation_crash.py <point>[:<n>] rotate-key ...` runs
-`secrets_nats_kv.app.cli` with the rotation's crash points set to exit the process with
+`python tests/support/crash.py <point>[:<n>] rotate-key|import ...` runs
+`secrets_nats_kv.app.cli` with the run's crash points set to exit the process with
 `os._exit(1)` (no cleanup, like SIGKILL) the n-th time `point` is reached (see
-`actors.rotation.crashpoints` for the points). The product never reads this: the hook is
-handed to `rotate_key` here.
+`actors.crashpoints` for the points). The product never reads this: the hook is handed
+to `rotate_key` and `import_original` here.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ class ExitAt:
 
 def main(argv: list[str]) -> int:
     import actors.rotation
+    import actors.takeover.importer as importer
     from secrets_nats_kv.app import cli
 
     hook = ExitAt.parse(argv[0])
-    # The CLI looks `rotate_key` up when the command runs: hand it the hook there.
+    # The CLI looks these up when the command runs: hand them the hook there.
     actors.rotation.rotate_key = functools.partial(actors.rotation.rotate_key, crash=hook)  # type: ignore[assignment]
+    importer.import_original = functools.partial(importer.import_original, crash=hook)  # type: ignore[assignment]
     return cli.main(argv[1:])
 
 
