@@ -9,7 +9,7 @@ those in flight, then cancel the rest.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,6 +29,7 @@ from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ class Backend:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         names = config.names
-        nc = self.nc = await connect(
-            config.nats, name=f"secrets-nats-kv {names.name}", persistent=True
-        )
+        options = replace(config.nats, inbox_prefix=inbox_prefix(names, NatsRole.BACKEND))
+        nc = self.nc = await connect(options, name=f"secrets-nats-kv {names.name}", persistent=True)
         try:
             event_log = EventLog(
                 nc,

@@ -53,6 +53,7 @@ class NatsOptions:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    inbox_prefix: str | None = None  # reply inboxes of a role of its own (see permissions)
 
 
 @dataclass(frozen=True)

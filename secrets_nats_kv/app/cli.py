@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import anyio
 
 from secrets_nats_kv import __version__, config
+from secrets_nats_kv.app import permissions
 from secrets_nats_kv.errors import SecretsBackendError
 
 PROG = "secrets-nats-kv"
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--access", action="store_true", help="include the get access log")
     _add_nats(export)
     _add_names(export)
+
+    _add_names(permissions.add_parser(commands))
 
     keys = commands.add_parser("keys", help="key utilities")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

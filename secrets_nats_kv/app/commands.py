@@ -35,6 +35,7 @@ from secrets_nats_kv.errors import (
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,15 @@ def nats_options(args: argparse.Namespace) -> NatsOptions:
         tls_ca=getattr(args, "tls_ca", None),
         tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None),
+        inbox_prefix=_admin_inbox(args),
     )
+
+
+def _admin_inbox(args: argparse.Namespace) -> str | None:
+    """The CLI's reply inboxes, apart from the hosts' (see secrets_nats_kv.permissions)."""
+    if not hasattr(args, "backend_name"):
+        return None
+    return inbox_prefix(backend_names(args), NatsRole.ADMIN)
 
 
 def backend_names(args: argparse.Namespace) -> BackendNames:
@@ -467,6 +476,14 @@ async def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_nats_permissions(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app import permissions
+
+    names = backend_names(args)
+    sys.stdout.write(permissions.render(names, permissions.roles_of(args), args.permissions_format))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run,
     "dev": cmd_dev,
@@ -483,6 +500,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "rebuild": cmd_rebuild,
     "audit": cmd_audit,
     "rotate-key": cmd_rotate_key,
+    "nats-permissions": cmd_nats_permissions,
 }
 
 
