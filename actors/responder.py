@@ -98,13 +98,11 @@ class GetResponder:
 
     def _verify(self, token: str, *, entity: bool) -> Claims:
         error = InvalidEntityJWT if entity else InvalidHostJWT
+        verify = verify_entity_jwt if entity else verify_host_jwt
         try:
-            claims = verify_entity_jwt(token) if entity else verify_host_jwt(token)
+            return verify(token, trusted_issuers=self._trusted)
         except InvalidJWT as exc:
             raise error(exc.reason) from None
-        if self._trusted and claims.iss not in self._trusted:
-            raise error(f"issuer {claims.iss} is not a trusted issuer")
-        return claims
 
     async def _wait_fresh(self) -> None:
         try:
