@@ -19,6 +19,7 @@ from actors.access_log import AccessLog
 from actors.admin import AdminGate
 from actors.appender import Appender
 from actors.commands import CommandActor
+from actors.health import Health
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
@@ -32,6 +33,8 @@ from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 
 log = logging.getLogger(__name__)
+
+REJECTED_ENTRIES = "rejected-entries"  # the incident kind for entries on the log not ours
 
 
 @dataclass
@@ -47,9 +50,14 @@ class Backend:
         self.nc: NATS | None = None
         self.view: LiveView | None = None
         self.pool: ResponderPool | None = None
+        self.health = Health()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _rejected_entry(self, seq: int, reason: str) -> None:
+        """An entry on the log that is not ours: one incident, counted, logged once."""
+        self.health.report(REJECTED_ENTRIES, f"latest at #{seq}: {reason}")
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -76,7 +84,9 @@ class Backend:
             await views.ensure()
             writer = KvWriter(views, event_log)
             await writer.prepare()
-            view = self.view = LiveView(event_log, on_effects=writer.submit)
+            view = self.view = LiveView(
+                event_log, on_effects=writer.submit, on_rejected=self._rejected_entry
+            )
             gate = AdminGate(
                 config.transit_key,
                 config.admin_public_keys,

@@ -206,13 +206,11 @@ class EventLog:
         seq, body = message.seq, message.data
         if self.authenticator is not None:
             tag = (message.headers or {}).get(TAG_HEADER)
-            if not self.authenticator.verify(seq, body, tag):
-                log.error("ignoring an event with a missing or wrong tag", extra={"seq": seq})
+            if not self.authenticator.verify(seq, body, tag):  # counted by the reader, not logged
                 return Rejected(reason="tag does not match its position")
         try:
             return decode_event(body)
         except UndecodableEvent:
-            log.error("ignoring an undecodable event", extra={"seq": seq})
             return Rejected(reason="not an event")
 
     async def read_all(self) -> list[LogEntry]:

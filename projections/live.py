@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from events.log import EventLog
+from events.types import Rejected
 from projections.state import Effect, ViewState, fold
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 
@@ -46,9 +47,12 @@ class LiveView:
         log_: EventLog,
         *,
         on_effects: Callable[[int, list[Effect]], None] | None = None,
+        on_rejected: Callable[[int, str], None] | None = None,
     ) -> None:
         self._log = log_
         self._on_effects = on_effects
+        self._on_rejected = on_rejected
+        self.rejected = 0  # entries folded as Rejected (not ours, or not where they claim)
         self.state = ViewState()
         self._progress = anyio.Event()
         self._waiting = 0
@@ -85,6 +89,8 @@ class LiveView:
                     entries = self._log.entries(from_seq=self.state.last_seq + 1, follow=True)
                     async for entry in entries:
                         effects = fold(self.state, entry.seq, entry.event)
+                        if isinstance(entry.event, Rejected):
+                            self._note_rejected(entry.seq, entry.event)
                         if self._on_effects is not None:
                             self._on_effects(entry.seq, effects)
                         if self._waiting:  # wake waiters; no event churn while nobody waits
@@ -95,6 +101,13 @@ class LiveView:
                     log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
                     await anyio.sleep(delay)  # back off while NATS recovers
                     delay = min(delay * 2, 2.0)
+
+    def _note_rejected(self, seq: int, rejected: Rejected) -> None:
+        """Counted, and handed to whoever reports incidents: never a log line per entry
+        (a flood of junk on the log's subjects would otherwise multiply the logs)."""
+        self.rejected += 1
+        if self._on_rejected is not None:
+            self._on_rejected(seq, rejected.reason)
 
     async def _watch_follow(self) -> None:
         """Restart following if the log is ahead and the view has not moved for a while.
