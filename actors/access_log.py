@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
+from secrets_nats_kv import limits
 from secrets_nats_kv.nats.jetstream import convert
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,18 @@ class AccessLog:
     """Actor: owns the access stream and the buffer in front of it."""
 
     def __init__(
-        self, nc: NATS, *, backend_name: str, replicas: int = 1, capacity: int = 10_000
+        self,
+        nc: NATS,
+        *,
+        backend_name: str,
+        replicas: int = 1,
+        capacity: int = 10_000,
+        max_bytes: int = limits.ACCESS_LOG_MAX_BYTES,
+        max_age_days: int = limits.ACCESS_LOG_MAX_AGE_DAYS,
     ) -> None:
         self._nc = nc
+        self._max_bytes = max_bytes
+        self._max_age = max_age_days * 24 * 3600.0
         self._stream = access_stream_name(backend_name)
         self._subject = access_subject(backend_name)
         self._replicas = replicas
@@ -40,24 +50,42 @@ class AccessLog:
         self.dropped = 0
 
     async def ensure(self) -> None:
+        """Create the stream, or bring an existing one to the configured limits.
+
+        Oldest records go first once the stream holds `max_bytes` or they are older
+        than `max_age_days`: the log of who asked for what never fills a disk.
+        """
         js = self._nc.jetstream(timeout=5)
+        try:
+            info = await js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            info = None
+        except nats.errors.Error as exc:
+            raise convert("access log info", exc) from None
+        if info is not None:
+            current = info.config
+            if (current.max_bytes, current.max_age) == (self._max_bytes, self._max_age):
+                return
+            current.max_bytes, current.max_age = self._max_bytes, self._max_age
+            try:
+                await js.update_stream(current)
+            except nats.errors.Error as exc:
+                raise convert("limit the access log", exc) from None
+            return
         config = api.StreamConfig(
             name=self._stream,
             description="secrets-nats-kv access log (get decisions)",
             subjects=[self._subject],
             storage=api.StorageType.FILE,
             num_replicas=self._replicas,
-            max_age=90 * 24 * 3600.0,
+            max_age=self._max_age,
+            max_bytes=self._max_bytes,
+            discard=api.DiscardPolicy.OLD,
         )
         try:
-            await js.stream_info(self._stream)
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(config)
-            except nats.errors.Error as exc:
-                raise convert("create access log", exc) from None
+            await js.add_stream(config)
         except nats.errors.Error as exc:
-            raise convert("access log info", exc) from None
+            raise convert("create access log", exc) from None
 
     def record(self, record: AccessRecord) -> None:
         """Called on the get path: never blocks, never raises."""

@@ -94,7 +94,13 @@ class Backend:
             )
             access_log = None
             if config.access_log:
-                access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
+                access_log = AccessLog(
+                    nc,
+                    backend_name=names.name,
+                    replicas=config.replicas,
+                    max_bytes=config.access_log_max_bytes,
+                    max_age_days=config.access_log_max_age_days,
+                )
                 await access_log.ensure()
             responder = GetResponder(
                 view,
@@ -104,7 +110,9 @@ class Backend:
                 on_decision=access_log.record if access_log else None,
             )
             appender = Appender(event_log, view, writer)
-            commands = CommandActor(appender, gate, encryption=config.encryption_key)
+            commands = CommandActor(
+                appender, gate, encryption=config.encryption_key, max_payload=nc.max_payload
+            )
             lifecycle = LifecycleActor(appender, gate)
             handlers: dict[str, Handler] = {
                 "server_xkey": responder.server_xkey,

@@ -32,6 +32,7 @@ from events.types import (
     encode_event,
 )
 from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.limits import max_event_size
 from secrets_nats_kv.nats.jetstream import (
     WRONG_LAST_SEQUENCE,
     StreamState,
@@ -111,14 +112,28 @@ class EventLog:
     # --- setup ------------------------------------------------------------------------
 
     async def ensure(self) -> None:
-        """Create the stream if it is missing (file storage, dedupe window, no purge)."""
+        """Create the stream if it is missing (file storage, dedupe window, no purge).
+
+        Its largest message follows the server's payload limit (`limits.max_event_size`):
+        the biggest put fits, and one junk message costs no more. An existing stream
+        with no limit, or a smaller one (the payload limit was raised), is updated.
+        """
+        max_msg_size = max_event_size(self._nc.max_payload)
         try:
-            await self._js.stream_info(self.stream)
-            return
+            info = await self._js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
-            pass
+            info = None
         except nats.errors.Error as exc:
             raise convert("stream info", exc) from None
+        if info is not None:
+            limit = info.config.max_msg_size
+            if limit is None or limit < 0 or limit < max_msg_size:
+                info.config.max_msg_size = max_msg_size
+                try:
+                    await self._js.update_stream(info.config)
+                except nats.errors.Error as exc:
+                    raise convert("limit the event log's message size", exc) from None
+            return
         config = api.StreamConfig(
             name=self.stream,
             description="secrets-nats-kv event log (source of truth)",
@@ -128,6 +143,7 @@ class EventLog:
             duplicate_window=DUPLICATE_WINDOW_S,
             deny_purge=True,
             allow_direct=True,
+            max_msg_size=max_msg_size,
         )
         try:
             await self._js.add_stream(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from secrets_nats_kv import limits
 from secrets_nats_kv.errors import ConfigError
 from secrets_nats_kv.xkeys import XKey
 
@@ -101,6 +102,8 @@ class BackendConfig:
     insecure_unauthenticated_admin: bool = False
     trusted_issuers: tuple[str, ...] = ()
     access_log: bool = True
+    access_log_max_bytes: int = limits.ACCESS_LOG_MAX_BYTES
+    access_log_max_age_days: int = limits.ACCESS_LOG_MAX_AGE_DAYS
     workers: int = 1
     request_concurrency: int = 256
 
@@ -109,6 +112,10 @@ class BackendConfig:
             raise ConfigError("--max-secret-history must be between 1 and 64")
         if self.replicas < 1:
             raise ConfigError("--replicas must be at least 1")
+        if self.access_log_max_bytes < 1024 * 1024 or self.access_log_max_age_days < 1:
+            raise ConfigError(
+                "--access-log-max-bytes must be at least 1 MiB and --access-log-max-age-days 1"
+            )
         if not self.transit_key.has_private or not self.encryption_key.has_private:
             raise ConfigError("the transit and encryption keys must be curve seeds (SX…)")
 

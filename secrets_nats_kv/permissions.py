@@ -120,8 +120,8 @@ def _backend(names: BackendNames) -> Permissions:
         _kv_subjects(names.secrets_bucket),
         _kv_subjects(names.state_bucket),
         *_reading(events),
-        *_api(events, "CREATE", "MSG.DELETE"),  # ensure; destroy erases sealed bytes
-        *_api(access, "INFO", "CREATE"),
+        *_api(events, "CREATE", "UPDATE", "MSG.DELETE"),  # ensure, limits; destroy erases
+        *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
         *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
         *_api(state_kv, "INFO", "CREATE", "UPDATE"),
     ]

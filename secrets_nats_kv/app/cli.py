@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from secrets_nats_kv import __version__, config
+from secrets_nats_kv import __version__, config, limits
 from secrets_nats_kv.app import permissions
 from secrets_nats_kv.errors import SecretsBackendError
 
@@ -99,6 +99,18 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="accept the original's unauthenticated put_secret and mapping requests",
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not record gets")
+    parser.add_argument(
+        "--access-log-max-bytes",
+        type=int,
+        default=limits.ACCESS_LOG_MAX_BYTES,
+        help="the access stream keeps at most this many bytes (default 1 GiB)",
+    )
+    parser.add_argument(
+        "--access-log-max-age-days",
+        type=int,
+        default=limits.ACCESS_LOG_MAX_AGE_DAYS,
+        help="the access stream keeps records this long (default %(default)s days)",
+    )
     parser.add_argument(
         "--workers",
         type=int,

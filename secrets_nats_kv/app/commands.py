@@ -107,6 +107,8 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         nats=nats_options(args),
         max_secret_history=args.max_secret_history,
         replicas=args.replicas,
+        access_log_max_bytes=args.access_log_max_bytes,
+        access_log_max_age_days=args.access_log_max_age_days,
         admin_xkeys=admin_keys,
         insecure_unauthenticated_admin=args.insecure_unauthenticated_admin,
         trusted_issuers=tuple(args.trusted_issuer),

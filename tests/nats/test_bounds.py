@@ -13,15 +13,38 @@ timeout and never makes it serve stale data.
 from __future__ import annotations
 
 import logging
+import subprocess
+import time
+import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import nats.js.errors
 import pytest
+from nats.aio.client import Client as NATS
+from nats.js import api
 
 from actors.backend import REJECTED_ENTRIES
-from support.harness import Identity, fresh_names, running_backend
+from events.access import AccessRecord, access_stream_name, access_subject, decode_access
+from events.log import stream_messages, stream_name, subject_prefix
+from secrets_nats_kv import limits, wire
+from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.errors import SecretTooLarge, Unauthorized
+from secrets_nats_kv.nats.jetstream import stream_state
+from support.harness import (
+    REPO,
+    Clients,
+    Identity,
+    cli_env,
+    fresh_names,
+    run_cli,
+    running_backend,
+)
 
 if TYPE_CHECKING:
+    from conftest import MakeNatsServer
+
     from secrets_nats_kv.app.natsserver import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -53,3 +76,153 @@ async def test_junk_on_the_log_is_one_incident_with_a_count(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"incident {REJECTED_ENTRIES}: latest at #3: "), errors
+
+
+# --- bounded streams --------------------------------------------------------------------------
+
+
+async def test_the_access_stream_has_retention_limits_and_short_fields(
+    module_nats_server: NatsServer,
+) -> None:
+    names = fresh_names()
+    identity = Identity()
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        js = clients.host.nc.jetstream()
+        info = await js.stream_info(access_stream_name(names.name))
+        assert info.config.max_bytes == limits.ACCESS_LOG_MAX_BYTES == 1024**3
+        assert info.config.max_age == 90 * 24 * 3600
+        assert info.config.discard == api.DiscardPolicy.OLD
+        huge = "k" * 100_000
+        recorded = await clients.host.nc.subscribe(access_subject(names.name))
+        with pytest.raises(Unauthorized):
+            await clients.get(identity, huge, version="v" * 50_000)
+        await recorded.next_msg(timeout=10)  # the access log publishes in the background
+        await stream_state(clients.host.nc, access_stream_name(names.name), 5.0)
+        info = await js.stream_info(access_stream_name(names.name))
+        assert info.state.bytes < 4096  # not the 150 KB the request carried
+        (record,) = await access_records(clients.host.nc, names)
+        assert record.secret == "k" * 255 + "…"
+        assert record.version is not None
+        assert len(record.version) == limits.ACCESS_FIELD_MAX
+    # A restart with other limits brings the existing stream to them.
+    async with running_backend(
+        module_nats_server.url,
+        names=names,
+        access_log_max_bytes=8 * 1024 * 1024,
+        access_log_max_age_days=7,
+    ) as clients:
+        info = await clients.host.nc.jetstream().stream_info(access_stream_name(names.name))
+        assert (info.config.max_bytes, info.config.max_age) == (8 * 1024 * 1024, 7 * 24 * 3600)
+
+
+async def access_records(nc: NATS, names: BackendNames) -> list[AccessRecord]:
+    stream = access_stream_name(names.name)
+    found: list[AccessRecord] = []
+    async for message in stream_messages(nc, stream, access_subject(names.name)):
+        found += decode_access(message.data)
+    return found
+
+
+async def test_the_event_stream_refuses_messages_over_its_size(
+    module_nats_server: NatsServer,
+) -> None:
+    names = fresh_names()
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        nc = clients.host.nc
+        js = nc.jetstream()
+        info = await js.stream_info(stream_name(names.name))
+        assert info.config.max_msg_size == limits.max_event_size(nc.max_payload)
+        before = info.state.last_seq
+        with pytest.raises(nats.js.errors.APIError):
+            await js.publish(f"{subject_prefix(names.name)}.junk", b"j" * 400_000)
+        assert (await js.stream_info(stream_name(names.name))).state.last_seq == before
+        # The largest secret's event fits.
+        value = b"\xff" * limits.max_secret_size(nc.max_payload)
+        assert await clients.admin.put_secret("big", value) == 1
+
+
+# --- the value size limit ---------------------------------------------------------------------
+
+
+LIMIT = limits.max_secret_size()  # with the server's default max_payload of 1 MiB
+
+
+def test_the_limit_is_the_readme_number() -> None:
+    assert LIMIT == 258_048
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "258 048 bytes" in readme
+
+
+async def test_the_largest_secret_works_end_to_end_and_one_byte_more_is_refused(
+    module_nats_server: NatsServer, tmp_path: Path
+) -> None:
+    names = fresh_names()
+    identity = Identity()
+    url = module_nats_server.url
+    flags = ("--nats-address", url, "--name", names.name, "-b", names.secrets_bucket)
+    async with running_backend(url, names=names) as clients:
+        env = cli_env(clients.keys)
+        largest = tmp_path / "largest.bin"
+        largest.write_bytes(bytes(range(256)) * (LIMIT // 256))
+        assert largest.stat().st_size == LIMIT
+        put = await cli(env, "put", "bin", "--binary", str(largest), *flags)
+        assert put.returncode == 0, put.stderr
+        text = "t" * LIMIT  # (over the OS's 128 KiB for one argument: the CLI's client)
+        assert await clients.admin.put_secret("text", text) == 2
+        await clients.admin.add_mapping(identity.entity_key, ["bin", "text"])
+        got = await clients.get(identity, "bin")
+        assert got.binary_secret is not None
+        assert bytes(got.binary_secret) == largest.read_bytes()
+        assert (await clients.get(identity, "text")).string_secret == text
+        before = await head(clients)
+        over = tmp_path / "over.bin"
+        over.write_bytes(b"\0" * (LIMIT + 1))
+        refused = await cli(env, "put", "bin", "--binary", str(over), *flags)
+        assert refused.returncode == 1
+        lines = refused.stderr.decode().splitlines()
+        assert lines == [
+            f"secrets-nats-kv: error: the secret is {LIMIT + 1} bytes; the largest secret is "
+            f"{LIMIT} bytes (a quarter of the server's max_payload of 1048576 bytes, less 4 KiB)"
+        ]
+        for value in ("t" * (LIMIT + 1), "\x01" * (LIMIT * 3 // 4)):  # the second: 6x escaped
+            with pytest.raises(SecretTooLarge, match=f"the largest secret is {LIMIT} bytes"):
+                await clients.admin.put_secret("text", value)
+        # The backend refuses too, whoever sends it (here a client that does not check).
+        with pytest.raises(SecretTooLarge):
+            await unchecked_put(clients, "text", "t" * (LIMIT + 1))
+        assert await head(clients) == before  # nothing was stored
+
+
+async def head(clients: Clients) -> int:
+    stream = stream_name(clients.names.name)
+    return (await stream_state(clients.host.nc, stream, 5.0)).last_seq
+
+
+async def unchecked_put(clients: Clients, name: str, value: str) -> int:
+    """put_secret as a client that skips the size check (sealed like the real one)."""
+    admin = clients.admin
+    request = wire.AdminPutSecretRequest(
+        key=name, string_secret=value, request_id=uuid.uuid4().hex, issued_at=int(time.time())
+    )
+    data = await admin._sealed_request("put_secret", wire.encode_put_request(request))
+    return wire.decode_put_response(data).result()
+
+
+async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    return await anyio.to_thread.run_sync(lambda: run_cli(*args, env=env, timeout=60))
+
+
+async def test_the_limit_follows_a_raised_max_payload(make_nats_server: MakeNatsServer) -> None:
+    server = make_nats_server(extra_conf="max_payload: 4194304")
+    identity = Identity()
+    async with running_backend(server.url) as clients:
+        nc = clients.host.nc
+        assert nc.max_payload == 4 * 1024 * 1024
+        raised = limits.max_secret_size(nc.max_payload)
+        assert raised == 4 * LIMIT + 3 * limits.ENVELOPE
+        value = "r" * raised
+        assert await clients.admin.put_secret("s", value) == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert (await clients.get(identity, "s")).string_secret == value
+        with pytest.raises(SecretTooLarge):
+            await unchecked_put(clients, "s", value + "r")

@@ -88,10 +88,10 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"wasmcloud_secrets_access.{n}",
         f"$KV.{names.secrets_bucket}.>",
         f"$KV.SECRETS_{n}_state.>",
-        *verbs(events, "INFO", "CREATE", "MSG.DELETE"),
+        *verbs(events, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
         *consumers(events),
         f"$JS.FC.{events}.>",
-        *verbs(access, "INFO", "CREATE"),
+        *verbs(access, "INFO", "CREATE", "UPDATE"),
         *verbs(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
         *verbs(state_kv, "INFO", "CREATE", "UPDATE"),
     ]
