@@ -28,6 +28,7 @@ from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
+from projections.rebuild import refold_views
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.permissions import NatsRole, inbox_prefix
@@ -35,6 +36,7 @@ from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 log = logging.getLogger(__name__)
 
 REJECTED_ENTRIES = "rejected-entries"  # the incident kind for entries on the log not ours
+BUCKET_RECREATED = "bucket-recreated"  # a KV bucket was deleted under the backend
 
 
 @dataclass
@@ -82,7 +84,16 @@ class Backend:
             )
             await event_log.ensure()
             await views.ensure()
-            writer = KvWriter(views, event_log)
+
+            async def refill(gone: list[str]) -> None:
+                """Buckets deleted under a running backend: recreated, refilled from the log."""
+                self.health.report(
+                    BUCKET_RECREATED, f"{', '.join(gone)} vanished; recreated from the event log"
+                )
+                await views.ensure()
+                await refold_views(nc, event_log, views, None)
+
+            writer = KvWriter(views, event_log, on_missing=refill)
             await writer.prepare()
             view = self.view = LiveView(
                 event_log, on_effects=writer.submit, on_rejected=self._rejected_entry

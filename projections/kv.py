@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -115,6 +116,18 @@ class KvViews:
         except nats.errors.Error as exc:
             raise convert(f"create bucket {bucket}", exc) from None
 
+    async def missing(self) -> list[str]:
+        """The buckets whose streams are gone (deleted under a running backend)."""
+        gone = []
+        for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
+            try:
+                await self._js.stream_info(kv_stream(bucket))
+            except nats.js.errors.NotFoundError:
+                gone.append(bucket)
+            except nats.errors.Error as exc:
+                raise convert("bucket info", exc) from None
+        return gone
+
     async def last_revision(self, bucket: str) -> int:
         return (await stream_state(self._nc, kv_stream(bucket), self._timeout)).last_seq
 
@@ -170,9 +183,16 @@ class KvViews:
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, views: KvViews, log_: EventLog) -> None:
+    def __init__(
+        self,
+        views: KvViews,
+        log_: EventLog,
+        *,
+        on_missing: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self.views = views
         self._log = log_
+        self._on_missing = on_missing  # refills buckets deleted under us (see Backend)
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
@@ -242,11 +262,27 @@ class KvWriter:
                 return
             except (StorageError, NatsUnavailable) as exc:
                 self.failed = str(exc)
+                if await self._repaired():
+                    continue  # the bucket is back, refilled from the log: write again
                 log.warning("KV view write failed, retrying", extra={"error": str(exc)})
                 self._progress.set()
                 self._progress = anyio.Event()
                 await anyio.sleep(delay)  # back off while NATS recovers
                 delay = min(delay * 2, 2.0)
+
+    async def _repaired(self) -> bool:
+        """After a failed write: if a bucket is gone, have it recreated and refilled."""
+        if self._on_missing is None:
+            return False
+        try:
+            gone = await self.views.missing()
+            if not gone:
+                return False
+            await self._on_missing(gone)
+            await self.prepare()
+        except (StorageError, NatsUnavailable):
+            return False
+        return True
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""

@@ -12,6 +12,7 @@ timeout and never makes it serve stale data.
 
 from __future__ import annotations
 
+import base64
 import logging
 import subprocess
 import time
@@ -20,18 +21,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from actors.backend import REJECTED_ENTRIES
+from actors.backend import BUCKET_RECREATED, REJECTED_ENTRIES
 from events.access import AccessRecord, access_stream_name, access_subject, decode_access
 from events.log import stream_messages, stream_name, subject_prefix
 from secrets_nats_kv import limits, wire
-from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.config import BackendNames, kv_stream
 from secrets_nats_kv.errors import SecretTooLarge, Unauthorized
 from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.nkeys import SigningKey
+from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
+from secrets_nats_kv.xkeys import SealBox, XKey
 from support.harness import (
     REPO,
     Clients,
@@ -226,3 +231,114 @@ async def test_the_limit_follows_a_raised_max_payload(make_nats_server: MakeNats
         assert (await clients.get(identity, "s")).string_secret == value
         with pytest.raises(SecretTooLarge):
             await unchecked_put(clients, "s", value + "r")
+
+
+# --- deep or hostile JSON ---------------------------------------------------------------------
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def token_with(claims_json: str, signer: SigningKey) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(b'{"typ":"jwt","alg":"Ed25519"}')
+    body = b64(claims_json.encode())
+    return f"{header}.{body}.{b64(signer.sign(f'{header}.{body}'.encode()))}"
+
+
+async def test_deep_json_anywhere_is_the_protocols_error_for_that_field(
+    module_nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    identity = Identity()
+    account = identity.account
+    entity, host = identity.entity.public_key, identity.host.public_key
+    deep_entity = token_with(
+        f'{{"jti":"j","iat":1,"iss":"{account.public_key}","sub":"{entity}",'
+        f'"wascap":{{"name":{deep(5000)}}}}}',
+        account,
+    )
+    deep_host = token_with(
+        f'{{"jti":"j","iat":1,"iss":"{account.public_key}","sub":"{host}","x":{deep(5000)}}}',
+        account,
+    )
+    async with running_backend(module_nats_server.url, names=fresh_names()) as clients:
+        await clients.admin.put_secret("s", "v")
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        transit = XKey.from_public(await clients.host.server_xkey())
+
+        async def raw_get(body: bytes) -> object:
+            sender = XKey.generate()
+            data, headers = await clients.host.request(
+                "get", sender.seal(body, transit), {HOST_XKEY_HEADER: sender.public_key}
+            )
+            if RESPONSE_XKEY_HEADER in headers:  # served, sealed to the sender
+                return None
+            return msgspec.json.decode(data)["error"]
+
+        def get_body(**context: object) -> bytes:
+            fields: dict[str, object] = {
+                "entity_jwt": identity.entity_jwt(),
+                "host_jwt": identity.host_jwt(),
+                "application": {"name": None, "policy": ""},
+                **context,
+            }
+            return msgspec.json.encode({"key": "s", "context": fields})
+
+        error = await raw_get(get_body(entity_jwt=deep_entity))
+        assert error == {"InvalidEntityJWT": "malformed claims: nested too deeply"}
+        error = await raw_get(get_body(host_jwt=deep_host))
+        assert error == {"InvalidHostJWT": "malformed claims: nested too deeply"}
+        assert await raw_get(f'{{"key":"s","context":{deep(100_000)}}}'.encode()) == (
+            "InvalidRequest"
+        )
+        assert await raw_get(deep(100_000).encode()) == "InvalidRequest"
+        # Policy text is carried, never parsed: a deep one changes nothing.
+        policy = {"name": "app", "policy": deep(100_000)}
+        assert await raw_get(get_body(application=policy)) is None
+        # Admin requests, sealed by the admin key, with deep bodies.
+        admin = clients.admin
+        for operation in ("put_secret", f"add_mapping.{entity}", "delete", "list"):
+            data = await admin._sealed_request(operation, deep(100_000).encode())
+            assert b"Other" not in data, (operation, data)
+            assert b"internal" not in data, (operation, data)
+        data = await admin._sealed_request(
+            "put_secret", f'{{"key":"s","string_secret":"v","x":{deep(100_000)}}}'.encode()
+        )
+        assert msgspec.json.decode(data) == {"revision": 0, "error": "InvalidRequest"}
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+# --- vanished buckets -------------------------------------------------------------------------
+
+
+async def test_a_bucket_deleted_under_a_running_backend_is_recreated_and_refilled(
+    module_nats_server: NatsServer,
+) -> None:
+    """The next write is acknowledged (not UpstreamError-but-stored) and the views refilled."""
+    names = fresh_names()
+    identity, other = Identity(), Identity()
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        admin = clients.admin
+        assert await admin.put_secret("s", "v1") == 1
+        await admin.add_mapping(identity.entity_key, ["s"])
+        js = clients.host.nc.jetstream()
+        for bucket in (names.secrets_bucket, names.state_bucket):
+            assert await js.delete_stream(kv_stream(bucket))
+        assert await admin.put_secret("s", "v2") == 2
+        await admin.add_mapping(other.entity_key, ["s"])
+        box = SealBox(clients.keys.encryption, clients.keys.encryption)
+        entry = await js.get_last_msg(
+            kv_stream(names.secrets_bucket), f"$KV.{names.secrets_bucket}.s"
+        )
+        assert (entry.seq, box.open(entry.data)) == (2, b"v2")
+        first = await js.get_msg(kv_stream(names.secrets_bucket), 1)
+        assert box.open(first.data) == b"v1"  # the history came back too
+        mapping = await js.get_last_msg(
+            kv_stream(names.state_bucket), f"$KV.{names.state_bucket}.{other.entity_key}"
+        )
+        assert msgspec.json.decode(mapping.data) == ["s"]
+        assert BUCKET_RECREATED in clients.backend.health.incidents
+        assert (await clients.get(other, "s")).string_secret == "v2"
