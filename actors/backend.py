@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REJECTED_ENTRIES = "rejected-entries"  # the incident kind for entries on the log not ours
 BUCKET_RECREATED = "bucket-recreated"  # a KV bucket was deleted under the backend
+FORGED_API_ANSWERS = "forged-jetstream-answers"  # someone else answers $JS.API requests
 
 
 @dataclass
@@ -96,7 +97,10 @@ class Backend:
             writer = KvWriter(views, event_log, on_missing=refill)
             await writer.prepare()
             view = self.view = LiveView(
-                event_log, on_effects=writer.submit, on_rejected=self._rejected_entry
+                event_log,
+                on_effects=writer.submit,
+                on_rejected=self._rejected_entry,
+                on_forged_head=lambda detail: self.health.report(FORGED_API_ANSWERS, detail),
             )
             gate = AdminGate(
                 config.transit_key,

@@ -35,6 +35,7 @@ from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.limits import max_event_size
 from secrets_nats_kv.nats.jetstream import (
     WRONG_LAST_SEQUENCE,
+    HeadReader,
     StreamState,
     convert,
     erase_message,
@@ -205,6 +206,10 @@ class EventLog:
     async def head(self) -> int:
         """The last sequence written to the log (0 when empty)."""
         return (await self.state()).last_seq
+
+    def head_reader(self) -> HeadReader:
+        """A reader of the head that notices strangers answering for JetStream."""
+        return HeadReader(self._nc, self.stream, self._timeout)
 
     async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
         """Every position from `from_seq` on, gaps included; stop at the head unless following."""

@@ -5,7 +5,7 @@ travels as a JSON array of bytes (up to four characters per byte) in the put req
 in a host's get reply, so a quarter of the payload limit, less room for the rest of the
 message, is what fits end to end. The event log's largest message follows from it (a
 sealed value is base64 in an event), which also bounds what one junk message can cost.
-The access log keeps 90 days or 1 GiB, whichever is reached first, and cuts every field
+The access log keeps 90 days or 256 MiB, whichever is reached first, and cuts every field
 a requester chose (the key, the version) to a bounded length.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # nats-server's default max_payload
 ENVELOPE = 4096  # bytes of a put request or get reply besides the value
 SEAL_OVERHEAD = 40  # xkv1: tag, nonce and box
-ACCESS_LOG_MAX_BYTES = 1024**3
+ACCESS_LOG_MAX_BYTES = 256 * 1024 * 1024  # reserved on the server: keep it modest
 ACCESS_LOG_MAX_AGE_DAYS = 90
 ACCESS_FIELD_MAX = 256  # characters of any field of an access record
 

@@ -103,7 +103,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--access-log-max-bytes",
         type=int,
         default=limits.ACCESS_LOG_MAX_BYTES,
-        help="the access stream keeps at most this many bytes (default 1 GiB)",
+        help="the access stream keeps at most this many bytes (default 256 MiB)",
     )
     parser.add_argument(
         "--access-log-max-age-days",

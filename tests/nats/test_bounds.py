@@ -13,10 +13,12 @@ timeout and never makes it serve stale data.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,14 +27,18 @@ import msgspec
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import api
 
-from actors.backend import BUCKET_RECREATED, REJECTED_ENTRIES
+from actors.backend import BUCKET_RECREATED, FORGED_API_ANSWERS, REJECTED_ENTRIES
 from events.access import AccessRecord, access_stream_name, access_subject, decode_access
-from events.log import stream_messages, stream_name, subject_prefix
+from events.integrity import EventAuthenticator
+from events.log import EventLog, stream_messages, stream_name, subject_prefix
+from events.types import SecretPut
 from secrets_nats_kv import limits, wire
-from secrets_nats_kv.config import BackendNames, kv_stream
-from secrets_nats_kv.errors import SecretTooLarge, Unauthorized
+from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.errors import SecretTooLarge, Unauthorized, UpstreamError
+from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
@@ -94,7 +100,7 @@ async def test_the_access_stream_has_retention_limits_and_short_fields(
     async with running_backend(module_nats_server.url, names=names) as clients:
         js = clients.host.nc.jetstream()
         info = await js.stream_info(access_stream_name(names.name))
-        assert info.config.max_bytes == limits.ACCESS_LOG_MAX_BYTES == 1024**3
+        assert info.config.max_bytes == limits.ACCESS_LOG_MAX_BYTES == 256 * 1024 * 1024
         assert info.config.max_age == 90 * 24 * 3600
         assert info.config.discard == api.DiscardPolicy.OLD
         huge = "k" * 100_000
@@ -342,3 +348,82 @@ async def test_a_bucket_deleted_under_a_running_backend_is_recreated_and_refille
         assert msgspec.json.decode(mapping.data) == ["s"]
         assert BUCKET_RECREATED in clients.backend.health.incidents
         assert (await clients.get(other, "s")).string_secret == "v2"
+
+
+# --- JetStream API answers from strangers (an open bus) ---------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def forging_stream_info(url: str, stream: str, last_seq: int) -> AsyncIterator[list[int]]:
+    """A second connection answering every STREAM.INFO of `stream` with a made-up head."""
+    answered: list[int] = []
+    nc = await connect(NatsOptions(servers=(url,)), name="forger", persistent=False)
+
+    async def answer(msg: Msg) -> None:
+        state = {"messages": last_seq, "first_seq": 1, "last_seq": last_seq}
+        await nc.publish(msg.reply, msgspec.json.encode({"state": state}))
+        await nc.flush()  # at the server before the test goes on
+        answered.append(last_seq)
+
+    try:
+        await nc.subscribe(f"$JS.API.STREAM.INFO.{stream}", cb=answer)
+        await nc.flush()
+        yield answered
+    finally:
+        await nc.close()
+
+
+async def test_a_forged_low_head_is_caught_and_never_hides_a_write(
+    module_nats_server: NatsServer,
+) -> None:
+    names = fresh_names()
+    identity = Identity()
+    url = module_nats_server.url
+    async with running_backend(url, names=names) as clients:
+        assert await clients.admin.put_secret("s", "v1") == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        log = EventLog(
+            clients.host.nc,
+            backend_name=names.name,
+            authenticator=EventAuthenticator.for_key(clients.keys.encryption),
+        )
+        head = await log.head()  # read before the forger starts: it would fool us too
+        async with forging_stream_info(url, stream_name(names.name), 0) as answered:
+            assert (await clients.get(identity, "s")).string_secret == "v1"
+            assert answered  # the forger answered (before or after JetStream did)
+            # Its answer reached the backend before this get did: the next head read knows.
+            assert (await clients.get(identity, "s")).string_secret == "v1"
+            assert FORGED_API_ANSWERS in clients.backend.health.incidents
+            # A write acknowledged by JetStream straight after is seen by the next get,
+            # though the forger keeps claiming an empty log.
+            box = SealBox(clients.keys.encryption, clients.keys.encryption)
+            for value in (b"v2", b"v3", b"v4"):
+                event = SecretPut(at=time.time(), name="s", sealed=box.seal(value))
+                head = (await log.append(event, expected_last_seq=head)).seq
+                got = await clients.get(identity, "s")
+                assert got.string_secret == value.decode()
+
+
+async def test_a_forged_high_head_delays_a_get_at_most_the_freshness_timeout(
+    module_nats_server: NatsServer,
+) -> None:
+    names = fresh_names()
+    identity = Identity()
+    url = module_nats_server.url
+    async with running_backend(url, names=names) as clients:
+        assert await clients.admin.put_secret("s", "v1") == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        clients.host.timeout = 30.0  # the backend answers after its freshness timeout
+        async with forging_stream_info(url, stream_name(names.name), 10**9) as answered:
+            outcomes = []
+            for _ in range(2):  # the first may race JetStream's answer; the second cannot
+                try:
+                    outcomes.append((await clients.get(identity, "s")).string_secret)
+                except UpstreamError as exc:  # the view never reaches the claimed head
+                    outcomes.append(str(exc))
+            assert answered
+            behind = "UpstreamError: the backend's view is behind the event log"
+            assert set(outcomes) <= {"v1", behind}, outcomes  # never another value
+            assert outcomes[-1] == behind  # the highest answer counts: it waits, then says so
+            assert FORGED_API_ANSWERS in clients.backend.health.incidents
+        assert (await clients.get(identity, "s")).string_secret == "v1"
