@@ -12,7 +12,7 @@ Starts its own nats-server and real `secrets-nats-kv run` processes, then:
    untagged junk on `wasmcloud_secrets_events.{name}.junk` as fast as it can for 5 s;
    then the loop goes on for 10 s. Reported: the junk published, gets (ok / failed,
    median and worst latency) before, during and after the flood, how long after the
-   flood the first get inside the freshness timeout succeeded, the backend's log size
+   flood the first fast get succeeded (the loop waits up to 120 s for it), the log size
    before and after, and the cost of rejecting one entry (tag check plus fold) in µs.
 
 Timing figures depend on the machine: compare the phases of one run, not runs.
@@ -218,7 +218,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         origin = time.perf_counter()
         flood_start = origin + 2.0
         flood_end = flood_start + flood_s
-        until = flood_end + 10.0
+        until = flood_end + 120.0
 
         async def getter() -> None:
             while (now := time.perf_counter()) < until:
@@ -226,6 +226,9 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
                 gets.at.append(now)
                 gets.latency.append(time.perf_counter() - now)
                 gets.ok.append(outcome == "ok")
+                fast = outcome == "ok" and gets.latency[-1] < 1.0
+                if now > flood_end + 10.0 and fast:
+                    return  # recovered, and watched for 10 s after the flood
 
         async def flood(client: NATS) -> None:
             nonlocal published
@@ -260,7 +263,8 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         "before": gets.window(origin, flood_start),
         "during": gets.window(flood_start, flood_end),
         "after_0_2s": gets.window(flood_end, flood_end + 2),
-        "after_2_10s": gets.window(flood_end + 2, until),
+        "after_2_10s": gets.window(flood_end + 2, flood_end + 10),
+        "after_10s": gets.window(flood_end + 10, until),
         "first_fast_get_after_flood_s": recovered,
         "log_bytes_before": log_before,
         "log_bytes_after": log_after,
@@ -291,15 +295,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server.start()
         try:
             count = 600 if args.quick else 6000
-            return {
-                "tokens_64k_trusted_issuer": await token_attack(
+            results: dict[str, Any] = {}
+            if args.only in (None, "tokens"):
+                results["tokens_64k_trusted_issuer"] = await token_attack(
                     server.url, directory, count, trusted=True
-                ),
-                "tokens_at_limit_no_trusted_issuer": await token_attack(
+                )
+                results["tokens_at_limit_no_trusted_issuer"] = await token_attack(
                     server.url, directory, count, trusted=False
-                ),
-                "junk_flood": await junk_flood(server.url, directory, 1.0 if args.quick else 5.0),
-            }
+                )
+            if args.only in (None, "flood"):
+                flood_s = 1.0 if args.quick else 5.0
+                results["junk_flood"] = await junk_flood(server.url, directory, flood_s)
+            return results
         finally:
             server.stop()
 
@@ -307,6 +314,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("tokens", "flood"), default=None)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "abuse.json"))
     args = parser.parse_args()
     results = anyio.run(run, args)
