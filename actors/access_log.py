@@ -17,7 +17,8 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
-from secrets_nats_kv.nats.jetstream import ensure_stream
+from secrets_nats_kv import limits
+from secrets_nats_kv.nats.jetstream import ensure_stream, update_stream
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,18 @@ class AccessLog:
     """Actor: owns the access stream and the buffer in front of it."""
 
     def __init__(
-        self, nc: NATS, *, backend_name: str, replicas: int = 1, capacity: int = 10_000
+        self,
+        nc: NATS,
+        *,
+        backend_name: str,
+        replicas: int = 1,
+        capacity: int = 10_000,
+        max_bytes: int = limits.ACCESS_LOG_MAX_BYTES,
+        max_age_days: int = limits.ACCESS_LOG_MAX_AGE_DAYS,
     ) -> None:
         self._nc = nc
+        self._max_bytes = max_bytes
+        self._max_age = max_age_days * 24 * 3600.0
         self._stream = access_stream_name(backend_name)
         self._subject = access_subject(backend_name)
         self._replicas = replicas
@@ -39,15 +49,29 @@ class AccessLog:
         self.dropped = 0
 
     async def ensure(self) -> None:
+        """Create the stream, or bring an existing one to the configured limits.
+
+        Oldest records go first once the stream holds `max_bytes` or they are older
+        than `max_age_days`: the log of who asked for what never fills a disk.
+        """
         config = api.StreamConfig(
             name=self._stream,
             description="secrets-nats-kv access log (get decisions)",
             subjects=[self._subject],
             storage=api.StorageType.FILE,
             num_replicas=self._replicas,
-            max_age=90 * 24 * 3600.0,
+            max_age=self._max_age,
+            max_bytes=self._max_bytes,
+            discard=api.DiscardPolicy.OLD,
         )
-        await ensure_stream(self._nc, config, 5.0)
+        info = await ensure_stream(self._nc, config, 5.0)
+        if info is None:
+            return  # created here, with the limits
+        current = info.config
+        if (current.max_bytes, current.max_age) == (self._max_bytes, self._max_age):
+            return
+        current.max_bytes, current.max_age = self._max_bytes, self._max_age
+        await update_stream(self._nc, current, 5.0)
 
     def record(self, record: AccessRecord) -> None:
         """Called on the get path: never blocks, never raises."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 from anyio.abc import TaskStatus
@@ -46,11 +46,17 @@ from projections.foreign import (
 )
 from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.live import LiveView
+from projections.rebuild import refold_views
 from projections.state import Effect
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 
 log = logging.getLogger(__name__)
+
+REJECTED_ENTRIES = "rejected-entries"  # the incident kind for entries on the log not ours
+BUCKET_RECREATED = "bucket-recreated"  # a KV bucket was deleted under the backend
+FORGED_API_ANSWERS = "forged-jetstream-answers"  # someone else answers $JS.API requests
 
 
 def operation_handlers(
@@ -105,12 +111,15 @@ class Backend:
             STATS_PREVIOUS_TRANSIT: [] if self.transit is None else self.transit.snapshot(),
         }
 
+    def _rejected_entry(self, seq: int, reason: str) -> None:
+        """An entry on the log that is not ours: one incident, counted, logged once."""
+        self.health.report(REJECTED_ENTRIES, f"latest at #{seq}: {reason}")
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         names = config.names
-        nc = self.nc = await connect(
-            config.nats, name=f"secrets-nats-kv {names.name}", persistent=True
-        )
+        options = replace(config.nats, inbox_prefix=inbox_prefix(names, NatsRole.BACKEND))
+        nc = self.nc = await connect(options, name=f"secrets-nats-kv {names.name}", persistent=True)
         try:
             event_log = EventLog(
                 nc,
@@ -135,7 +144,16 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
-            writer = self.writer = KvWriter(views, incidents=self.health)
+
+            async def refill(gone: list[str]) -> None:
+                """Buckets deleted under a running backend: recreated, refilled from the log."""
+                self.health.report(
+                    BUCKET_RECREATED, f"{', '.join(gone)} vanished; recreated from the event log"
+                )
+                await views.ensure()
+                await refold_views(nc, event_log, views, None)
+
+            writer = self.writer = KvWriter(views, incidents=self.health, on_missing=refill)
             writer.prime(found[0].last_seq, found[1].last_seq)
             shredder = Shredder(event_log)
 
@@ -143,7 +161,12 @@ class Backend:
                 writer.submit(seq, effects)
                 shredder.submit(seq, effects)
 
-            view = self.view = LiveView(event_log, on_effects=on_effects)
+            view = self.view = LiveView(
+                event_log,
+                on_effects=on_effects,
+                on_rejected=self._rejected_entry,
+                on_forged_head=lambda detail: self.health.report(FORGED_API_ANSWERS, detail),
+            )
             gate = AdminGate(
                 config.transit_key,
                 config.admin_public_keys,
@@ -151,7 +174,13 @@ class Backend:
             )
             access_log = None
             if config.access_log:
-                access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
+                access_log = AccessLog(
+                    nc,
+                    backend_name=names.name,
+                    replicas=config.replicas,
+                    max_bytes=config.access_log_max_bytes,
+                    max_age_days=config.access_log_max_age_days,
+                )
                 await access_log.ensure()
             transit = self.transit = TransitKeys(config.transit_key, config.previous_transit_keys)
             responder = GetResponder(
@@ -164,7 +193,9 @@ class Backend:
             decider = Decider(
                 event_log, view, (writer.applied, shredder.applied), health=self.health
             )
-            store = StoreActor(decider, gate, encryption=config.encryption_key)
+            store = StoreActor(
+                decider, gate, encryption=config.encryption_key, max_payload=nc.max_payload
+            )
             lifecycle = LifecycleActor(decider, gate)
             handlers = operation_handlers(responder, store, lifecycle)
             pool = self.pool = ResponderPool(

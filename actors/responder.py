@@ -33,6 +33,7 @@ from secrets_nats_kv.errors import (
     UpstreamError,
 )
 from secrets_nats_kv.jwt import Claims, verify_entity_jwt, verify_host_jwt
+from secrets_nats_kv.limits import cut
 from secrets_nats_kv.wire import RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
 
@@ -101,13 +102,11 @@ class GetResponder:
 
     def _verify(self, token: str, *, entity: bool) -> Claims:
         error = InvalidEntityJWT if entity else InvalidHostJWT
+        verify = verify_entity_jwt if entity else verify_host_jwt
         try:
-            claims = verify_entity_jwt(token) if entity else verify_host_jwt(token)
+            return verify(token, trusted_issuers=self._trusted)
         except InvalidJWT as exc:
             raise error(exc.reason) from None
-        if self._trusted and claims.iss not in self._trusted:
-            raise error(f"issuer {claims.iss} is not a trusted issuer")
-        return claims
 
     async def _wait_fresh(self) -> None:
         try:
@@ -141,14 +140,14 @@ class GetResponder:
         if self._on_decision is None or "secret" not in context:
             return
         self._on_decision(
-            AccessRecord(  # what the access log keeps of a get: never a value
-                at=time.time(),
-                secret=context["secret"] or "",
-                version=context.get("version"),
-                entity=context.get("entity"),
-                host=context.get("host"),
+            AccessRecord(  # what the access log keeps of a get: never a value, and every
+                at=time.time(),  # field a requester chose cut short (a 900 KB key is 256)
+                secret=cut(context["secret"]) or "",
+                version=cut(context.get("version")),
+                entity=cut(context.get("entity")),
+                host=cut(context.get("host")),
                 granted=granted,
-                error=None if error is None else json.dumps(error.wire()),
+                error=None if error is None else cut(json.dumps(error.wire()), 1024),
                 transit_key=context.get("transit_key"),
             )
         )

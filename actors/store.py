@@ -12,12 +12,13 @@ from actors.decider import Decider
 from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
-from secrets_nats_kv import wire
+from secrets_nats_kv import limits, wire
 from secrets_nats_kv.errors import (
     InvalidKey,
     InvalidRequest,
     InvalidSecretName,
     ProtocolError,
+    SecretTooLarge,
 )
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
@@ -29,10 +30,19 @@ OK = Reply(b"ok")
 class StoreActor:
     """Actor: turns put_secret and mapping changes into events."""
 
-    def __init__(self, decider: Decider, gate: AdminGate, *, encryption: XKey) -> None:
+    def __init__(
+        self,
+        decider: Decider,
+        gate: AdminGate,
+        *,
+        encryption: XKey,
+        max_payload: int = limits.DEFAULT_MAX_PAYLOAD,
+    ) -> None:
         self._decider = decider
         self._gate = gate
         self._at_rest = SealBox(encryption, encryption)
+        self._max_payload = max_payload
+        self._max_value = limits.max_secret_size(max_payload)
 
     # --- put_secret -------------------------------------------------------------------
 
@@ -56,6 +66,8 @@ class StoreActor:
         name = _secret_name(put.key)
         kind: SecretKind = "string" if put.string_secret is not None else "binary"
         value = put.value_bytes()
+        if len(value) > self._max_value:  # it would not fit a host's get reply
+            raise SecretTooLarge.sized(len(value), self._max_value, self._max_payload)
         event = SecretPut(
             name=name,
             sealed=self._at_rest.seal(value),

@@ -32,16 +32,19 @@ from events.types import (
     encode_event,
 )
 from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.limits import max_event_size
 from secrets_nats_kv.nats.connection import round_trip
 from secrets_nats_kv.nats.jetstream import (
     EXPECTED_LAST_SEQUENCE_HEADER,
     MSG_ID_HEADER,
+    HeadReader,
     StreamState,
     WrongLastSequence,
     ensure_stream,
     erase_message,
     stream_info,
     stream_state,
+    update_stream,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nats.positioned import PositionedPublisher
@@ -117,7 +120,13 @@ class EventLog:
     # --- setup ------------------------------------------------------------------------
 
     async def ensure(self) -> None:
-        """Create the stream if it is missing (file storage, dedupe window, no purge)."""
+        """Create the stream if it is missing (file storage, dedupe window, no purge).
+
+        Its largest message follows the server's payload limit (`limits.max_event_size`):
+        the biggest put fits, and one junk message costs no more. An existing stream
+        with no limit, or a smaller one (the payload limit was raised), is updated.
+        """
+        max_msg_size = max_event_size(self._nc.max_payload)
         config = api.StreamConfig(
             name=self.stream,
             description="secrets-nats-kv event log (source of truth)",
@@ -127,8 +136,15 @@ class EventLog:
             duplicate_window=DUPLICATE_WINDOW_S,
             deny_purge=True,
             allow_direct=True,
+            max_msg_size=max_msg_size,
         )
-        await ensure_stream(self._nc, config, self._timeout)
+        info = await ensure_stream(self._nc, config, self._timeout)
+        if info is None:
+            return  # created here, with the limit
+        limit = info.config.max_msg_size
+        if limit is None or limit < 0 or limit < max_msg_size:
+            info.config.max_msg_size = max_msg_size
+            await update_stream(self._nc, info.config, self._timeout)
 
     async def exists(self) -> bool:
         """Whether the stream exists (an absent log explains no bucket entry: `import`)."""
@@ -220,6 +236,10 @@ class EventLog:
         """The last sequence written to the log (0 when empty)."""
         return (await self.state()).last_seq
 
+    def head_reader(self) -> HeadReader:
+        """A reader of the head that notices strangers answering for JetStream."""
+        return HeadReader(self._nc, self.stream, self._timeout)
+
     async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
         """Every position from `from_seq` on, gaps included; stop at the head unless following."""
         expected = from_seq
@@ -236,13 +256,11 @@ class EventLog:
         seq, body = message.seq, message.data
         if self.authenticator is not None:
             tag = (message.headers or {}).get(TAG_HEADER)
-            if not self.authenticator.verify(seq, body, tag):
-                log.error("ignoring an event with a missing or wrong tag", extra={"seq": seq})
+            if not self.authenticator.verify(seq, body, tag):  # counted by the reader, not logged
                 return Rejected(reason="tag does not match its position")
         try:
             return decode_event(body)
         except UndecodableEvent:
-            log.error("ignoring an undecodable event", extra={"seq": seq})
             return Rejected(reason="not an event")
 
     async def entry(self, seq: int) -> LogEntry | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +47,7 @@ from secrets_nats_kv.nats.jetstream import (
     erase_message,
     pub_ack_decoder,
     stored_message,
+    stream_info,
     stream_state,
     update_stream,
 )
@@ -118,6 +120,14 @@ class KvBuckets:
             info.config.deny_delete = False
             await update_stream(self._nc, info.config, self._timeout)
 
+    async def missing(self) -> list[str]:
+        """The buckets whose streams are gone (deleted under a running backend)."""
+        return [
+            bucket
+            for bucket in (self.layout.secrets_bucket, self.layout.state_bucket)
+            if await stream_info(self._nc, kv_stream(bucket), self._timeout) is None
+        ]
+
     async def last_revision(self, bucket: str) -> int:
         return (await stream_state(self._nc, kv_stream(bucket), self._timeout)).last_seq
 
@@ -184,9 +194,16 @@ class KvBuckets:
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, buckets: KvBuckets, *, incidents: IncidentSink | None = None) -> None:
+    def __init__(
+        self,
+        buckets: KvBuckets,
+        *,
+        incidents: IncidentSink | None = None,
+        on_missing: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self.buckets = buckets
         self._incidents = incidents
+        self._on_missing = on_missing  # refills buckets deleted under us (see Backend)
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
@@ -273,9 +290,25 @@ class KvWriter:
                 delay = min(delay * 2, 2.0)
             except (StorageError, NatsUnavailable) as exc:
                 self.failed = str(exc)
+                if await self._repaired():
+                    continue  # the bucket is back, refilled from the log: write again
                 log.warning("KV view write failed, retrying", extra={"error": str(exc)})
                 await anyio.sleep(delay)  # back off while NATS recovers
                 delay = min(delay * 2, 2.0)
+
+    async def _repaired(self) -> bool:
+        """After a failed write: if a bucket is gone, have it recreated and refilled."""
+        if self._on_missing is None:
+            return False
+        try:
+            gone = await self.buckets.missing()
+            if not gone:
+                return False
+            await self._on_missing(gone)
+            await self.prepare()
+        except (StorageError, NatsUnavailable):
+            return False
+        return True
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""

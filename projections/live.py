@@ -21,9 +21,11 @@ import anyio
 from anyio.abc import TaskStatus
 
 from events.log import EventLog
+from events.types import Rejected
 from projections.state import Effect, ViewState, fold
 from projections.watermark import Watermark
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
+from secrets_nats_kv.nats.jetstream import HeadReader
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,18 @@ class LiveView:
         log_: EventLog,
         *,
         on_effects: Callable[[int, list[Effect]], None] | None = None,
+        on_rejected: Callable[[int, str], None] | None = None,
+        on_forged_head: Callable[[str], object] | None = None,
     ) -> None:
         self._log = log_
         self._on_effects = on_effects
+        self._on_rejected = on_rejected
+        self.rejected = 0  # entries folded as Rejected (not ours, or not where they claim)
+        self._on_forged_head = on_forged_head
+        self.forged_heads = 0  # head reads answered by someone other than JetStream
+        self.hostile_grace = 0.02  # once forged answers were seen: wait this long for more
+        self._head_reader: HeadReader | None = None
+        self._extra_seen = 0  # the reader's count of extra answers when last looked at
         self.state = ViewState()
         self.applied = Watermark()  # folded up to (`state.last_seq`, once listeners have it)
         self._round: _HeadRound | None = None
@@ -85,6 +96,8 @@ class LiveView:
                     entries = self._log.entries(from_seq=self.state.last_seq + 1, follow=True)
                     async for entry in entries:
                         effects = fold(self.state, entry.seq, entry.event)
+                        if isinstance(entry.event, Rejected):
+                            self._note_rejected(entry.seq, entry.event)
                         if self._on_effects is not None:
                             self._on_effects(entry.seq, effects)
                         self.applied.advance(self.state.last_seq)
@@ -93,6 +106,13 @@ class LiveView:
                     log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
                     await anyio.sleep(delay)  # back off while NATS recovers
                     delay = min(delay * 2, 2.0)
+
+    def _note_rejected(self, seq: int, rejected: Rejected) -> None:
+        """Counted, and handed to whoever reports incidents: never a log line per entry
+        (a flood of junk on the log's subjects would otherwise multiply the logs)."""
+        self.rejected += 1
+        if self._on_rejected is not None:
+            self._on_rejected(seq, rejected.reason)
 
     async def _watch_follow(self) -> None:
         """Restart following if the log is ahead and the view has not moved for a while.
@@ -148,6 +168,44 @@ class LiveView:
                 extra={"error": str(error)},
             )
 
+    async def _read_head(self) -> int:
+        """The log's head, not to be fooled by strangers answering for JetStream.
+
+        On an open bus anyone can answer a STREAM.INFO request. An answer below what this
+        view has applied is a lie (the log never shrinks under a running view), and two
+        answers to one request mean someone else answers too: either way the read is
+        repeated, from then on waiting for an answer that is no plain lie, gathering
+        its rivals for a moment and taking the highest, so the server's own answer
+        counts. A head that is too high only makes gets wait, at most the freshness
+        timeout; a lower one cannot hide JetStream's (bar a write acknowledged within
+        that moment, while a forger answers between the view and the true head).
+        """
+        reader = self._head_reader
+        if reader is None:
+            reader = self._head_reader = self._log.head_reader()
+        for _ in range(2):
+            gathering = self.forged_heads > 0
+            applied = self.state.last_seq
+            if gathering:  # wait for an answer that is not a plain lie, and its rivals
+                answers = await reader.read(self.hostile_grace, at_least=applied)
+            else:
+                answers = await reader.read()
+            late, self._extra_seen = reader.extra_answers > self._extra_seen, reader.extra_answers
+            if not late and len(answers) == 1 and answers[0] >= applied:
+                return answers[0]
+            self._note_forged_head(answers, applied)
+            if gathering and max(answers) >= applied:
+                return max(answers)
+        return applied  # only lies were heard: nothing newer than the view is known
+
+    def _note_forged_head(self, answers: list[int], applied: int) -> None:
+        self.forged_heads += 1
+        if self._on_forged_head is not None:
+            self._on_forged_head(
+                f"{len(answers)} answer(s) to one STREAM.INFO (heads {sorted(set(answers))[:4]}, "
+                f"view at {applied}): someone other than JetStream answers $JS.API requests"
+            )
+
     async def _serve_head_reads(self) -> None:
         while True:
             await self._head_wanted.wait()
@@ -157,7 +215,7 @@ class LiveView:
                 continue
             try:
                 with anyio.fail_after(self.head_timeout):
-                    current.head = await self._log.head()
+                    current.head = await self._read_head()
             except (StorageError, NatsUnavailable, TimeoutError) as exc:
                 current.error = exc
             current.done.set()

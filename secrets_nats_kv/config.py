@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from secrets_nats_kv import limits
 from secrets_nats_kv.errors import ConfigError
 from secrets_nats_kv.xkeys import XKey
 
@@ -53,6 +54,7 @@ class NatsOptions:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    inbox_prefix: str | None = None  # reply inboxes of a role of its own (see permissions)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class BackendConfig:
     insecure_unauthenticated_admin: bool = False
     trusted_issuers: tuple[str, ...] = ()
     access_log: bool = True
+    access_log_max_bytes: int = limits.ACCESS_LOG_MAX_BYTES
+    access_log_max_age_days: int = limits.ACCESS_LOG_MAX_AGE_DAYS
     request_concurrency: int = 256
 
     def __post_init__(self) -> None:
@@ -108,6 +112,10 @@ class BackendConfig:
             raise ConfigError("--max-secret-history must be between 1 and 64")
         if self.replicas < 1:
             raise ConfigError("--replicas must be at least 1")
+        if self.access_log_max_bytes < 1024 * 1024 or self.access_log_max_age_days < 1:
+            raise ConfigError(
+                "--access-log-max-bytes must be at least 1 MiB and --access-log-max-age-days 1"
+            )
         if not self.transit_key.has_private or not self.encryption_key.has_private:
             raise ConfigError("the transit and encryption keys must be curve seeds (SX…)")
         if not all(key.has_private for key in self.previous_transit_keys):

@@ -170,6 +170,26 @@ class NoSecretProvided(ProtocolError):
         super().__init__(why)
 
 
+class SecretTooLarge(ProtocolError):
+    """`put_secret` carried a value over the largest one that fits end to end."""
+
+    variant = "SecretTooLarge"
+
+    def __init__(self, why: str | None = None) -> None:
+        super().__init__(
+            why
+            or "the secret is larger than the backend stores (a quarter of the server's "
+            "max_payload, less 4 KiB: 258048 bytes with the default 1 MiB)"
+        )
+
+    @classmethod
+    def sized(cls, size: int, limit: int, max_payload: int) -> SecretTooLarge:
+        return cls(
+            f"the secret is {size} bytes; the largest secret is {limit} bytes "
+            f"(a quarter of the server's max_payload of {max_payload} bytes, less 4 KiB)"
+        )
+
+
 # --- the kernel's own failures -------------------------------------------------------------
 
 

@@ -3,17 +3,23 @@
 Decoding and the Ed25519 check are cached per token string (a host sends the same tokens
 again and again); `exp` and `nbf` are checked against the clock on every call.  Every
 failure is an `InvalidJWT` whose reason never repeats the token.
+
+Tokens arrive from anyone on the bus, so the cheap refusals come first and nothing is
+kept for a token that fails them: the size limit (wascap tokens are a few KB), the
+structure, then the trusted-issuer check, and only then the signature and the cache.
+The cache is bounded in bytes of token text as well as in entries, so a flood of big
+unique tokens costs at most `CACHE_BYTES` of memory, however many there are.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import re
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import msgspec
 
@@ -22,7 +28,8 @@ from .errors import InvalidJWT, InvalidKey
 from .nkeys import Role, role_of, verify
 
 CACHE_SIZE = 8192
-MAX_TOKEN_LENGTH = 64 * 1024
+CACHE_BYTES = 8 * 1024 * 1024  # of token text; the claims kept per entry are smaller
+MAX_TOKEN_LENGTH = 16 * 1024  # characters; a wascap component token is 1-3 KB
 WASCAP_REVISION = 3
 
 _ALGORITHM = "Ed25519"
@@ -144,11 +151,66 @@ def _host_kind(claims: _RawClaims) -> str:
     return "host"
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
-def _verified(token: str, host: bool) -> Claims:
-    """Everything but the clock; only successes are cached (lru_cache never stores a raise)."""
-    if len(token) > MAX_TOKEN_LENGTH:
-        raise InvalidJWT(f"malformed: longer than {MAX_TOKEN_LENGTH} characters")
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    currsize: int
+    bytes: int
+
+
+class _Verifier:
+    """Verify a token, remembering successes in an LRU bounded in entries and in bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self._entries: OrderedDict[tuple[str, bool], Claims] = OrderedDict()
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, token: str, host: bool, trusted: frozenset[str]) -> Claims:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidJWT(f"malformed: longer than {MAX_TOKEN_LENGTH} characters")
+        key = (token, host)
+        claims = self._entries.get(key)
+        if claims is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            _check_issuer(claims.iss, trusted)
+            return claims
+        self.misses += 1
+        claims = _verify(token, host, trusted)
+        self._remember(key, claims)
+        return claims
+
+    def _remember(self, key: tuple[str, bool], claims: Claims) -> None:
+        self._entries[key] = claims
+        self._bytes += _cost(key[0])
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            (token, _), _ = self._entries.popitem(last=False)
+            self._bytes -= _cost(token)
+
+    def cache_info(self) -> CacheInfo:
+        return CacheInfo(self.hits, self.misses, len(self._entries), self._bytes)
+
+    def cache_clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+def _cost(token: str) -> int:
+    """What an entry holds: the token text and claims no bigger than it, plus overhead."""
+    return 2 * len(token) + 512
+
+
+def _check_issuer(issuer: str, trusted: frozenset[str]) -> None:
+    if trusted and issuer not in trusted:
+        raise InvalidJWT(f"issuer {issuer} is not a trusted issuer")
+
+
+def _verify(token: str, host: bool, trusted: frozenset[str]) -> Claims:
+    """Everything but the clock, cheapest first: structure, issuer, then the signature."""
     segments = token.split(".")
     if len(segments) != 3:
         raise InvalidJWT("malformed: not three segments")
@@ -166,6 +228,7 @@ def _verified(token: str, host: bool) -> Claims:
         raise InvalidJWT("issuer (iss) is empty")
     if not claims.sub:
         raise InvalidJWT("subject (sub) is empty")
+    _check_issuer(claims.iss, trusted)  # before the signature: an untrusted token costs little
     signed = f"{header}.{body}".encode("ascii")
     try:
         good = verify(claims.iss, signed, signature)
@@ -187,6 +250,9 @@ def _verified(token: str, host: bool) -> Claims:
     )
 
 
+_verified = _Verifier(CACHE_SIZE, CACHE_BYTES)
+
+
 def _check_time(claims: Claims, now: float | None) -> Claims:
     now = time.time() if now is None else now
     if claims.exp is not None and claims.exp < now:
@@ -196,11 +262,18 @@ def _check_time(claims: Claims, now: float | None) -> Claims:
     return claims
 
 
-def verify_entity_jwt(token: str, now: float | None = None) -> Claims:
-    """Verify a component (`M…`) or provider (`V…`) token issued by an account (`A…`)."""
-    return _check_time(_verified(token, False), now)
+def verify_entity_jwt(
+    token: str, now: float | None = None, *, trusted_issuers: frozenset[str] = frozenset()
+) -> Claims:
+    """Verify a component (`M…`) or provider (`V…`) token issued by an account (`A…`).
+
+    With `trusted_issuers`, a token from any other issuer is refused before its
+    signature is checked or anything of it is kept."""
+    return _check_time(_verified(token, False, trusted_issuers), now)
 
 
-def verify_host_jwt(token: str, now: float | None = None) -> Claims:
+def verify_host_jwt(
+    token: str, now: float | None = None, *, trusted_issuers: frozenset[str] = frozenset()
+) -> Claims:
     """Verify a host (`N…`) token issued by an account (`A…`) or by the host itself."""
-    return _check_time(_verified(token, True), now)
+    return _check_time(_verified(token, True, trusted_issuers), now)

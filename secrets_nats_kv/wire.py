@@ -20,6 +20,7 @@ from secrets_nats_kv.errors import (
     InvalidRequest,
     NoSecretProvided,
     ProtocolError,
+    SecretTooLarge,
     protocol_error_from_wire,
 )
 
@@ -404,6 +405,8 @@ def put_error_from_wire(value: str) -> ProtocolError:
     """The exception a `put_secret` reply's `error` string stands for (PROTOCOL.md §5)."""
     if value == NoSecretProvided.variant:
         return NoSecretProvided()
+    if value == SecretTooLarge.variant:
+        return SecretTooLarge()
     if value in TEXT_VARIANTS:  # a put reply names the variant only, without its text
         return TEXT_VARIANTS[value](value)
     return protocol_error_from_wire(value)

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from secrets_nats_kv import __version__, config
-from secrets_nats_kv.app import import_command
+from secrets_nats_kv import __version__, config, limits
+from secrets_nats_kv.app import import_command, permissions
 from secrets_nats_kv.errors import SecretsBackendError
 
 PROG = "secrets-nats-kv"
@@ -206,6 +206,18 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="accept the original's unauthenticated put_secret and mapping requests",
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not record gets")
+    parser.add_argument(
+        "--access-log-max-bytes",
+        type=int,
+        default=limits.ACCESS_LOG_MAX_BYTES,
+        help="the access stream keeps at most this many bytes (default 256 MiB)",
+    )
+    parser.add_argument(
+        "--access-log-max-age-days",
+        type=int,
+        default=limits.ACCESS_LOG_MAX_AGE_DAYS,
+        help="the access stream keeps records this long (default %(default)s days)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="backend processes on this machine")
     _add_logging(parser)
 
@@ -402,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     importing = import_command.add_parser(commands)
     _add_nats(importing)
     _add_names(importing)
+
+    _add_names(permissions.add_parser(commands))
 
     keys = commands.add_parser("keys", help="key utilities")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

@@ -15,13 +15,14 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from secrets_nats_kv import wire
+from secrets_nats_kv import limits, wire
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import (
     BackendNotAnswering,
     InvalidPayload,
     InvalidXKey,
     ProtocolError,
+    SecretTooLarge,
     protocol_error_from_wire,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
@@ -95,6 +96,11 @@ class AdminClient(BackendClient):
         return uuid.uuid4().hex, int(time.time())
 
     async def put_secret(self, name: str, value: str | bytes) -> int:
+        size = len(value.encode()) if isinstance(value, str) else len(value)
+        max_payload = self.nc.max_payload
+        limit = limits.max_secret_size(max_payload)
+        if size > limit:  # refused here, before anything is sent
+            raise SecretTooLarge.sized(size, limit, max_payload)
         request_id, issued_at = self._stamp()
         if isinstance(value, str):
             req = wire.AdminPutSecretRequest(
@@ -104,7 +110,14 @@ class AdminClient(BackendClient):
             req = wire.AdminPutSecretRequest(
                 key=name, binary_secret=list(value), request_id=request_id, issued_at=issued_at
             )
-        data = await self._sealed_request("put_secret", wire.encode_put_request(req))
+        body = wire.encode_put_request(req)
+        if len(body) + limits.ENVELOPE > max_payload:  # a string heavy with JSON escapes
+            raise SecretTooLarge(
+                f"the secret is {size} bytes but {len(body)} once escaped for the request, "
+                f"over the server's max_payload of {max_payload} bytes "
+                f"(the largest secret is {limit} bytes of plain text or binary)"
+            )
+        data = await self._sealed_request("put_secret", body)
         return wire.decode_put_response(data).result()
 
     async def add_mapping(self, entity: str, secrets: Sequence[str]) -> None:

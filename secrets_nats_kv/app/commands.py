@@ -41,6 +41,7 @@ from secrets_nats_kv.errors import (
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,15 @@ def nats_options(args: argparse.Namespace) -> NatsOptions:
         tls_ca=getattr(args, "tls_ca", None),
         tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None),
+        inbox_prefix=_admin_inbox(args),
     )
+
+
+def _admin_inbox(args: argparse.Namespace) -> str | None:
+    """The CLI's reply inboxes, apart from the hosts' (see secrets_nats_kv.permissions)."""
+    if not hasattr(args, "backend_name"):
+        return None
+    return inbox_prefix(backend_names(args), NatsRole.ADMIN)
 
 
 def backend_names(args: argparse.Namespace) -> BackendNames:
@@ -135,6 +144,8 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         nats=nats_options(args),
         max_secret_history=args.max_secret_history,
         replicas=args.replicas,
+        access_log_max_bytes=args.access_log_max_bytes,
+        access_log_max_age_days=args.access_log_max_age_days,
         admin_xkeys=admin_keys,
         insecure_unauthenticated_admin=args.insecure_unauthenticated_admin,
         trusted_issuers=tuple(args.trusted_issuer),
@@ -642,6 +653,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return await run(args)
 
 
+async def cmd_nats_permissions(args: argparse.Namespace) -> int:
+    from secrets_nats_kv.app import permissions
+
+    names = backend_names(args)
+    sys.stdout.write(permissions.render(names, permissions.roles_of(args), args.permissions_format))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "run": cmd_run,
     "dev": cmd_dev,
@@ -662,6 +681,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "restore": cmd_restore,
     "status": cmd_status,
     "import": import_command.cmd_import,
+    "nats-permissions": cmd_nats_permissions,
 }
 
 

@@ -121,6 +121,8 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
         )
     else:
         kwargs.update(allow_reconnect=False, max_reconnect_attempts=1, error_cb=_silent_error)
+    if options.inbox_prefix:
+        kwargs["inbox_prefix"] = options.inbox_prefix
     if options.creds_file:
         kwargs["user_credentials"] = options.creds_file
     if options.nkey_seed_file:

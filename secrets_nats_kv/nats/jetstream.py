@@ -9,10 +9,15 @@ error tree.
 
 from __future__ import annotations
 
+import contextlib
+
+import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api
 
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
@@ -284,3 +289,74 @@ async def stored_message(
         return None
     except nats.errors.Error as exc:
         raise to_backend_error(f"{stream} #{seq}", exc) from None
+
+
+class HeadReader:
+    """Reads a stream's last sequence with STREAM.INFO, and notices answers from strangers.
+
+    On an open bus anyone subscribed to `$JS.API.>` sees the request and can answer it.
+    JetStream answers each request once, so every answer after the first to the same
+    request is counted in `extra_answers`: the sign that someone forges. `read()`
+    returns once an answer of at least `at_least` arrived (lower ones are kept, but not
+    waited on: the caller knows them to be lies), with every other head answered within
+    `grace` after it, so that the server's own answer is among them.
+    """
+
+    _KEEP = 256  # recent requests whose late answers still count as extra
+
+    def __init__(self, nc: NATS, stream: str, api_timeout: float) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.STREAM.INFO.{stream}"
+        self._inbox = nc.new_inbox()
+        self._timeout = api_timeout
+        self._next = 0
+        self._answers: dict[int, list[int]] = {}
+        self._arrived: dict[int, anyio.Event] = {}
+        self._floor: dict[int, int] = {}
+        self._sub: Subscription | None = None
+        self.extra_answers = 0
+
+    async def read(self, grace: float = 0.0, at_least: int = 0) -> list[int]:
+        if self._sub is None:
+            try:
+                self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_answer)
+            except nats.errors.Error as exc:
+                raise to_backend_error(self._subject, exc) from None
+        self._next += 1
+        n = self._next
+        self._answers[n], self._arrived[n], self._floor[n] = [], anyio.Event(), at_least
+        for old in (self._answers, self._arrived, self._floor):
+            old.pop(n - self._KEEP, None)
+        try:
+            await self._nc.publish(self._subject, b"", reply=f"{self._inbox}.{n}")
+        except nats.errors.Error as exc:
+            raise to_backend_error(self._subject, exc) from None
+        with anyio.move_on_after(self._timeout):
+            await self._arrived[n].wait()
+        if not self._arrived[n].is_set():
+            raise StorageError(self._subject, "timed out")
+        if grace > 0:
+            await anyio.sleep(grace)  # a window for the other answers, by design
+        return list(self._answers[n])
+
+    async def _on_answer(self, msg: Msg) -> None:
+        try:
+            n = int(msg.subject.rsplit(".", 1)[1])
+            reply = _info_decoder.decode(msg.data)
+        except (ValueError, msgspec.DecodeError):
+            self.extra_answers += 1  # not stream info: not JetStream's
+            return
+        answers = self._answers.get(n)
+        if answers is None or reply.state is None or reply.error is not None:
+            return
+        if answers:
+            self.extra_answers += 1  # JetStream answers once
+        answers.append(reply.state.last_seq)
+        if reply.state.last_seq >= self._floor[n]:
+            self._arrived[n].set()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None

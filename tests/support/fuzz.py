@@ -54,7 +54,7 @@ ADMIN_OPS = (
 )
 OPS = ("server_xkey", "get", *ADMIN_OPS)
 LIFECYCLE_OPS = ("list", "mappings", "delete", "undelete", "destroy")
-PUT_ERRORS = {*UNIT_VARIANTS, *TEXT_VARIANTS, "NoSecretProvided"}
+PUT_ERRORS = {*UNIT_VARIANTS, *TEXT_VARIANTS, "NoSecretProvided", "SecretTooLarge"}
 CANARY_STRING = "canary-string"
 CANARY_BINARY = "canary-binary"
 

@@ -1,0 +1,181 @@
+"""Least privilege on NATS: what each role may publish and subscribe to, and nothing more.
+
+Three roles share a bus: the backend (`run`), an admin (the CLI) and a wasmCloud host.
+Their allow-lists are derived here, from the backend's names alone, so the README's
+table, `secrets-nats-kv nats-permissions` and the tests that run every role under these
+permissions against a real nats-server all read the same lists.
+
+The backend and the admin CLI take their reply inboxes under a prefix of their own
+(`_INBOX_SNKV.{name}.{role}`), outside the hosts' `_INBOX.>`: a host allowed to read its
+own replies can then neither read the backend's JetStream answers (and forge its view of
+the log's head) nor the admin's. Replies to requests are sent with `allow_responses`,
+never with a publish allowance on someone else's inbox.
+
+The stream and subject names below are the rooms' own (`events.log`, `events.access`,
+`actors.rotation`, `actors.rotation_lock`); the kernel cannot import them, so a unit
+test checks that both spell them alike.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from secrets_nats_kv.config import BackendNames, kv_stream
+
+SERVICE_NAME = "secrets-nats-kv"  # the micro service name (actors.service)
+INBOX_BASE = "_INBOX_SNKV"
+HOST_INBOXES = "_INBOX.>"  # a wasmCloud host's default reply inboxes
+JS_API = "$JS.API"
+JS_FLOW_CONTROL = "$JS.FC"
+SRV = "$SRV"
+_SRV_VERBS = ("PING", "INFO", "STATS")
+
+
+class NatsRole(enum.StrEnum):
+    BACKEND = "backend"
+    ADMIN = "admin"
+    HOST = "host"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """One role's allow-lists. A subscribe entry `"subject queue"` allows only that queue."""
+
+    role: NatsRole
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool
+
+
+def events_stream(names: BackendNames) -> str:
+    return f"SECRETS_{names.name}_events"
+
+
+def events_subjects(names: BackendNames) -> str:
+    return f"wasmcloud_secrets_events.{names.name}.>"
+
+
+def access_stream(names: BackendNames) -> str:
+    return f"SECRETS_{names.name}_access"
+
+
+def access_subject(names: BackendNames) -> str:
+    return f"wasmcloud_secrets_access.{names.name}"
+
+
+def staging_stream(names: BackendNames) -> str:
+    return f"SECRETS_{names.name}_events_rotating"
+
+
+def staging_subjects(names: BackendNames) -> str:
+    return f"wasmcloud_secrets_rotating.{names.name}.>"
+
+
+def rotation_lock_subject(names: BackendNames) -> str:
+    return f"wasmcloud_secrets_rotation_lock.{names.name}"
+
+
+def inbox_prefix(names: BackendNames, role: NatsRole) -> str | None:
+    """The reply-inbox prefix a role's connections use (None: the client's default)."""
+    if role is NatsRole.HOST:
+        return None
+    return f"{INBOX_BASE}.{names.name}.{role.value}"
+
+
+def _kv_subjects(bucket: str) -> str:
+    return f"$KV.{bucket}.>"
+
+
+# JetStream API calls, by verb. Ordered consumers (the log's readers) are created with
+# `CONSUMER.CREATE.{stream}` or its longer forms (a consumer name, a filter) and are never
+# deleted by the client (they expire on the server); their flow-control messages ask for
+# an empty reply on `$JS.FC.{stream}.…`. `DIRECT.GET.{stream}` is the request form only.
+def _api(stream: str, *verbs: str) -> list[str]:
+    subjects: list[str] = []
+    for verb in verbs:
+        if verb == "CONSUMER.CREATE":
+            subjects.append(f"{JS_API}.CONSUMER.CREATE.{stream}")
+            subjects.append(f"{JS_API}.CONSUMER.CREATE.{stream}.>")
+        elif verb == "DIRECT.GET":
+            subjects.append(f"{JS_API}.DIRECT.GET.{stream}")
+        else:
+            subjects.append(f"{JS_API}.STREAM.{verb}.{stream}")
+    return subjects
+
+
+def _reading(stream: str) -> list[str]:
+    """What an ordered consumer over `stream` needs: its API calls and flow-control replies."""
+    return [*_api(stream, "INFO", "CONSUMER.CREATE"), f"{JS_FLOW_CONTROL}.{stream}.>"]
+
+
+def _backend(names: BackendNames) -> Permissions:
+    inbox = f"{inbox_prefix(names, NatsRole.BACKEND)}.>"
+    events, access = events_stream(names), access_stream(names)
+    secrets_kv, state_kv = kv_stream(names.secrets_bucket), kv_stream(names.state_bucket)
+    publish = [
+        inbox,  # its own round trips (a message to itself proves the server saw a SUB)
+        events_subjects(names),  # appends
+        access_subject(names),  # get decisions
+        _kv_subjects(names.secrets_bucket),
+        _kv_subjects(names.state_bucket),
+        *_reading(events),
+        *_api(events, "CREATE", "UPDATE", "MSG.DELETE"),  # ensure, limits; destroy erases
+        *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
+        *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
+        *_api(state_kv, "INFO", "CREATE", "UPDATE"),
+    ]
+    subscribe = [
+        f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group
+        inbox,
+        *(f"{SRV}.{verb}" for verb in _SRV_VERBS),  # discovery: all services, ...
+        *(f"{SRV}.{verb}.{SERVICE_NAME}" for verb in _SRV_VERBS),  # ... ours, ...
+        *(f"{SRV}.{verb}.{SERVICE_NAME}.*" for verb in _SRV_VERBS),  # ... one instance
+    ]
+    return Permissions(NatsRole.BACKEND, tuple(publish), tuple(subscribe), allow_responses=True)
+
+
+def _admin(names: BackendNames) -> Permissions:
+    inbox = f"{inbox_prefix(names, NatsRole.ADMIN)}.>"
+    events, access = events_stream(names), access_stream(names)
+    staging = staging_stream(names)
+    secrets_kv, state_kv = kv_stream(names.secrets_bucket), kv_stream(names.state_bucket)
+    lock = rotation_lock_subject(names)
+    publish = [
+        inbox,
+        f"{names.subject_prefix}.>",  # admin requests (put, mappings, list, delete, ...)
+        lock,  # rotate-key: who holds the lock?
+        # rotate-key rewrites the log and the views; rebuild rewrites the views.
+        events_subjects(names),
+        staging_subjects(names),
+        _kv_subjects(names.secrets_bucket),
+        _kv_subjects(names.state_bucket),
+        *_reading(events),  # audit export, rotate-key
+        *_api(events, "CREATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
+        *_reading(access),  # audit export --access
+        *_api(staging, "INFO", "CREATE", "UPDATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
+        # get reads the bucket; rotate-key erases destroyed versions from it
+        *_api(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),
+        *_api(state_kv, "INFO", "CREATE", "DELETE"),
+    ]
+    subscribe = [inbox, lock]
+    return Permissions(NatsRole.ADMIN, tuple(publish), tuple(subscribe), allow_responses=True)
+
+
+def _host(names: BackendNames) -> Permissions:
+    return Permissions(
+        NatsRole.HOST,
+        publish=(names.subject("server_xkey"), names.subject("get")),
+        subscribe=(HOST_INBOXES,),
+        allow_responses=False,
+    )
+
+
+def profile(names: BackendNames, role: NatsRole) -> Permissions:
+    """The allow-lists of `role` for the backend named by `names`."""
+    builders = {NatsRole.BACKEND: _backend, NatsRole.ADMIN: _admin, NatsRole.HOST: _host}
+    return builders[role](names)
+
+
+def profiles(names: BackendNames) -> dict[NatsRole, Permissions]:
+    return {role: profile(names, role) for role in NatsRole}
