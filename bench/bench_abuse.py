@@ -38,7 +38,7 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from events.integrity import EventAuthenticator
-from events.log import EventLog, StoredMessage
+from events.log import EventLog
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
@@ -46,6 +46,7 @@ from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretsBackendError
 from secrets_nats_kv.jwt import MAX_TOKEN_LENGTH
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.reader import StoredMessage
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 from tests.support.host import HostClient

@@ -12,7 +12,7 @@ the log's head) nor the admin's. Replies to requests are sent with `allow_respon
 never with a publish allowance on someone else's inbox.
 
 The stream and subject names below are the rooms' own (`events.log`, `events.access`,
-`actors.rotation`, `actors.rotation_lock`); the kernel cannot import them, so a unit
+`actors.rotation.context`, `actors.rotation.lock`); the kernel cannot import them, so a unit
 test checks that both spell them alike.
 """
 

@@ -33,6 +33,7 @@ from events.log import Appended, ConcurrentAppend, LogEntry
 from events.types import Event, Rejected, UndecodableEvent, decode_event, encode_event
 from projections.live import LiveView
 from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.limits import DEFAULT_MAX_PAYLOAD
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -61,6 +62,10 @@ class MemoryEventLog:
 
     async def head(self) -> int:
         return len(self.stored)
+
+    def head_reader(self) -> _HonestHeads:
+        """Head reads for the live view: in memory nobody else answers, so one answer each."""
+        return _HonestHeads(self)
 
     async def erase(self, seq: int) -> None:
         if 1 <= seq <= len(self.stored):
@@ -97,6 +102,7 @@ class InProcessConnection:
     """What the clients need of a NATS connection (`request`), answered by a pool."""
 
     pool: ResponderPool
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # what a server's INFO says by default
 
     async def request(
         self,
@@ -148,3 +154,15 @@ class MemoryBackend:
         assert self._group is not None
         self._group.cancel_scope.cancel()
         return await self._group.__aexit__(*exc_info)
+
+
+class _HonestHeads:
+    """`HeadReader`'s interface over the in-memory log: never an extra (forged) answer."""
+
+    extra_answers = 0
+
+    def __init__(self, log_: MemoryEventLog) -> None:
+        self._log = log_
+
+    async def read(self, grace: float = 0.0, at_least: int = 0) -> list[int]:
+        return [len(self._log.stored)]

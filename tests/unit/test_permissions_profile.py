@@ -19,8 +19,8 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.rotation import staging_stream_name, staging_subject_prefix
-from actors.rotation_lock import lock_subject
+from actors.rotation.context import staging_stream_name, staging_subject_prefix
+from actors.rotation.lock import lock_subject
 from actors.service import SERVICE_NAME
 from events.access import access_stream_name
 from events.access import access_subject as rooms_access_subject
