@@ -19,7 +19,7 @@ from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.xkeys import XKey
 from support.cliproc import CliBackend, cli_backend, ok, one_line_error
 from support.harness import CLI, REPO, run_cli
-from support.leakcheck import remembered
+from support.leakcheck import exempt, remembered
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,7 @@ def test_bucket_flag_on_a_command_the_backend_answers_is_refused(
 def test_kind_mismatch_is_an_error_either_way(backend: CliBackend, tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(remembered(b"\xff\xfe" + os.urandom(30), "secret value"))
+    exempt(blob)  # the operator's own input file: the one place the plaintext belongs
     ok(run_cli("put", "msg-bin", "--binary", str(blob), env=backend.env))
     one_line_error(
         run_cli("get", "msg-bin", "--kind", "string", env=backend.env),
@@ -121,6 +122,7 @@ def test_kind_mismatch_is_an_error_either_way(backend: CliBackend, tmp_path: Pat
 def test_a_binary_secret_is_not_written_to_a_terminal(backend: CliBackend, tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(remembered(b"\x00\x01" + os.urandom(30), "secret value"))
+    exempt(blob)  # the operator's own input file: the one place the plaintext belongs
     ok(run_cli("put", "msg-tty", "--binary", str(blob), env=backend.env))
     controller, terminal = pty.openpty()
     try:
