@@ -122,8 +122,9 @@ def _backend(names: BackendNames) -> Permissions:
         *_reading(events),
         *_api(events, "CREATE", "UPDATE", "MSG.DELETE"),  # ensure, limits; destroy erases
         *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
-        *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
-        *_api(state_kv, "INFO", "CREATE", "UPDATE"),
+        # MSG.GET: the start-up and peer-write checks read what a revision holds
+        *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
+        *_api(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
     ]
     subscribe = [
         f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group

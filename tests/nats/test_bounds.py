@@ -170,7 +170,7 @@ async def test_the_largest_secret_works_end_to_end_and_one_byte_more_is_refused(
     names = fresh_names()
     identity = Identity()
     url = module_nats_server.url
-    flags = ("--nats-address", url, "--name", names.name, "-b", names.secrets_bucket)
+    flags = ("--nats-address", url, "--name", names.name)  # the bucket is the backend's
     async with running_backend(url, names=names) as clients:
         env = cli_env(clients.keys)
         largest = tmp_path / "largest.bin"

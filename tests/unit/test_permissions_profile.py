@@ -92,8 +92,8 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *consumers(events),
         f"$JS.FC.{events}.>",
         *verbs(access, "INFO", "CREATE", "UPDATE"),
-        *verbs(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
-        *verbs(state_kv, "INFO", "CREATE", "UPDATE"),
+        *verbs(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
+        *verbs(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
     ]
     backend_sub = [
         f"{prefix}.>",  # (queue group only: checked separately)
