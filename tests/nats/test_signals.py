@@ -10,6 +10,7 @@ holds no traceback. Codes (README "Exit codes"): 0 for `run`/`dev` after a clean
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -20,7 +21,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.app.dev import PID_FILE
+from secrets_nats_kv.app.natsserver import NatsServer, free_port
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from support.harness import CLI, REPO, Keys, cli_env, spawn_run
@@ -240,3 +242,40 @@ def test_client_command_waiting_for_a_reply(
     ((code, text),) = codes
     assert code == CODES[sig]
     one_line(text, sig)
+
+
+@SIGNALS
+def test_dev_whose_nats_died_stops_in_one_line_without_a_traceback(
+    sig: signal.Signals, tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """`dev`'s own nats-server killed under it: `dev` ends in one line, never a traceback,
+    whether it notices first (its server is gone) or the signal does."""
+
+    log = tmp_path / "dev.log"
+    data = tmp_path / "data"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*CLI, "dev", "--data-dir", str(data), "--nats-address", f"127.0.0.1:{free_port()}"],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            cwd=REPO,
+        )
+    spawned.append(proc)
+    wait_for_line(log, "backend ready", proc)
+    server_pid = int((data / "nats" / PID_FILE).read_text().strip())
+    os.kill(server_pid, signal.SIGKILL)
+    end = time.monotonic() + 30
+    while proc.poll() is None and "reconnecting" not in log.read_text(errors="replace"):
+        assert time.monotonic() < end, log.read_text()
+        time.sleep(0.05)  # polling the log for the event the process reports
+    if proc.poll() is None:
+        code, text = stop(proc, sig, log)
+        assert code == CODES[sig], text
+        assert f"stopped by {sig.name} while NATS was unreachable" in text.splitlines()[-1]
+    else:
+        code, text = proc.returncode, log.read_text(errors="replace")
+        assert code != 0, text
+        assert "Traceback" not in text, text
+    last = text.splitlines()[-1]
+    assert last.startswith("secrets-nats-kv: "), last
