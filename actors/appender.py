@@ -14,6 +14,7 @@ from typing import TypedDict
 import anyio
 
 from actors.admin import Opened
+from actors.health import Health
 from events.log import Appended, ConcurrentAppend, EventLog
 from events.types import Event
 from projections.kv import KvWriter
@@ -44,8 +45,10 @@ class Appender:
         *,
         settle_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        health: Health | None = None,
     ) -> None:
         self.log = log_
+        self._health = health
         self.view = view
         self._writer = writer
         self._settle_timeout = settle_timeout
@@ -67,16 +70,24 @@ class Appender:
         another command appends first, the position is taken: decide again on the newer
         view. A retried request id is answered with its first append.
         """
+        if self._health is not None and self._health.writes_blocked:
+            raise UpstreamError(
+                "writes are refused until an operator resolves an integrity incident "
+                "(see `secrets-nats-kv status` and `secrets-nats-kv verify`)"
+            )
         for _ in range(_ATTEMPTS):
             # Commands of this process take turns for a position (they would only collide);
             # other processes' commands are settled by the expected-sequence check.
             async with self._turn:
                 await self.fresh()
-                expected = self.view.state.last_seq
+                expected, previous = self.view.state.last_seq, self.view.link
                 event = decide(self.view.state)
                 try:
                     appended = await self.log.append(
-                        event, expected_last_seq=expected, msg_id=request_id or None
+                        event,
+                        expected_last_seq=expected,
+                        previous=previous,
+                        msg_id=request_id or None,
                     )
                 except ConcurrentAppend:
                     continue

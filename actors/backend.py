@@ -19,14 +19,15 @@ from actors.access_log import AccessLog
 from actors.admin import AdminGate
 from actors.appender import Appender
 from actors.commands import CommandActor
+from actors.health import Health
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.nats.connection import connect
 
@@ -46,6 +47,7 @@ class Backend:
         self.nc: NATS | None = None
         self.view: LiveView | None = None
         self.pool: ResponderPool | None = None
+        self.health = Health()
 
     def stop(self) -> None:
         self._stop.set()
@@ -60,7 +62,7 @@ class Backend:
             event_log = EventLog(
                 nc,
                 backend_name=names.name,
-                authenticator=EventAuthenticator.for_key(config.encryption_key),
+                barrier=Barrier(config.encryption_key),
                 replicas=config.replicas,
             )
             views = KvViews(
@@ -76,7 +78,14 @@ class Backend:
             await views.ensure()
             writer = KvWriter(views, event_log)
             await writer.prepare()
-            view = self.view = LiveView(event_log, on_effects=writer.submit)
+            health = self.health
+            view = self.view = LiveView(
+                event_log,
+                on_effects=writer.submit,
+                report=lambda kind, detail, blocks: health.report(
+                    kind, detail, blocks_writes=blocks
+                ),
+            )
             gate = AdminGate(
                 config.transit_key,
                 config.admin_public_keys,
@@ -93,7 +102,7 @@ class Backend:
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            appender = Appender(event_log, view, writer)
+            appender = Appender(event_log, view, writer, health=health)
             commands = CommandActor(appender, gate, encryption=config.encryption_key)
             lifecycle = LifecycleActor(appender, gate)
             handlers: dict[str, Handler] = {

@@ -107,10 +107,18 @@ class LifecycleActor:
             raise InvalidRequest("destroy needs exactly one of a version or all")
         provenance = self._appender.provenance(opened, admin.request_id)
 
+        digests = self._appender.view.digests
+
         def decide(state: ViewState) -> SecretDestroyed:
             versions, seqs = _shred_plan(_record(state, name), admin.version)
             return SecretDestroyed(
-                name=name, versions=versions, erased_seqs=seqs, all=admin.all, **provenance
+                name=name,
+                versions=versions,
+                erased_seqs=seqs,
+                # What the erased bytes were, so the chain stays verifiable without them.
+                erased_digests=tuple(digests[seq] for seq in seqs),
+                all=admin.all,
+                **provenance,
             )
 
         appended = await self._appender.append(decide, admin.request_id)

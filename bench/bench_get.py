@@ -59,7 +59,6 @@ from bench.load import (
     secret_value,
     sum_cpu,
 )
-from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name
 from events.types import Event, MappingAdded, SecretPut, encode_event
 from projections.kv import KvLayout, KvViews
@@ -67,6 +66,7 @@ from projections.state import ViewState, fold
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
 from secrets_nats_kv.errors import InvalidEntityJWT, InvalidJWT, ProtocolError, Unauthorized
 from secrets_nats_kv.jwt import _verified, verify_entity_jwt, verify_host_jwt
@@ -282,25 +282,27 @@ async def write_log(
     finds its views current)."""
     nc = await nats.connect(url, name="bench setup", pending_size=256 * 1024 * 1024)
     try:
-        authenticator = EventAuthenticator.for_key(encryption)
-        log = EventLog(nc, backend_name=names.name, authenticator=authenticator)
+        log = EventLog(nc, backend_name=names.name, barrier=Barrier(encryption))
         await log.ensure()
         layout = KvLayout(names.secrets_bucket, names.state_bucket)
         await KvViews(nc, layout).ensure()
         first = (await log.state()).last_seq + 1
+        previous = GENESIS
+        if first > 1:  # appending: follow the chain where the log ends
+            async for entry in log.entries():
+                previous = entry.link or previous
         puts: list[SecretPut] = []
 
         def entries() -> Iterator[tuple[str, bytes, dict[str, str]]]:
+            nonlocal previous
             for offset, event in enumerate(events):
                 seq = first + offset
-                body = encode_event(event)
+                encoded = log.encode(event, seq, previous)  # as the appender encodes it
+                previous = encoded.link
                 if isinstance(event, SecretPut):
                     puts.append(event)
-                headers = {
-                    "Nats-Expected-Last-Sequence": str(seq - 1),
-                    TAG_HEADER: authenticator.tag(seq, body),
-                }
-                yield log.subject_for(event), body, headers
+                headers = {"Nats-Expected-Last-Sequence": str(seq - 1), **encoded.headers}
+                yield log.subject_for(event), encoded.body, headers
 
         count = await publish_pipelined(nc, entries())
         if write_kv:

@@ -2,10 +2,11 @@
 
 Appends carry `Nats-Msg-Id` (the admin request id: a retried request lands once) and
 `Nats-Expected-Last-Sequence`, so each event lands exactly where its command decided it
-would, and is tagged for that position (see `events.integrity`). Reads are ordered
-consumers from a start sequence; gaps in the sequence (messages that `destroy` erased)
-are yielded as entries without an event, and events whose tag does not match are
-yielded as `Rejected`. NATS errors become the project's errors before they leave here.
+would, tagged for that position and linked to the entry before it (`events.codec`).
+Reads are ordered consumers from a start sequence, judged by `events.chain.ChainReader`:
+only verified entries come out; gaps that a destroy names come out as entries without
+an event, entries not tagged by our key as `Rejected`, and a broken chain raises
+`ChainBroken`. NATS errors become the project's errors before they leave here.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from events.integrity import TAG_HEADER, EventAuthenticator
+from events.chain import ChainReader, Raw, Verified
+from events.codec import Encoded, EventCodec
 from events.types import (
     Event,
     KeyRotated,
+    LogRepaired,
     MappingAdded,
     MappingRemoved,
     Rejected,
     UndecodableEvent,
     decode_event,
-    encode_event,
 )
+from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import (
     WRONG_LAST_SEQUENCE,
@@ -38,7 +41,8 @@ from secrets_nats_kv.nats.jetstream import (
     erase_message,
     stream_state,
 )
-from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
+from secrets_nats_kv.nats.positioned import PositionedPublisher
+from secrets_nats_kv.nats.reader import stream_messages
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,22 @@ def subject_prefix(backend_name: str) -> str:
 class Appended:
     seq: int
     duplicate: bool
+    link: str = ""  # the new entry's chain link ("" for a duplicate: the first one's stands)
 
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
-    """One position of the log: `event` is None where destroy erased the message."""
+    """One position of the log: `event` is None where destroy erased the message.
+
+    `digest` is the SHA-256 of the stored body (for an erased entry: as its destroy
+    recorded it); `link` is the chain link after this entry ("" if it is not ours).
+    """
 
     seq: int
     time: float
     event: Event | Rejected | None
+    digest: str = ""
+    link: str = ""
 
 
 class ConcurrentAppend(StorageError):
@@ -83,12 +94,13 @@ class EventLog:
         nc: NATS,
         *,
         backend_name: str,
-        authenticator: EventAuthenticator | None,
+        barrier: Barrier | None,
         replicas: int = 1,
         timeout: float = 5.0,
     ) -> None:
-        self._nc = nc
-        self.authenticator = authenticator
+        self._nc = self.nc = nc
+        self.barrier = barrier
+        self.codec = EventCodec(barrier) if barrier is not None else None
         self._js = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self.backend_name = backend_name
@@ -101,12 +113,9 @@ class EventLog:
     def subject_for(self, event: Event) -> str:
         if isinstance(event, MappingAdded | MappingRemoved):
             return f"{self.prefix}.mapping.{event.entity}"
-        if isinstance(event, KeyRotated):
+        if isinstance(event, KeyRotated | LogRepaired):
             return f"{self.prefix}.key"
         return f"{self.prefix}.secret.{event.name}"
-
-    def secret_subject(self, name: str) -> str:
-        return f"{self.prefix}.secret.{name}"
 
     # --- setup ------------------------------------------------------------------------
 
@@ -137,32 +146,50 @@ class EventLog:
         except nats.errors.Error as exc:
             raise convert("create stream", exc) from None
 
-    async def exists(self) -> bool:
-        try:
-            await self._js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            return False
-        except nats.errors.Error as exc:
-            raise convert("stream info", exc) from None
-        return True
-
     # --- writing ----------------------------------------------------------------------
 
     async def append(
-        self, event: Event, *, expected_last_seq: int, msg_id: str | None = None
+        self,
+        event: Event,
+        *,
+        expected_last_seq: int,
+        previous: str,
+        msg_id: str | None = None,
     ) -> Appended:
-        """Append `event` as entry `expected_last_seq + 1`, or raise `ConcurrentAppend`."""
-        if self.authenticator is None:
-            raise StorageError("append", "this log was opened without the encryption key")
-        subject = self.subject_for(event)
-        body = encode_event(event)
-        headers = {
-            api.Header.EXPECTED_LAST_SEQUENCE: str(expected_last_seq),
-            TAG_HEADER: self.authenticator.tag(expected_last_seq + 1, body),
-        }
+        """Append `event` as entry `expected_last_seq + 1`, following the link `previous`
+        (the link of the last entry of ours up to there), or raise `ConcurrentAppend`."""
+        encoded = self._codec().encode(event, expected_last_seq + 1, previous)
+        headers = {**encoded.headers, api.Header.EXPECTED_LAST_SEQUENCE: str(expected_last_seq)}
         if msg_id:
             headers[api.Header.MSG_ID] = msg_id
-        return await self.append_raw(subject, body, headers)
+        appended = await self.append_raw(self.subject_for(event), encoded.body, headers)
+        return Appended(
+            appended.seq, appended.duplicate, "" if appended.duplicate else encoded.link
+        )
+
+    async def append_batch(
+        self, events: list[Event], *, expected_last_seq: int, previous: str
+    ) -> str:
+        """Append `events` as consecutive entries after `expected_last_seq`, pipelined and
+        each pinned to its position (for `import`); the last one's link. A taken position
+        raises `PositionConflict` and leaves a prefix appended."""
+        run = self._codec().encode_run(events, expected_last_seq + 1, previous)
+        async with PositionedPublisher(self._nc, self.stream, self.prefix) as publisher:
+            for event, encoded in zip(events, run, strict=True):
+                await publisher.publish(
+                    encoded.seq, self.subject_for(event), encoded.body, encoded.headers
+                )
+            await publisher.drain()
+        return run[-1].link if run else previous
+
+    def encode(self, event: Event, seq: int, previous: str) -> Encoded:
+        """`event` as it would be stored at `seq` (for tools that publish themselves)."""
+        return self._codec().encode(event, seq, previous)
+
+    def _codec(self) -> EventCodec:
+        if self.codec is None:
+            raise StorageError("append", "this log was opened without the encryption key")
+        return self.codec
 
     async def append_raw(self, subject: str, body: bytes, headers: dict[str, str]) -> Appended:
         """Publish an already encoded and tagged entry (used by rotation's copy too)."""
@@ -190,30 +217,72 @@ class EventLog:
         """The last sequence written to the log (0 when empty)."""
         return (await self.state()).last_seq
 
-    async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
-        """Every position from `from_seq` on, gaps included; stop at the head unless following."""
+    async def entries(
+        self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
+    ) -> AsyncIterator[LogEntry]:
+        """Every verified position from `from_seq` (the entry before it has link `link`),
+        gaps included; to the head as read now, then on if following.
+
+        Raises `ChainBroken` where the chain breaks (a deleted tail included) and
+        `WrongKey` if no entry of the log is tagged by our key. Without a key (audit
+        export without `ENCRYPTION_XKEY_SEED`) entries are decoded unverified.
+        """
+        if self.codec is None:
+            async for entry in self._unverified(from_seq):
+                yield entry
+            return
+        reader = ChainReader(self.codec, after=from_seq - 1, link=link)
+        head = (await self.state()).last_seq
         expected = from_seq
         async for message in stream_messages(
-            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq, follow=follow
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq, until=head
+        ):
+            for gap in range(expected, message.seq):
+                for verified in reader.push(Raw(gap, message.time, None)):
+                    yield _entry(verified)
+            raw = Raw(message.seq, message.time, message.data, message.headers)
+            for verified in reader.push(raw):
+                yield _entry(verified)
+            expected = message.seq + 1
+        for gap in range(expected, head + 1):  # a tail that is gone: at_head judges it
+            for verified in reader.push(Raw(gap, 0.0, None)):
+                yield _entry(verified)
+        for verified in reader.at_head():
+            yield _entry(verified)
+        if not follow:
+            return
+        expected = max(expected, head + 1)
+        async for message in stream_messages(
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=expected, follow=True
+        ):
+            for gap in range(expected, message.seq):
+                for verified in reader.push(Raw(gap, message.time, None)):
+                    yield _entry(verified)
+            raw = Raw(message.seq, message.time, message.data, message.headers)
+            for verified in reader.push(raw):
+                yield _entry(verified)
+            if message.pending == 0:
+                for verified in reader.at_head():
+                    yield _entry(verified)
+            expected = message.seq + 1
+
+    async def _unverified(self, from_seq: int) -> AsyncIterator[LogEntry]:
+        expected = from_seq
+        async for message in stream_messages(
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq
         ):
             for gap in range(expected, message.seq):
                 yield LogEntry(gap, message.time, None)
-            yield LogEntry(message.seq, message.time, self._read(message))
+            try:
+                event: Event | Rejected = decode_event(message.data)
+            except UndecodableEvent:
+                event = Rejected(reason="not an event")
+            yield LogEntry(message.seq, message.time, event)
             expected = message.seq + 1
-
-    def _read(self, message: StoredMessage) -> Event | Rejected:
-        """The event in `message`, or `Rejected` if it is not ours or not tagged for its place."""
-        seq, body = message.seq, message.data
-        if self.authenticator is not None:
-            tag = (message.headers or {}).get(TAG_HEADER)
-            if not self.authenticator.verify(seq, body, tag):
-                log.error("ignoring an event with a missing or wrong tag", extra={"seq": seq})
-                return Rejected(reason="tag does not match its position")
-        try:
-            return decode_event(body)
-        except UndecodableEvent:
-            log.error("ignoring an undecodable event", extra={"seq": seq})
-            return Rejected(reason="not an event")
 
     async def read_all(self) -> list[LogEntry]:
         return [entry async for entry in self.entries()]
+
+
+def _entry(verified: Verified) -> LogEntry:
+    return LogEntry(verified.seq, verified.time, verified.event, verified.digest, verified.link)

@@ -47,6 +47,9 @@ class SecretDestroyed(_Event, frozen=True, tag="secret_destroyed"):
     name: str
     versions: tuple[int, ...] = ()
     erased_seqs: tuple[int, ...] = ()
+    # The SHA-256 of each erased entry's stored bytes, in `erased_seqs` order: the chain
+    # commits to them, so a reader carries it across the gaps once the bytes are gone.
+    erased_digests: tuple[str, ...] = ()
     all: bool = False
 
 
@@ -67,6 +70,19 @@ class KeyRotated(_Event, frozen=True, tag="key_rotated"):
     new_key: str
 
 
+class LogRepaired(_Event, frozen=True, tag="log_repaired"):
+    """An operator accepted a broken chain (`secrets-nats-kv repair`), on the record.
+
+    `lost`: positions missing from the log that no destroy names (their content is
+    unknown: the fold counts each as an erased revision, so no version is handed out
+    twice). `relinked`: the entries after them, whose own link is accepted as it stands.
+    """
+
+    lost: tuple[int, ...] = ()
+    relinked: tuple[int, ...] = ()
+    reason: str = ""
+
+
 Event = (
     SecretPut
     | SecretDeleted
@@ -75,6 +91,7 @@ Event = (
     | MappingAdded
     | MappingRemoved
     | KeyRotated
+    | LogRepaired
 )
 
 

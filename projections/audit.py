@@ -25,10 +25,10 @@ from events.access import (
     access_subject,
     decode_access,
 )
-from events.integrity import EventAuthenticator
 from events.log import EventLog, LogEntry
 from events.types import (
     KeyRotated,
+    LogRepaired,
     MappingAdded,
     MappingRemoved,
     Rejected,
@@ -39,6 +39,7 @@ from events.types import (
     event_type,
 )
 from projections.state import ViewState, fold
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import ConfigError, StorageError
 from secrets_nats_kv.nats.reader import stream_messages
 from secrets_nats_kv.xkeys import XKey
@@ -59,6 +60,9 @@ class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str | None = None
     old_key: str | None = None
     new_key: str | None = None
+    lost: list[int] | None = None
+    relinked: list[int] | None = None
+    reason: str | None = None
 
 
 class AccessAuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -143,6 +147,10 @@ def audit_record(entry: LogEntry, state: ViewState) -> AuditRecord:
             return replace(base, entity=event.entity, secrets=list(event.secrets))
         case KeyRotated():
             return replace(base, old_key=event.old_key, new_key=event.new_key)
+        case LogRepaired():
+            return replace(
+                base, lost=list(event.lost), relinked=list(event.relinked), reason=event.reason
+            )
 
 
 def _moment(entry: LogEntry) -> float:
@@ -223,8 +231,8 @@ async def export_audit(
     encryption: XKey | None,
 ) -> int:
     """Write the audit log as JSON Lines to `out`; return how many records were written."""
-    authenticator = EventAuthenticator.for_key(encryption) if encryption is not None else None
-    event_log = EventLog(nc, backend_name=backend_name, authenticator=authenticator)
+    barrier = Barrier(encryption) if encryption is not None else None
+    event_log = EventLog(nc, backend_name=backend_name, barrier=barrier)
     count = 0
 
     def emit(record: Record) -> None:

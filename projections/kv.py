@@ -115,6 +115,19 @@ class KvViews:
         except nats.errors.Error as exc:
             raise convert(f"create bucket {bucket}", exc) from None
 
+    async def replicas(self) -> int:
+        """The highest replica count of the existing buckets (0 if there are none)."""
+        found = 0
+        for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
+            try:
+                info = await self._js.stream_info(kv_stream(bucket))
+            except nats.js.errors.NotFoundError:
+                continue
+            except nats.errors.Error as exc:
+                raise convert("bucket info", exc) from None
+            found = max(found, info.config.num_replicas or 1)
+        return found
+
     async def last_revision(self, bucket: str) -> int:
         return (await stream_state(self._nc, kv_stream(bucket), self._timeout)).last_seq
 

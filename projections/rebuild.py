@@ -1,5 +1,9 @@
 """`rebuild`: drop the KV views and fold them again from the event log.
 
+The log is verified first (the whole chain, with the key given): a wrong key or a
+broken chain refuses before anything is dropped. The buckets come back with at least
+the replica count they had.
+
 The same fold the live view uses, from sequence 0, so the buckets come back with the
 same keys, values and revisions. The writes are pipelined (a window in flight per
 bucket, each pinned to its revision); erasures (of destroyed versions and their
@@ -14,16 +18,17 @@ is done again one write at a time, skipping every revision already stored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.nats.positioned import PositionConflict, PositionedPublisher
 
@@ -43,14 +48,16 @@ async def rebuild_views(
     *,
     backend_name: str,
     layout: KvLayout,
-    authenticator: EventAuthenticator,
+    barrier: Barrier,
     progress: Callable[[int, int], None] | None = None,
 ) -> RebuildReport:
-    """Drop both KV buckets, recreate them and write every revision the log implies."""
-    event_log = EventLog(
-        nc, backend_name=backend_name, authenticator=authenticator, replicas=layout.replicas
-    )
-    views = KvViews(nc, layout)
+    """Verify the log, drop both KV buckets, recreate them and write every revision the
+    log implies."""
+    event_log = EventLog(nc, backend_name=backend_name, barrier=barrier, replicas=layout.replicas)
+    async for _ in event_log.entries():  # raises on a wrong key or a broken chain
+        pass
+    kept = await KvViews(nc, layout).replicas()
+    views = KvViews(nc, dataclasses.replace(layout, replicas=max(layout.replicas, kept)))
     await views.drop()
     await views.ensure()
     state = await refold_views(nc, event_log, views, progress)

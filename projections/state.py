@@ -18,6 +18,7 @@ from typing import NamedTuple
 from events.types import (
     Event,
     KeyRotated,
+    LogRepaired,
     MappingAdded,
     MappingRemoved,
     Rejected,
@@ -186,7 +187,7 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
         case KeyRotated():
             state.encryption_key = event.new_key
             return []
-        case Rejected():
+        case LogRepaired() | Rejected():
             return []
 
 

@@ -22,8 +22,8 @@ from actors.rotation.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.lock import RotationLock, RotationLockHeld
 from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
 from actors.rotation.swap import commit, read_staging, swap
-from events.integrity import TAG_HEADER
 from projections.kv import KvLayout
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import convert, stream_info

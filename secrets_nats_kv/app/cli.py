@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nats(export)
     _add_names(export)
 
+    from secrets_nats_kv.app import integrity_commands
+
+    integrity_commands.add_parsers(commands, _add_nats, _add_names)
+
     keys = commands.add_parser("keys", help="key utilities")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     key_commands.add_parser("gen", help="print a fresh curve (xkey) seed and its public key")
@@ -233,10 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from secrets_nats_kv.app import commands
+    from secrets_nats_kv.app import commands, integrity_commands
 
     try:
-        return anyio.run(commands.dispatch, args)
+        handler = integrity_commands.COMMANDS.get(args.command, commands.dispatch)
+        return anyio.run(handler, args)
     except SecretsBackendError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1

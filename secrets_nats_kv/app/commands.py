@@ -348,9 +348,9 @@ async def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
-    from events.integrity import EventAuthenticator
     from projections.kv import KvLayout
     from projections.rebuild import rebuild_views
+    from secrets_nats_kv.barrier import Barrier
 
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
     names = backend_names(args)
@@ -365,7 +365,7 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
                 max_history=args.max_secret_history,
                 replicas=args.replicas,
             ),
-            authenticator=EventAuthenticator.for_key(encryption),
+            barrier=Barrier(encryption),
             progress=progress_printer("rebuild"),
         )
     finally:

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from events.integrity import TAG_HEADER, EventAuthenticator
+from events.codec import EventCodec
+from events.log import EventLog
 from events.types import (
     Event,
     MappingAdded,
@@ -36,6 +37,8 @@ from events.types import (
 )
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import Unauthorized
 from secrets_nats_kv.nkeys import Role, SigningKey
@@ -628,7 +631,7 @@ async def test_forged_mapping_events_grant_nothing(bus: Bus) -> None:
         )
     )
     subject = bus.event_subject(f"mapping.{entity}")
-    stranger_tags = EventAuthenticator.for_key(XKey.generate())
+    stranger_tags = Barrier(XKey.generate())
     next_seq = await bus.last_seq() + 1
     await publish_forged(bus, subject, forged, {})
     await publish_forged(bus, subject, forged, {TAG_HEADER: "0" * 64})
@@ -647,11 +650,17 @@ async def test_forged_mapping_events_grant_nothing(bus: Bus) -> None:
     secret = await bus.clients.get(other, "s")
     assert (secret.version, secret.string_secret) == ("2", "v2")
     assert not await bus.can_get(identity, "s")
-    # Control: the same forged bytes, tagged with the real key for where they land, are
-    # folded. So the refusals above came from the tags, not from a publish that missed.
-    real_tags = EventAuthenticator.for_key(bus.clients.keys.encryption)
-    seq = await bus.last_seq() + 1
-    assert await publish_forged(bus, subject, forged, {TAG_HEADER: real_tags.tag(seq, forged)})
+    # Control: the same forged bytes, tagged and linked with the real key for where they
+    # land, are folded. So the refusals above came from the tags, not a publish that missed.
+    real = EventLog(
+        bus.nc, backend_name=bus.names.name, barrier=Barrier(bus.clients.keys.encryption)
+    )
+    entries = await real.read_all()
+    link = next(entry.link for entry in reversed(entries) if entry.link)
+    encoded = EventCodec(Barrier(bus.clients.keys.encryption)).encode_body(
+        forged, entries[-1].seq + 1, link
+    )
+    assert await publish_forged(bus, subject, forged, encoded.headers)
     assert await bus.can_get(identity, "s")
 
 

@@ -1,0 +1,104 @@
+"""`verify` and `repair`: an operator's tools for the event log's chain.
+
+`verify` reads the whole log with ENCRYPTION_XKEY_SEED and says, in one line, either how
+far it verifies or where the chain breaks (exit 1). `repair` appends a tagged
+`LogRepaired` that accepts the breaks on the record (what was lost stays lost: re-check
+mappings and secrets afterwards), then rebuilds the KV views from the repaired log.
+Backends that stopped at the break are restarted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+
+from events.log import EventLog
+from events.repair import repair_log, verify_log
+from projections.kv import KvLayout
+from projections.rebuild import rebuild_views
+from secrets_nats_kv import config
+from secrets_nats_kv.app.commands import (
+    backend_names,
+    nats_options,
+    progress_printer,
+    seed_from_env,
+)
+from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.nats.connection import connect
+
+Adder = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parsers(commands: argparse._SubParsersAction, add_nats: Adder, add_names: Adder) -> None:  # type: ignore[type-arg]
+    verify = commands.add_parser("verify", help="check the event log's chain; name any break")
+    add_nats(verify)
+    add_names(verify)
+    repair = commands.add_parser(
+        "repair", help="accept the event log's breaks on the record, then rebuild the views"
+    )
+    repair.add_argument("--reason", required=True, help="why (kept in the log and the audit)")
+    repair.add_argument("--max-secret-history", type=int, default=config.DEFAULT_MAX_SECRET_HISTORY)
+    repair.add_argument("--replicas", type=int, default=1)
+    add_nats(repair)
+    add_names(repair)
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    names = backend_names(args)
+    barrier = Barrier(seed_from_env("ENCRYPTION_XKEY_SEED"))
+    nc = await connect(nats_options(args), name="secrets-nats-kv verify", persistent=False)
+    try:
+        found = await verify_log(EventLog(nc, backend_name=names.name, barrier=barrier))
+    finally:
+        await nc.close()
+    if found.broken is not None:
+        raise found.broken
+    _say(
+        f"event log verified: {found.verified} entries to #{found.head}, "
+        f"{found.foreign} not tagged by this key skipped"
+    )
+    return 0
+
+
+async def cmd_repair(args: argparse.Namespace) -> int:
+    names = backend_names(args)
+    encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
+    barrier = Barrier(encryption)
+    nc = await connect(nats_options(args), name="secrets-nats-kv repair", persistent=False)
+    try:
+        event_log = EventLog(nc, backend_name=names.name, barrier=barrier)
+        appended = await repair_log(event_log, admin_key=encryption.public_key, reason=args.reason)
+        if appended is None:
+            _say("event log verified: nothing to repair")
+            return 0
+        report = await rebuild_views(
+            nc,
+            backend_name=names.name,
+            layout=KvLayout(
+                secrets_bucket=names.secrets_bucket,
+                state_bucket=names.state_bucket,
+                max_history=args.max_secret_history,
+                replicas=args.replicas,
+            ),
+            barrier=barrier,
+            progress=progress_printer("rebuild"),
+        )
+    finally:
+        await nc.close()
+    _say(
+        f"repaired: entry #{appended.seq} accepts the breaks; views rebuilt from "
+        f"{report.events} events: restart the backends, then re-check mappings and secrets"
+    )
+    return 0
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "verify": cmd_verify,
+    "repair": cmd_repair,
+}

@@ -1,0 +1,193 @@
+"""Integrity on a hostile bus: attacks from a connection holding no key, and their outcome.
+
+Each test first does what an attacker with nothing but a NATS connection can do to the
+event stream (delete single events, delete the tail, replace the stream by an earlier
+part of itself) and then shows that no state the attacker chose is served: a backend
+refuses to start in one line, a running one stops serving and refuses writes with one
+incident, and `verify` / `repair` are the operator's way out, on the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from events.chain import ChainBroken
+from events.log import stream_name, subject_prefix
+from events.types import LogRepaired
+from projections.live import CHAIN_BROKEN
+from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.config import NatsOptions, kv_stream
+from secrets_nats_kv.errors import Unauthorized, UpstreamError
+from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.xkeys import XKey
+from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
+from support.store import log_entries
+
+pytestmark = pytest.mark.anyio
+
+STREAM = stream_name("nats-kv")
+
+
+@contextlib.asynccontextmanager
+async def attacker(url: str) -> AsyncIterator[NATS]:
+    """A plain connection: no seed, no credentials, only the bus."""
+    nc = await connect(NatsOptions(servers=(url,)), name="attacker", persistent=False)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def history(clients: Clients, identity: Identity) -> int:
+    """put, map, revoke, put again; the position of the revocation."""
+    admin = clients.admin
+    assert await admin.put_secret("db", "first") == 1
+    await admin.add_mapping(identity.entity_key, ["db"])
+    await admin.remove_mapping(identity.entity_key, ["db"])
+    assert await admin.put_secret("db", "second") == 2
+    with pytest.raises(Unauthorized):
+        await clients.get(identity, "db")
+    return 3
+
+
+def broken_at(group: BaseExceptionGroup[BaseException]) -> int:
+    found = group.subgroup(ChainBroken)
+    assert found is not None
+    exc = found.exceptions[0]
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, ChainBroken)
+    return exc.seq
+
+
+async def start_refused(url: str, keys: Keys) -> int:
+    """Start a backend that must refuse: the position of the break it names."""
+    seqs: list[int] = []
+    try:
+        async with running_backend(url, keys):
+            pytest.fail("a backend started on a broken event log")
+    except* ChainBroken as group:
+        seqs.append(broken_at(group))
+    assert len(seqs) == 1
+    return seqs[0]
+
+
+async def test_a_deleted_revocation_is_never_served_and_repair_is_on_the_record(
+    nats_server: NatsServer,
+) -> None:
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        revoked = await history(clients, identity)
+    async with attacker(url) as nc:
+        assert await nc.jetstream().delete_msg(STREAM, revoked)
+
+    # Today's restart would fold the gap as an erased put and serve the revoked entity.
+    assert await start_refused(url, keys) == revoked
+    env = cli_env(keys)
+    verify = run_cli("verify", "--nats-address", url, env=env)
+    assert verify.returncode == 1
+    lines = verify.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert f"chain broken at entry #{revoked}" in lines[0]
+
+    repair = run_cli("repair", "--reason", "revocation deleted", "--nats-address", url, env=env)
+    assert repair.returncode == 0, repair.stderr
+    assert "repaired" in repair.stdout.decode()
+    assert run_cli("verify", "--nats-address", url, env=env).returncode == 0
+    # On the record: the repair says what was lost; the backend starts again.
+    async with attacker(url) as nc:
+        entries = await log_entries(nc, keys)
+    repaired = entries[-1].event
+    assert isinstance(repaired, LogRepaired)
+    assert repaired.lost == (revoked,)
+    assert repaired.reason == "revocation deleted"
+    async with running_backend(url, keys) as clients:
+        # What was lost stays lost: the operator revokes again, and it holds.
+        await clients.admin.remove_mapping(identity.entity_key, ["db"])
+        with pytest.raises(Unauthorized):
+            await clients.get(identity, "db")
+        assert await clients.admin.put_secret("db", "third") == 4
+
+
+async def test_a_deleted_tail_and_a_wrong_key_each_refuse_run_in_one_line(
+    nats_server: NatsServer,
+) -> None:
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        await history(clients, identity)
+        await clients.admin.remove_mapping(identity.entity_key, ["db"])
+    env = cli_env(keys)
+    wrong = run_cli(
+        "run", "--nats-address", url, env={**env, "ENCRYPTION_XKEY_SEED": XKey.generate().seed}
+    )
+    assert wrong.returncode == 1
+    err = wrong.stderr.decode().strip().splitlines()
+    assert err[-1].startswith("secrets-nats-kv: error:")
+    assert "ENCRYPTION_XKEY_SEED" in err[-1]
+    assert b"backend ready" not in wrong.stderr + wrong.stdout
+
+    async with attacker(url) as nc:
+        last = (await nc.jetstream().stream_info(STREAM)).state.last_seq
+        assert await nc.jetstream().delete_msg(STREAM, last)
+    cut = run_cli("run", "--nats-address", url, env=env)
+    assert cut.returncode == 1
+    line = cut.stderr.decode().strip().splitlines()[-1]
+    assert f"chain broken at entry #{last}" in line
+    assert b"backend ready" not in cut.stderr + cut.stdout
+
+
+async def test_rebuild_with_a_wrong_key_refuses_before_dropping_anything(
+    nats_server: NatsServer,
+) -> None:
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        await history(clients, identity)
+    async with attacker(url) as nc:
+        before = (await nc.jetstream().stream_info(kv_stream("WASMCLOUD_SECRETS"))).state
+    env = {**cli_env(keys), "ENCRYPTION_XKEY_SEED": XKey.generate().seed}
+    refused = run_cli("rebuild", "--nats-address", url, env=env)
+    assert refused.returncode == 1
+    assert "ENCRYPTION_XKEY_SEED" in refused.stderr.decode()
+    async with attacker(url) as nc:
+        after = (await nc.jetstream().stream_info(kv_stream("WASMCLOUD_SECRETS"))).state
+    assert (after.messages, after.last_seq) == (before.messages, before.last_seq)
+    async with running_backend(url, keys) as clients:
+        with pytest.raises(Unauthorized):
+            await clients.get(identity, "db")
+        assert (await clients.admin.list_secrets())[0].version == 2
+
+
+async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writing(
+    nats_server: NatsServer,
+) -> None:
+    """Truncation: the stream deleted and its first entries published again, tags intact."""
+    url, keys, reader = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        admin = clients.admin
+        assert await admin.put_secret("db", "first") == 1
+        await admin.add_mapping(reader.entity_key, ["db"])
+        assert await admin.put_secret("db", "second") == 2
+        await admin.remove_mapping(reader.entity_key, ["db"])
+        async with attacker(url) as nc:
+            js = nc.jetstream()
+            kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
+            config = (await js.stream_info(STREAM)).config
+            await js.delete_stream(STREAM)
+            await js.add_stream(config)
+            for message in kept:
+                headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
+                await js.publish(
+                    f"{subject_prefix('nats-kv')}.x", message.data or b"", headers=headers
+                )
+        # The rolled-back log grants `reader` again: the backend serves nothing from it.
+        with pytest.raises(UpstreamError, match="folded it to #4"):
+            await clients.get(reader, "db")
+        with pytest.raises(UpstreamError):
+            await admin.put_secret("db", "third")
+        incidents = clients.backend.health.snapshot()
+        assert [i["kind"] for i in incidents if i["blocks_writes"]] == [CHAIN_BROKEN]
+        assert sum(1 for i in incidents if i["kind"] == CHAIN_BROKEN) == 1
