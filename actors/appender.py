@@ -7,6 +7,7 @@ view and KV view include it, so the reply to the admin is an honest `ok`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TypedDict
@@ -15,6 +16,7 @@ import anyio
 
 from actors.admin import Opened
 from actors.health import Health
+from events.anchor import Anchor
 from events.log import Appended, ConcurrentAppend, EventLog
 from events.types import Event
 from projections.kv import KvWriter
@@ -23,6 +25,7 @@ from projections.state import ViewState
 from secrets_nats_kv.errors import NatsUnavailable, StorageError, UpstreamError
 
 _ATTEMPTS = 20
+log = logging.getLogger(__name__)
 
 
 class Provenance(TypedDict):
@@ -46,8 +49,10 @@ class Appender:
         settle_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
         health: Health | None = None,
+        anchor: Anchor | None = None,
     ) -> None:
         self.log = log_
+        self._anchor = anchor
         self._health = health
         self.view = view
         self._writer = writer
@@ -80,6 +85,9 @@ class Appender:
             # other processes' commands are settled by the expected-sequence check.
             async with self._turn:
                 await self.fresh()
+                first = self.view.state.requests.get(request_id) if request_id else None
+                if first is not None:  # a replay: answered with what the first one did
+                    return Appended(first, duplicate=True)
                 expected, previous = self.view.state.last_seq, self.view.link
                 event = decide(self.view.state)
                 try:
@@ -94,6 +102,7 @@ class Appender:
                 except (StorageError, NatsUnavailable) as exc:
                     raise UpstreamError(str(exc)) from None
             await self._settle(appended.seq)
+            await self._advance_anchor()
             return appended
         raise UpstreamError("the log kept changing under this command; try again")
 
@@ -112,6 +121,16 @@ class Appender:
             raise UpstreamError("stored, but the views did not catch up in time") from None
         except (StorageError, NatsUnavailable) as exc:
             raise UpstreamError(str(exc)) from None
+
+    async def _advance_anchor(self) -> None:
+        """Move the anchor to where this view stands; a failure is only a warning (the
+        write is stored; the next one moves it on)."""
+        if self._anchor is None:
+            return
+        try:
+            await self._anchor.advance(self.view.state.last_seq, self.view.link)
+        except (StorageError, NatsUnavailable) as exc:
+            log.warning("could not move the event log's anchor", extra={"error": str(exc)})
 
     async def fresh(self) -> None:
         """Wait until the view includes every event appended before now."""

@@ -24,11 +24,13 @@ from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
+from events.anchor import Anchor, Anchored, AnchorForged
 from events.log import EventLog
 from projections.kv import KvLayout, KvViews, KvWriter
 from projections.live import LiveView
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendConfig
+from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.connection import connect
 
 log = logging.getLogger(__name__)
@@ -58,11 +60,12 @@ class Backend:
         nc = self.nc = await connect(
             config.nats, name=f"secrets-nats-kv {names.name}", persistent=True
         )
+        barrier = Barrier(config.encryption_key)  # the one security core of this instance
         try:
             event_log = EventLog(
                 nc,
                 backend_name=names.name,
-                barrier=Barrier(config.encryption_key),
+                barrier=barrier,
                 replicas=config.replicas,
             )
             views = KvViews(
@@ -76,8 +79,16 @@ class Backend:
             )
             await event_log.ensure()
             await views.ensure()
+            anchor = Anchor(nc, backend_name=names.name, barrier=barrier, replicas=config.replicas)
+            await anchor.ensure()
+            anchored: Anchored | StorageError | None
+            try:
+                anchored = await anchor.read()
+            except AnchorForged as exc:  # refuses the start, once the log has been judged
+                anchored = exc
             writer = KvWriter(views, event_log)
             await writer.prepare()
+            await _refuse_an_emptied_log(event_log, writer)
             health = self.health
             view = self.view = LiveView(
                 event_log,
@@ -85,6 +96,7 @@ class Backend:
                 report=lambda kind, detail, blocks: health.report(
                     kind, detail, blocks_writes=blocks
                 ),
+                anchored=anchored,
             )
             gate = AdminGate(
                 config.transit_key,
@@ -98,12 +110,12 @@ class Backend:
             responder = GetResponder(
                 view,
                 transit=config.transit_key,
-                encryption=config.encryption_key,
+                barrier=barrier,
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            appender = Appender(event_log, view, writer, health=health)
-            commands = CommandActor(appender, gate, encryption=config.encryption_key)
+            appender = Appender(event_log, view, writer, health=health, anchor=anchor)
+            commands = CommandActor(appender, gate, barrier=barrier)
             lifecycle = LifecycleActor(appender, gate)
             handlers: dict[str, Handler] = {
                 "server_xkey": responder.server_xkey,
@@ -143,3 +155,14 @@ class Backend:
         finally:
             with anyio.move_on_after(5, shield=True):
                 await nc.close()
+
+
+async def _refuse_an_emptied_log(event_log: EventLog, writer: KvWriter) -> None:
+    """An empty log under views that hold revisions was deleted (or replaced): refuse,
+    rather than start over at version 1 and hand out versions the views still hold."""
+    if await event_log.head() == 0 and writer.written:
+        raise StorageError(
+            "event log",
+            f"{event_log.stream} is empty but the KV views hold revisions: the log was "
+            "deleted or replaced; restore it (or drop both buckets to start afresh)",
+        )

@@ -12,6 +12,7 @@ from actors.appender import Appender
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
 from secrets_nats_kv import wire
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import (
     InvalidKey,
     InvalidRequest,
@@ -20,7 +21,6 @@ from secrets_nats_kv.errors import (
 )
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
-from secrets_nats_kv.xkeys import SealBox, XKey
 
 OK = Reply(b"ok")
 
@@ -28,10 +28,10 @@ OK = Reply(b"ok")
 class CommandActor:
     """Actor: turns put_secret and mapping changes into events."""
 
-    def __init__(self, appender: Appender, gate: AdminGate, *, encryption: XKey) -> None:
+    def __init__(self, appender: Appender, gate: AdminGate, *, barrier: Barrier) -> None:
         self._appender = appender
         self._gate = gate
-        self._at_rest = SealBox(encryption, encryption)
+        self._at_rest = barrier
 
     # --- put_secret -------------------------------------------------------------------
 
@@ -50,6 +50,7 @@ class CommandActor:
         put = wire.decode_put_request(opened.plaintext, authenticated=opened.authenticated)
         request_id = ""
         if isinstance(put, wire.AdminPutSecretRequest):
+            self._gate.check_bound(request.operation, put.operation)
             self._gate.check_issued_at(put.issued_at)
             request_id = put.request_id
         name = _secret_name(put.key)
@@ -89,6 +90,9 @@ class CommandActor:
         payload = wire.decode_mapping_request(opened.plaintext, authenticated=opened.authenticated)
         request_id = ""
         if isinstance(payload, wire.MappingRequest):
+            self._gate.check_bound(
+                request.operation, payload.operation, entity=entity, sealed_entity=payload.entity
+            )
             self._gate.check_issued_at(payload.issued_at)
             request_id = payload.request_id
             names = payload.secrets

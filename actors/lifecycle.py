@@ -33,6 +33,7 @@ class LifecycleActor:
     def _open(self, request: Request) -> tuple[Opened, wire.AdminRequest]:
         opened = self._gate.open(request.headers, request.payload)
         admin = wire.decode_admin_request(opened.plaintext)
+        self._gate.check_bound(request.operation, admin.operation)
         self._gate.check_issued_at(admin.issued_at)
         return opened, admin
 
@@ -110,13 +111,16 @@ class LifecycleActor:
         digests = self._appender.view.digests
 
         def decide(state: ViewState) -> SecretDestroyed:
-            versions, seqs = _shred_plan(_record(state, name), admin.version)
+            record = _record(state, name)
+            versions, seqs = _shred_plan(record, admin.version)
+            requests = {v.event_seq: v.origin_request for v in record.versions.values()}
             return SecretDestroyed(
                 name=name,
                 versions=versions,
                 erased_seqs=seqs,
                 # What the erased bytes were, so the chain stays verifiable without them.
                 erased_digests=tuple(digests[seq] for seq in seqs),
+                erased_request_ids=tuple(requests.get(seq, "") for seq in seqs),
                 all=admin.all,
                 **provenance,
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from events.anchor import Anchor, Anchored, AnchorForged
 from events.chain import ChainBroken, ChainReader, Raw
 from events.codec import EventCodec
 from events.log import Appended, EventLog
@@ -46,21 +47,41 @@ async def read_raw(event_log: EventLog) -> list[Raw]:
     return raws
 
 
-def verify_raw(codec: EventCodec, raws: list[Raw]) -> Verification:
-    """Judge a whole log held in memory (raises `WrongKey` if none of it is ours)."""
+def verify_raw(
+    codec: EventCodec, raws: list[Raw], anchored: Anchored | None = None
+) -> Verification:
+    """Judge a whole log held in memory against its anchor (raises `WrongKey` if none of
+    it is ours)."""
     reader = ChainReader(codec)
     released = 0
     try:
         for raw in raws:
-            released += len(reader.push(raw))
-        released += len(reader.at_head())
+            for entry in reader.push(raw):
+                released += 1
+                _check_at_anchor(anchored, entry.seq, entry.event is not None, reader.link)
+        for entry in reader.at_head():
+            released += 1
+            _check_at_anchor(anchored, entry.seq, entry.event is not None, reader.link)
+        if anchored is not None and anchored.seq > len(raws):
+            raise ChainBroken(
+                len(raws) + 1,
+                f"the event log ends at #{len(raws)} but its anchor is at #{anchored.seq}: "
+                "entries were cut from its end or the log was replaced",
+            )
     except ChainBroken as exc:
         return Verification(len(raws), released, reader.foreign, exc)
     return Verification(len(raws), released, reader.foreign, None)
 
 
+def _check_at_anchor(anchored: Anchored | None, seq: int, stored: bool, link: str) -> None:
+    if anchored is not None and seq == anchored.seq and stored and link != anchored.link:
+        raise ChainBroken(seq, "the entry is not the one anchored: another log is in its place")
+
+
 async def verify_log(event_log: EventLog) -> Verification:
-    return verify_raw(_codec(event_log), await read_raw(event_log))
+    codec = _codec(event_log)
+    anchored = await _anchor(event_log, codec).read()
+    return verify_raw(codec, await read_raw(event_log), anchored)
 
 
 def plan_repair(codec: EventCodec, raws: list[Raw]) -> tuple[LogRepaired, str] | None:
@@ -110,25 +131,46 @@ def _accept(
 
 
 async def repair_log(event_log: EventLog, *, admin_key: str, reason: str) -> Appended | None:
-    """Append the `LogRepaired` that accepts the log's breaks; None if there are none.
+    """Append the `LogRepaired` that accepts the log's breaks (and a log cut back behind
+    its anchor), then move the anchor to it; None if there is nothing to repair.
 
     Positional like every append: if anything was appended meanwhile it fails and is run
     again on the newer log.
     """
     codec = _codec(event_log)
+    anchor = _anchor(event_log, codec)
+    await anchor.ensure()
+    try:
+        anchored = await anchor.read()
+    except AnchorForged:
+        anchored = None  # replaced below, on the record
     raws = await read_raw(event_log)
     planned = plan_repair(codec, raws)
     if planned is None:
-        return None
-    repair, link = planned
+        if verify_raw(codec, raws, anchored).broken is None:
+            return None
+        reader = ChainReader(codec)  # the chain reads whole: only the anchor is behind
+        for raw in raws:
+            reader.push(raw)
+        reader.at_head()
+        repair, link = LogRepaired(at=0.0), reader.link
+    else:
+        repair, link = planned
     event = LogRepaired(
         at=time.time(),
         admin_key=admin_key,
         lost=repair.lost,
         relinked=repair.relinked,
         reason=reason,
+        anchor_seq=anchored.seq if anchored is not None else 0,
     )
-    return await event_log.append(event, expected_last_seq=len(raws), previous=link)
+    appended = await event_log.append(event, expected_last_seq=len(raws), previous=link)
+    await anchor.reset(appended.seq, appended.link)
+    return appended
+
+
+def _anchor(event_log: EventLog, codec: EventCodec) -> Anchor:
+    return Anchor(event_log.nc, backend_name=event_log.backend_name, barrier=codec.barrier)
 
 
 def _codec(event_log: EventLog) -> EventCodec:

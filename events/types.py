@@ -50,6 +50,9 @@ class SecretDestroyed(_Event, frozen=True, tag="secret_destroyed"):
     # The SHA-256 of each erased entry's stored bytes, in `erased_seqs` order: the chain
     # commits to them, so a reader carries it across the gaps once the bytes are gone.
     erased_digests: tuple[str, ...] = ()
+    # The request ids of the erased puts: a replay of one stays refused after its bytes
+    # (and JetStream's duplicate window) are gone.
+    erased_request_ids: tuple[str, ...] = ()
     all: bool = False
 
 
@@ -81,6 +84,9 @@ class LogRepaired(_Event, frozen=True, tag="log_repaired"):
     lost: tuple[int, ...] = ()
     relinked: tuple[int, ...] = ()
     reason: str = ""
+    # Where the anchor stood if the log had been cut back behind it (0: it had not): the
+    # operator accepts the rollback, and the anchor moves to this event.
+    anchor_seq: int = 0
 
 
 Event = (

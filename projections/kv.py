@@ -207,6 +207,11 @@ class KvWriter:
         self._secrets_last = await self.views.last_revision(layout.secrets_bucket)
         self._state_last = await self.views.last_revision(layout.state_bucket)
 
+    @property
+    def written(self) -> bool:
+        """Whether `prepare` found either bucket holding revisions."""
+        return self._secrets_last > 0 or self._state_last > 0
+
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """Queue one log entry's effects (called by the live view, never blocks)."""
         needed = [e for e in effects if not self.already_written(e)]

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
+from events.anchor import Anchored
 from events.chain import ChainBroken, WrongKey
 from events.log import EventLog, LogEntry
 from events.types import Rejected, SecretPut
@@ -62,8 +63,13 @@ class LiveView:
         *,
         on_effects: Callable[[int, list[Effect]], None] | None = None,
         report: Report | None = None,
+        anchored: Anchored | StorageError | None = None,
     ) -> None:
         self._log = log_
+        # Where the log stood when last anchored (events.anchor), or why the anchor could
+        # not be read (judged after the log itself: a wrong key is the likelier news).
+        self._anchor_error = anchored if isinstance(anchored, StorageError) else None
+        self._anchored = anchored if isinstance(anchored, Anchored) else None
         self._on_effects = on_effects
         self._report = report
         self.state = ViewState()
@@ -89,6 +95,20 @@ class LiveView:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Catch up with the log, report started (ready), then follow it and serve head reads."""
         await self._read(follow=False)  # the whole log verified to its head, or raise
+        if self._anchor_error is not None:
+            self._break(self._anchor_error)
+            raise self._anchor_error
+        anchored = self._anchored
+        if anchored is not None and anchored.seq > self.state.last_seq:
+            self._break(
+                ChainBroken(
+                    self.state.last_seq + 1,
+                    f"the event log ends at #{self.state.last_seq} but its anchor is at "
+                    f"#{anchored.seq}: entries were cut from its end or the log was replaced",
+                )
+            )
+            assert self.broken is not None
+            raise self.broken
         self.ready.set()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow)
@@ -129,6 +149,16 @@ class LiveView:
 
     def _apply(self, entry: LogEntry) -> None:
         self._note(entry.seq, entry.event, entry.digest, entry.link)
+        anchored = self._anchored
+        if (
+            anchored is not None
+            and entry.seq == anchored.seq
+            and entry.event is not None
+            and self.link != anchored.link
+        ):
+            raise ChainBroken(
+                entry.seq, "the entry is not the one anchored: another log is in its place"
+            )
         effects = fold(self.state, entry.seq, entry.event)
         if self._on_effects is not None:
             self._on_effects(entry.seq, effects)

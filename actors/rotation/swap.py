@@ -19,6 +19,7 @@ from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationR
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
 from actors.rotation.verify import ExpectedViews
+from events.anchor import Anchor
 from events.log import EventLog
 from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
 from projections.rebuild import rebuild_views
@@ -91,6 +92,10 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         raise StorageError(
             "rebuilt KV views", f"{problem}; {run.staging} is kept: re-run rotate-key"
         )
+    # The anchor under the new key, at the marker: the old one no longer verifies.
+    anchor = Anchor(run.nc, backend_name=run.names.name, barrier=run.new_auth)
+    await anchor.ensure()
+    await anchor.reset(marker.seq, marker.headers.get(CHAIN_HEADER, ""))
     await run.checkpoint("cleanup")
     await run.delete(run.staging)
     return counts

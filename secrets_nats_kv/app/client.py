@@ -98,11 +98,19 @@ class AdminClient(BackendClient):
         request_id, issued_at = self._stamp()
         if isinstance(value, str):
             req = wire.AdminPutSecretRequest(
-                key=name, string_secret=value, request_id=request_id, issued_at=issued_at
+                key=name,
+                string_secret=value,
+                request_id=request_id,
+                issued_at=issued_at,
+                operation="put_secret",
             )
         else:
             req = wire.AdminPutSecretRequest(
-                key=name, binary_secret=list(value), request_id=request_id, issued_at=issued_at
+                key=name,
+                binary_secret=list(value),
+                request_id=request_id,
+                issued_at=issued_at,
+                operation="put_secret",
             )
         data = await self._sealed_request("put_secret", wire.encode_put_request(req))
         return wire.decode_put_response(data).result()
@@ -116,7 +124,13 @@ class AdminClient(BackendClient):
     async def _mapping(self, operation: str, entity: str, secrets: Sequence[str]) -> None:
         request_id, issued_at = self._stamp()
         body = wire.encode_mapping_request(
-            wire.MappingRequest(list(secrets), request_id=request_id, issued_at=issued_at)
+            wire.MappingRequest(
+                list(secrets),
+                request_id=request_id,
+                issued_at=issued_at,
+                operation=operation,
+                entity=entity,
+            )
         )
         data = await self._sealed_request(f"{operation}.{entity}", body)
         expect_ok(data)
@@ -142,6 +156,7 @@ class AdminClient(BackendClient):
                 version=version,
                 all=all,
                 entity=entity,
+                operation=operation,
             )
         )
         data = await self._sealed_request(operation, body)

@@ -43,7 +43,7 @@ from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import Unauthorized
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
-from support.harness import Clients, Identity, fresh_names, running_backend
+from support.harness import Clients, Identity, bind_request, fresh_names, running_backend
 
 HOST_XKEY = "WasmCloud-Host-Xkey"
 RESPONSE_XKEY = "Server-Response-Xkey"
@@ -119,9 +119,18 @@ class Bus:
         return msg.data
 
     def seal(
-        self, body: bytes, sender: XKey, *, header: str | None = None, to: str | None = None
+        self,
+        body: bytes,
+        sender: XKey,
+        *,
+        header: str | None = None,
+        to: str | None = None,
+        bound_to: str | None = None,
     ) -> tuple[bytes, dict[str, str]]:
-        """`body` sealed by `sender` to the transit key (or `to`), header naming `header`."""
+        """`body` sealed by `sender` to the transit key (or `to`), header naming `header`;
+        bound to operation `bound_to` first if given."""
+        if bound_to is not None:
+            body = bind_request(bound_to, body)
         sealed = sender.seal(body, to or self.transit.public_key)
         return sealed, {HOST_XKEY: header or sender.public_key}
 
@@ -133,7 +142,12 @@ class Bus:
         *,
         header: str | None = None,
         to: str | None = None,
+        bound: bool = True,
     ) -> bytes:
+        """`body` sealed and sent on `operation`; bound to it as the client binds, unless
+        `bound` is False (a body for one operation sent on another)."""
+        if bound:
+            body = bind_request(operation, body)
         return await self.raw(operation, *self.seal(body, sender, header=header, to=to))
 
     async def last_seq(self) -> int:
@@ -308,14 +322,14 @@ async def test_issued_at_more_than_120s_away_is_refused(bus: Bus) -> None:
 async def test_a_replayed_request_is_applied_once(bus: Bus) -> None:
     transit, identity = bus.transit, Identity()
     entity = identity.entity_key
-    put = bus.seal(put_body("s", "first", **stamp()), transit)
+    put = bus.seal(put_body("s", "first", **stamp()), transit, bound_to="put_secret")
     first = await bus.raw("put_secret", *put)
     assert first == put_reply(1)
     seq = await bus.last_seq()
     assert await bus.raw("put_secret", *put) == first
     assert await bus.last_seq() == seq
 
-    add = bus.seal(mapping_body(["s"], **stamp()), transit)
+    add = bus.seal(mapping_body(["s"], **stamp()), transit, bound_to=f"add_mapping.{entity}")
     assert await bus.raw(f"add_mapping.{entity}", *add) == OK
     seq = await bus.last_seq()
     assert await bus.raw(f"add_mapping.{entity}", *add) == OK
@@ -502,11 +516,13 @@ async def test_writes_without_a_reply_subject_are_dropped(bus: Bus) -> None:
     entity = Identity().entity_key
     await bus.nc.publish(
         bus.names.subject("put_secret"),
-        *_args(bus.seal(put_body("s", "v", **stamp()), bus.transit)),
+        *_args(bus.seal(put_body("s", "v", **stamp()), bus.transit, bound_to="put_secret")),
     )
     await bus.nc.publish(
         bus.names.subject(f"add_mapping.{entity}"),
-        *_args(bus.seal(mapping_body(["s"], **stamp()), bus.transit)),
+        *_args(
+            bus.seal(mapping_body(["s"], **stamp()), bus.transit, bound_to=f"add_mapping.{entity}")
+        ),
     )
     await bus.nc.flush()
     deadline = time.monotonic() + 5
@@ -581,7 +597,7 @@ async def test_insecure_mode_keeps_admin_requests_authenticated(insecure: Bus) -
     assert await admin.put_secret("s", "v") == 1
     await admin.add_mapping(identity.entity_key, ["s"])
     assert await bus.can_get(identity, "s")
-    put = bus.seal(put_body("s", "again", **stamp()), bus.transit)
+    put = bus.seal(put_body("s", "again", **stamp()), bus.transit, bound_to="put_secret")
     assert await bus.raw("put_secret", *put) == put_reply(2)
     assert await bus.raw("put_secret", *put) == put_reply(2)  # applied once
     stale = put_body("s", "stale", **stamp(-1000))

@@ -51,7 +51,7 @@ from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey, encode_public, encode_seed
 from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
-from support.harness import Identity, Keys, backend_config
+from support.harness import Identity, Keys, backend_config, bind_request
 from support.host import HostClient
 from support.leakcheck import MIN_LENGTH, Needle, NeedleIndex, Registry, remember, searchable
 
@@ -839,7 +839,7 @@ def admin_case(
     return Case(
         kind,
         operation,
-        key.seal(json.dumps(doc).encode(), env.keys.transit),
+        key.seal(bind_request(operation, json.dumps(doc).encode()), env.keys.transit),
         {HOST_XKEY_HEADER: key.public_key},
         "Unauthorized" if stranger else expected,
         note=how,

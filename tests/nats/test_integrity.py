@@ -14,14 +14,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
+from events.anchor import AnchorForged, anchor_stream_name, anchor_subject
 from events.chain import ChainBroken
 from events.log import stream_name, subject_prefix
 from events.types import LogRepaired
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import KV_TAG_HEADER
 from secrets_nats_kv.config import NatsOptions, kv_stream
-from secrets_nats_kv.errors import Unauthorized, UpstreamError
+from secrets_nats_kv.errors import SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.xkeys import XKey
 from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
@@ -191,3 +194,147 @@ async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writi
         incidents = clients.backend.health.snapshot()
         assert [i["kind"] for i in incidents if i["blocks_writes"]] == [CHAIN_BROKEN]
         assert sum(1 for i in incidents if i["kind"] == CHAIN_BROKEN) == 1
+
+
+async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
+    nats_server: NatsServer,
+) -> None:
+    """The cut from the test above, with no backend running to remember: the anchor does."""
+    url, keys, reader = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        admin = clients.admin
+        assert await admin.put_secret("db", "first") == 1
+        await admin.add_mapping(reader.entity_key, ["db"])
+        await admin.remove_mapping(reader.entity_key, ["db"])
+    async with attacker(url) as nc:
+        js = nc.jetstream()
+        kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
+        config = (await js.stream_info(STREAM)).config
+        await js.delete_stream(STREAM)
+        await js.add_stream(config)
+        for message in kept:
+            headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
+            await js.publish(f"{subject_prefix('nats-kv')}.x", message.data or b"", headers=headers)
+    assert await start_refused(url, keys) == 3
+    env = cli_env(keys)
+    verify = run_cli("verify", "--nats-address", url, env=env)
+    assert verify.returncode == 1
+    assert "its anchor is at #3" in verify.stderr.decode()
+    repair = run_cli("repair", "--reason", "restored an old copy", "--nats-address", url, env=env)
+    assert repair.returncode == 0, repair.stderr
+    async with attacker(url) as nc:
+        repaired = (await log_entries(nc, keys))[-1].event
+    assert isinstance(repaired, LogRepaired)
+    assert repaired.anchor_seq == 3  # the rollback the operator accepted, on the record
+    async with running_backend(url, keys) as clients:
+        await clients.admin.remove_mapping(reader.entity_key, ["db"])
+        with pytest.raises(Unauthorized):
+            await clients.get(reader, "db")
+
+
+async def test_an_emptied_log_under_full_views_is_refused(nats_server: NatsServer) -> None:
+    """Deleting the event stream must not restart history at version 1."""
+    url, keys = nats_server.url, Keys()
+    async with running_backend(url, keys) as clients:
+        assert await clients.admin.put_secret("db", "first") == 1
+    async with attacker(url) as nc:
+        await nc.jetstream().delete_stream(STREAM)
+    refused = run_cli("run", "--nats-address", url, env=cli_env(keys))
+    assert refused.returncode == 1
+    line = refused.stderr.decode().strip().splitlines()[-1]
+    assert "is empty but the KV views hold revisions" in line
+    assert b"backend ready" not in refused.stderr + refused.stdout
+
+
+async def test_a_forged_or_replayed_anchor_is_refused(nats_server: NatsServer) -> None:
+    url, keys = nats_server.url, Keys()
+    async with running_backend(url, keys) as clients:
+        assert await clients.admin.put_secret("db", "first") == 1
+        assert await clients.admin.put_secret("db", "second") == 2
+    async with attacker(url) as nc:
+        js = nc.jetstream()
+        genuine = await js.get_last_msg(anchor_stream_name("nats-kv"), anchor_subject("nats-kv"))
+        # The genuine anchor, published again: its tag names the sequence it was written at.
+        tag = {KV_TAG_HEADER: (genuine.headers or {})[KV_TAG_HEADER]}
+        await js.publish(anchor_subject("nats-kv"), genuine.data or b"", headers=tag)
+    try:
+        async with running_backend(url, keys):
+            pytest.fail("a backend started on a replayed anchor")
+    except* AnchorForged:
+        pass
+
+
+# --- bound admin requests and request ids ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def capture(nc: NATS, subject: str) -> AsyncIterator[list[Msg]]:
+    """Copies of every request on `subject`, as any subscriber on an open bus gets them."""
+    seen: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        seen.append(msg)
+
+    sub = await nc.subscribe(subject, cb=keep)
+    await nc.flush()
+    try:
+        yield seen
+    finally:
+        await sub.unsubscribe()
+
+
+async def replay(nc: NATS, subject: str, msg: Msg) -> bytes:
+    reply = await nc.request(subject, msg.data, headers=dict(msg.headers or {}), timeout=10)
+    return reply.data
+
+
+async def test_a_revocation_re_aimed_as_a_grant_is_refused(nats_server: NatsServer) -> None:
+    """remove_mapping.<victim>, sealed by the admin, re-published as add_mapping.<attacker>."""
+    url, victim, intruder = nats_server.url, Identity(), Identity()
+    async with running_backend(url) as clients, attacker(url) as nc:
+        admin, names = clients.admin, clients.names
+        assert await admin.put_secret("db", "first") == 1
+        await admin.add_mapping(victim.entity_key, ["db"])
+        async with capture(nc, names.subject("remove_mapping.*")) as seen:
+            await admin.remove_mapping(victim.entity_key, ["db"])
+            await nc.flush()
+        (revocation,) = seen
+        before = (await nc.jetstream().stream_info(STREAM)).state.last_seq
+        aimed = names.subject(f"add_mapping.{intruder.entity_key}")
+        assert await replay(nc, aimed, revocation) == b'{"error":"Unauthorized"}'
+        # ...and on another operation altogether.
+        assert b"Unauthorized" in await replay(nc, names.subject("delete"), revocation)
+        assert (await nc.jetstream().stream_info(STREAM)).state.last_seq == before
+        for who in (victim, intruder):
+            with pytest.raises(Unauthorized):
+                await clients.get(who, "db")
+
+
+async def test_a_destroyed_put_replayed_after_a_nats_restart_stays_destroyed(
+    nats_server: NatsServer,
+) -> None:
+    """JetStream rebuilds its duplicate window from stored messages after a restart; the
+    erased put is not among them. The log's own record of request ids still is."""
+    url, keys, reader = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients, attacker(url) as nc:
+        admin = clients.admin
+        async with capture(nc, clients.names.subject("put_secret")) as seen:
+            assert await admin.put_secret("db", "compromised") == 1
+            await nc.flush()
+        (put,) = seen
+        await admin.add_mapping(reader.entity_key, ["db"])
+        assert await admin.destroy("db", all=True) == [1]
+    nats_server.restart()
+    async with (
+        running_backend(url, keys) as first,
+        running_backend(url, keys) as second,
+        attacker(url) as nc,
+    ):
+        head = (await nc.jetstream().stream_info(STREAM)).state.last_seq
+        subject = first.names.subject("put_secret")
+        for _ in range(4):  # the queue group spreads them over both instances
+            assert await replay(nc, subject, put) == b'{"revision":1,"error":null}'
+        assert (await nc.jetstream().stream_info(STREAM)).state.last_seq == head
+        for clients in (first, second):
+            with pytest.raises(SecretNotFound):
+                await clients.get(reader, "db")

@@ -377,7 +377,11 @@ async def test_refuses_same_key_wrong_key_and_running_backends(nats_server: Nats
             with pytest.raises(RotationRefused, match="--force"):
                 await rotate(nc, keys.encryption, new)
             assert await snapshot(nc) == before  # nothing staged, nothing changed
-            forced = await rotate(nc, keys.encryption, new, force=True)
+            # Not even with --force: writes the backend acknowledged meanwhile would be lost.
+            with pytest.raises(RotationRefused, match="does not override"):
+                await rotate(nc, keys.encryption, new, force=True)
+            assert await snapshot(nc) == before
+        forced = await rotate(nc, keys.encryption, new, force=True)
         assert forced.outcome == "rotated"
         await sealed_only_with(nc, new, [keys.encryption])
     await serves_everything(url, new, model)
