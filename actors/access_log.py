@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
-from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.nats.jetstream import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ class AccessLog:
         self.dropped = 0
 
     async def ensure(self) -> None:
-        js = self._nc.jetstream(timeout=5)
         config = api.StreamConfig(
             name=self._stream,
             description="secrets-nats-kv access log (get decisions)",
@@ -49,15 +48,7 @@ class AccessLog:
             num_replicas=self._replicas,
             max_age=90 * 24 * 3600.0,
         )
-        try:
-            await js.stream_info(self._stream)
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(config)
-            except nats.errors.Error as exc:
-                raise convert("create access log", exc) from None
-        except nats.errors.Error as exc:
-            raise convert("access log info", exc) from None
+        await ensure_stream(self._nc, config, 5.0)
 
     def record(self, record: AccessRecord) -> None:
         """Called on the get path: never blocks, never raises."""

@@ -16,18 +16,20 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
 from actors.access_log import AccessLog
-from actors.admin import AdminGate
-from actors.appender import Appender
-from actors.commands import CommandActor
+from actors.decider import Decider
+from actors.gate import AdminGate
 from actors.health import Health
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
 from actors.service import MicroService
+from actors.shredder import Shredder
+from actors.store import StoreActor
 from events.anchor import Anchor, Anchored, AnchorForged
 from events.log import EventLog
-from projections.kv import KvLayout, KvViews, KvWriter
+from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.live import LiveView
+from projections.state import Effect
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.errors import StorageError
@@ -68,7 +70,7 @@ class Backend:
                 barrier=barrier,
                 replicas=config.replicas,
             )
-            views = KvViews(
+            views = KvBuckets(
                 nc,
                 KvLayout(
                     secrets_bucket=names.secrets_bucket,
@@ -86,13 +88,19 @@ class Backend:
                 anchored = await anchor.read()
             except AnchorForged as exc:  # refuses the start, once the log has been judged
                 anchored = exc
-            writer = KvWriter(views, event_log)
+            writer = KvWriter(views)
             await writer.prepare()
             await _refuse_an_emptied_log(event_log, writer)
+            shredder = Shredder(event_log)
+
+            def on_effects(seq: int, effects: list[Effect]) -> None:
+                writer.submit(seq, effects)
+                shredder.submit(seq, effects)
+
             health = self.health
             view = self.view = LiveView(
                 event_log,
-                on_effects=writer.submit,
+                on_effects=on_effects,
                 report=lambda kind, detail, blocks: health.report(
                     kind, detail, blocks_writes=blocks
                 ),
@@ -114,15 +122,21 @@ class Backend:
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
-            appender = Appender(event_log, view, writer, health=health, anchor=anchor)
-            commands = CommandActor(appender, gate, barrier=barrier)
-            lifecycle = LifecycleActor(appender, gate)
+            decider = Decider(
+                event_log,
+                view,
+                (writer.applied, shredder.applied),
+                health=health,
+                anchor=anchor,
+            )
+            store = StoreActor(decider, gate, barrier=barrier)
+            lifecycle = LifecycleActor(decider, gate)
             handlers: dict[str, Handler] = {
                 "server_xkey": responder.server_xkey,
                 "get": responder.get,
-                "put_secret": commands.put_secret,
-                "add_mapping": commands.add_mapping,
-                "remove_mapping": commands.remove_mapping,
+                "put_secret": store.put_secret,
+                "add_mapping": store.add_mapping,
+                "remove_mapping": store.remove_mapping,
                 "list": lifecycle.list,
                 "mappings": lifecycle.mappings,
                 "delete": lifecycle.delete,
@@ -130,13 +144,14 @@ class Backend:
                 "destroy": lifecycle.destroy,
             }
             pool = self.pool = ResponderPool(
-                nc, names, handlers, workers=config.request_concurrency
+                nc, names, handlers, concurrency=config.request_concurrency
             )
             service = MicroService(nc, names, pool)
             async with anyio.create_task_group() as tg:
                 if access_log is not None:
                     await tg.start(access_log.run)
                 await tg.start(writer.run)
+                await tg.start(shredder.run)
                 await tg.start(view.run)
                 await tg.start(pool.run)
                 await service.start(sorted(handlers))

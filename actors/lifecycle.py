@@ -1,18 +1,19 @@
 """Lifecycle actor: list, mappings, delete, undelete and destroy.
 
 Each is an admin operation on the backend's subject, authenticated like `put_secret`
-(a sealed `AdminRequest`). Reads answer from the live view once it is fresh; changes
-check the view, then append conditionally on the secret's last log entry, so two
-admins racing on one secret cannot both act on the same state.
+(a sealed `AdminRequest`). Reads answer from the live view once it is fresh
+(`FreshReads`); changes are decided on a fresh view and appended as the log's very next
+entry (`Decider`: the whole stream's last sequence is pinned), so two admins racing,
+on one secret or on any, cannot both act on the same state.
 """
 
 from __future__ import annotations
 
-from actors.admin import AdminGate, Opened
-from actors.appender import Appender
+from actors.decider import Decider
+from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import SecretDeleted, SecretDestroyed, SecretUndeleted
-from projections.state import SecretRecord, ViewState
+from projections.state import SecretRecord, ViewState, shred_plan
 from secrets_nats_kv import wire
 from secrets_nats_kv.errors import (
     InvalidKey,
@@ -26,8 +27,9 @@ from secrets_nats_kv.naming import validate_entity, validate_secret_name
 class LifecycleActor:
     """Actor: the operations an operator uses to look after secrets over their life."""
 
-    def __init__(self, appender: Appender, gate: AdminGate) -> None:
-        self._appender = appender
+    def __init__(self, decider: Decider, gate: AdminGate) -> None:
+        self._decider = decider
+        self._reads = decider.reads
         self._gate = gate
 
     def _open(self, request: Request) -> tuple[Opened, wire.AdminRequest]:
@@ -41,9 +43,9 @@ class LifecycleActor:
 
     async def list(self, request: Request) -> Reply:
         self._open(request)
-        await self._appender.fresh()
+        state = await self._reads.state()
         listing = []
-        for name, record in sorted(self._appender.view.state.secrets.items()):
+        for name, record in sorted(state.secrets.items()):
             latest = record.latest() if not record.deleted else None
             if latest is None and not record.deleted and not record.live_versions():
                 continue  # everything destroyed: nothing left to list
@@ -60,8 +62,7 @@ class LifecycleActor:
 
     async def mappings(self, request: Request) -> Reply:
         _, admin = self._open(request)
-        await self._appender.fresh()
-        mappings = self._appender.view.state.mappings
+        mappings = (await self._reads.state()).mappings
         if admin.entity is not None:
             entity = _entity(admin.entity)
             selected = {entity: sorted(mappings.get(entity, ()))}
@@ -74,7 +75,7 @@ class LifecycleActor:
     async def delete(self, request: Request) -> Reply:
         opened, admin = self._open(request)
         name = _name(admin)
-        provenance = self._appender.provenance(opened, admin.request_id)
+        provenance = self._decider.provenance(opened, admin.request_id)
 
         def decide(state: ViewState) -> SecretDeleted:
             record = _record(state, name)
@@ -82,13 +83,13 @@ class LifecycleActor:
                 raise SecretNotFound(name)
             return SecretDeleted(name=name, **provenance)
 
-        revision = await self._appender.append_revision(decide, admin.request_id)
+        revision = await self._decider.append_revision(decide, admin.request_id)
         return Reply(wire.encode_reply(wire.ChangeReply(revision=revision)))
 
     async def undelete(self, request: Request) -> Reply:
         opened, admin = self._open(request)
         name = _name(admin)
-        provenance = self._appender.provenance(opened, admin.request_id)
+        provenance = self._decider.provenance(opened, admin.request_id)
 
         def decide(state: ViewState) -> SecretUndeleted:
             record = _record(state, name)
@@ -98,7 +99,7 @@ class LifecycleActor:
                 raise InvalidRequest(f"secret {name!r} is not deleted")
             return SecretUndeleted(name=name, **provenance)
 
-        revision = await self._appender.append_revision(decide, admin.request_id)
+        revision = await self._decider.append_revision(decide, admin.request_id)
         return Reply(wire.encode_reply(wire.ChangeReply(revision=revision)))
 
     async def destroy(self, request: Request) -> Reply:
@@ -106,27 +107,27 @@ class LifecycleActor:
         name = _name(admin)
         if admin.all == (admin.version is not None):
             raise InvalidRequest("destroy needs exactly one of a version or all")
-        provenance = self._appender.provenance(opened, admin.request_id)
+        provenance = self._decider.provenance(opened, admin.request_id)
 
-        digests = self._appender.view.digests
+        reads = self._reads
 
         def decide(state: ViewState) -> SecretDestroyed:
             record = _record(state, name)
-            versions, seqs = _shred_plan(record, admin.version)
+            versions, seqs = shred_plan(record, admin.version)
             requests = {v.event_seq: v.origin_request for v in record.versions.values()}
             return SecretDestroyed(
                 name=name,
                 versions=versions,
                 erased_seqs=seqs,
                 # What the erased bytes were, so the chain stays verifiable without them.
-                erased_digests=tuple(digests[seq] for seq in seqs),
+                erased_digests=tuple(reads.digest(seq) for seq in seqs),
                 erased_request_ids=tuple(requests.get(seq, "") for seq in seqs),
                 all=admin.all,
                 **provenance,
             )
 
-        appended = await self._appender.append(decide, admin.request_id)
-        destroyed = self._appender.view.state.destroyed.get(appended.seq, ())
+        appended = await self._decider.append(decide, admin.request_id)
+        destroyed = self._reads.current().destroyed.get(appended.seq, ())
         return Reply(wire.encode_reply(wire.ChangeReply(destroyed=list(destroyed))))
 
 
@@ -135,29 +136,6 @@ def _record(state: ViewState, name: str) -> SecretRecord:
     if record is None:
         raise SecretNotFound(name)
     return record
-
-
-def _shred_plan(
-    record: SecretRecord, version: int | None
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Versions to shred and the log entries holding their bytes.
-
-    Versions sharing bytes (an undelete's copy and the put it copied) go together:
-    shredding one without the other would leave the value readable.
-    """
-    if version is None:
-        targets = record.live_versions()
-        if not targets and not record.revisions:
-            raise SecretNotFound(record.name)
-        return tuple(record.revisions), tuple(sorted({v.event_seq for v in targets}))
-    chosen = record.versions.get(version)
-    if chosen is None or chosen.sealed is None:
-        raise SecretNotFound(record.name, version)
-    sharing = [v for v in record.live_versions() if v.origin == chosen.origin]
-    return (
-        tuple(sorted(v.revision for v in sharing)),
-        (chosen.event_seq,),
-    )
 
 
 def _name(admin: wire.AdminRequest) -> str:

@@ -1,9 +1,10 @@
-"""The responder pool: many worker tasks behind one queue subscription, sharing only the view.
+"""The responder pool: a task per request behind one queue subscription, sharing only the view.
 
 Every instance of the backend subscribes to `{base}.{version}.{name}.>` in queue group
 `{queue_base}.{name}` (the subscription is the micro service's endpoint, see
 `actors.service`), so NATS spreads requests over all of them. Inside one process up to
-`workers` requests are served at once, each in a task the pool owns; a handler that
+`concurrency` requests are served at once, each in a task the pool owns (not the CLI's
+`--workers`, which counts processes: each has a pool of its own); a handler that
 raises gets an error reply, and the pool goes on. `close` lets the requests already
 taken finish.
 """
@@ -82,7 +83,7 @@ class PoolStats:
 
 
 class ResponderPool:
-    """Actor: serves every operation on the backend's subject with `workers` tasks."""
+    """Actor: serves every operation on the backend's subject with up to `concurrency` tasks."""
 
     def __init__(
         self,
@@ -90,15 +91,14 @@ class ResponderPool:
         names: BackendNames,
         handlers: Mapping[str, Handler],
         *,
-        workers: int = 64,
+        concurrency: int = 64,
     ) -> None:
         self._nc = nc
         self._names = names
         self._handlers = handlers
-        self._workers = workers
         self._prefix_len = len(names.subject_prefix) + 1
-        # At most `workers` requests in flight; further ones wait in NATS's buffer.
-        self._slots = anyio.Semaphore(workers, fast_acquire=True)
+        # At most `concurrency` requests in flight; further ones wait in NATS's buffer.
+        self._slots = anyio.Semaphore(concurrency, fast_acquire=True)
         self._group: TaskGroup | None = None
         self._closing = anyio.Event()
         self.stats = PoolStats()

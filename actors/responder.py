@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from actors.admin import sender_key
+from actors.gate import sender_key
 from actors.pool import Reply, Request
 from events.access import AccessRecord
 from projections.live import LiveView

@@ -27,7 +27,13 @@ from nats.js import api
 
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import WRONG_LAST_SEQUENCE, convert, stream_state
+from secrets_nats_kv.nats.jetstream import (
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    WRONG_LAST_SEQUENCE,
+    ensure_stream,
+    stream_state,
+)
+from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +99,7 @@ class Anchor:
             deny_purge=True,
             allow_direct=True,
         )
-        try:
-            await self._js.stream_info(self.stream)
-            return
-        except nats.js.errors.NotFoundError:
-            pass
-        except nats.errors.Error as exc:
-            raise convert("anchor info", exc) from None
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if "already in use" not in str(exc.description or ""):
-                raise convert("create anchor", exc) from None
-        except nats.errors.Error as exc:
-            raise convert("create anchor", exc) from None
+        await ensure_stream(self._nc, config, self._timeout)
 
     async def read(self) -> Anchored | None:
         """The anchor, verified; None if there is none yet; `AnchorForged` if not ours."""
@@ -148,7 +141,7 @@ class Anchor:
         value = msgspec.json.encode(Anchored(seq=seq, link=link, at=time.time()))
         headers = {
             KV_TAG_HEADER: self._barrier.kv_tag(self.stream, self.subject, last + 1, value),
-            api.Header.EXPECTED_LAST_SEQUENCE: str(last),
+            EXPECTED_LAST_SEQUENCE_HEADER: str(last),
         }
         try:
             await self._js.publish(self.subject, value, stream=self.stream, headers=headers)

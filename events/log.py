@@ -35,12 +35,15 @@ from events.types import (
 from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import (
-    WRONG_LAST_SEQUENCE,
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    MSG_ID_HEADER,
     StreamState,
-    convert,
+    WrongLastSequence,
+    ensure_stream,
     erase_message,
     stream_state,
 )
+from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import stream_messages
 
@@ -121,13 +124,6 @@ class EventLog:
 
     async def ensure(self) -> None:
         """Create the stream if it is missing (file storage, dedupe window, no purge)."""
-        try:
-            await self._js.stream_info(self.stream)
-            return
-        except nats.js.errors.NotFoundError:
-            pass
-        except nats.errors.Error as exc:
-            raise convert("stream info", exc) from None
         config = api.StreamConfig(
             name=self.stream,
             description="secrets-nats-kv event log (source of truth)",
@@ -138,13 +134,7 @@ class EventLog:
             deny_purge=True,
             allow_direct=True,
         )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if "already in use" not in str(exc.description or ""):
-                raise convert("create stream", exc) from None
-        except nats.errors.Error as exc:
-            raise convert("create stream", exc) from None
+        await ensure_stream(self._nc, config, self._timeout)
 
     # --- writing ----------------------------------------------------------------------
 
@@ -159,9 +149,9 @@ class EventLog:
         """Append `event` as entry `expected_last_seq + 1`, following the link `previous`
         (the link of the last entry of ours up to there), or raise `ConcurrentAppend`."""
         encoded = self._codec().encode(event, expected_last_seq + 1, previous)
-        headers = {**encoded.headers, api.Header.EXPECTED_LAST_SEQUENCE: str(expected_last_seq)}
+        headers = {**encoded.headers, EXPECTED_LAST_SEQUENCE_HEADER: str(expected_last_seq)}
         if msg_id:
-            headers[api.Header.MSG_ID] = msg_id
+            headers[MSG_ID_HEADER] = msg_id
         appended = await self.append_raw(self.subject_for(event), encoded.body, headers)
         return Appended(
             appended.seq, appended.duplicate, "" if appended.duplicate else encoded.link
@@ -192,15 +182,14 @@ class EventLog:
         return self.codec
 
     async def append_raw(self, subject: str, body: bytes, headers: dict[str, str]) -> Appended:
-        """Publish an already encoded and tagged entry (used by rotation's copy too)."""
+        """Publish an already encoded and tagged entry, pinned by its headers."""
         try:
             ack = await self._js.publish(subject, body, stream=self.stream, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise ConcurrentAppend(subject) from None
-            raise convert("append", exc) from None
         except nats.errors.Error as exc:
-            raise convert("append", exc) from None
+            error = convert("append", exc)
+            if isinstance(error, WrongLastSequence):
+                raise ConcurrentAppend(subject) from None
+            raise error from None
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
     async def erase(self, seq: int) -> None:

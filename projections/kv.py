@@ -17,25 +17,36 @@ from dataclasses import dataclass
 
 import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from events.log import EventLog
 from projections.state import (
     Effect,
-    EraseEvents,
     EraseSecretRevisions,
     FillErasedRevision,
     MarkSecretDeleted,
     PutMappingEntry,
     PutSecretEntry,
 )
+from projections.watermark import Watermark
 from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
-from secrets_nats_kv.nats.jetstream import WRONG_LAST_SEQUENCE, convert, erase_message, stream_state
+from secrets_nats_kv.nats.jetstream import (
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    KV_DELETE,
+    KV_OPERATION_HEADER,
+    WrongLastSequence,
+    api_error,
+    api_request,
+    delete_stream,
+    ensure_stream,
+    erase_message,
+    pub_ack_decoder,
+    stream_info,
+    stream_state,
+    update_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +64,11 @@ class KvLayout:
     replicas: int = 1
 
 
-class _PubAck(msgspec.Struct):
-    seq: int = 0
-    error: dict[str, object] | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_PubAck)
-
-
-class KvViews:
+class KvBuckets:
     """Create, inspect and write the two KV buckets."""
 
     def __init__(self, nc: NATS, layout: KvLayout, *, timeout: float = 5.0) -> None:
         self._nc = nc
-        self._js = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self.layout = layout
 
@@ -77,24 +79,8 @@ class KvViews:
         await self._ensure_bucket(self.layout.state_bucket, 1, "secrets-nats-kv mappings")
 
     async def _ensure_bucket(self, bucket: str, history: int, description: str) -> None:
-        name = kv_stream(bucket)
-        try:
-            info = await self._js.stream_info(name)
-        except nats.js.errors.NotFoundError:
-            info = None
-        except nats.errors.Error as exc:
-            raise convert("bucket info", exc) from None
-        if info is not None:
-            if info.config.deny_delete:
-                # A bucket made by the KV API: allow message deletes so destroy can erase.
-                info.config.deny_delete = False
-                try:
-                    await self._js.update_stream(info.config)
-                except nats.errors.Error as exc:
-                    raise convert(f"allow deletes on {name}", exc) from None
-            return
         config = api.StreamConfig(
-            name=name,
+            name=kv_stream(bucket),
             description=description,
             subjects=[f"$KV.{bucket}.>"],
             storage=api.StorageType.FILE,
@@ -107,25 +93,19 @@ class KvViews:
             duplicate_window=120.0,
             compression=api.StoreCompression.S2,
         )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if "already in use" not in str(exc.description or ""):
-                raise convert(f"create bucket {bucket}", exc) from None
-        except nats.errors.Error as exc:
-            raise convert(f"create bucket {bucket}", exc) from None
+        info = await ensure_stream(self._nc, config, self._timeout)
+        if info is not None and info.config.deny_delete:
+            # A bucket made by the KV API: allow message deletes so destroy can erase.
+            info.config.deny_delete = False
+            await update_stream(self._nc, info.config, self._timeout)
 
     async def replicas(self) -> int:
         """The highest replica count of the existing buckets (0 if there are none)."""
         found = 0
         for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
-            try:
-                info = await self._js.stream_info(kv_stream(bucket))
-            except nats.js.errors.NotFoundError:
-                continue
-            except nats.errors.Error as exc:
-                raise convert("bucket info", exc) from None
-            found = max(found, info.config.num_replicas or 1)
+            info = await stream_info(self._nc, kv_stream(bucket), self._timeout)
+            if info is not None:
+                found = max(found, info.config.num_replicas)
         return found
 
     async def last_revision(self, bucket: str) -> int:
@@ -134,12 +114,7 @@ class KvViews:
     async def drop(self) -> None:
         """Delete both buckets (for `rebuild`); missing buckets are fine."""
         for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
-            try:
-                await self._js.delete_stream(kv_stream(bucket))
-            except nats.js.errors.NotFoundError:
-                pass
-            except nats.errors.Error as exc:
-                raise convert(f"drop bucket {bucket}", exc) from None
+            await delete_stream(self._nc, kv_stream(bucket), self._timeout)
 
     # --- writes -----------------------------------------------------------------------
 
@@ -147,16 +122,17 @@ class KvViews:
         self, bucket: str, key: str, revision: int, value: bytes, headers: dict[str, str]
     ) -> bool:
         """Write `value` as revision `revision` of `bucket`; False if it was already written."""
-        headers = {**headers, "Nats-Expected-Last-Sequence": str(revision - 1)}
-        reply = await self._request(f"$KV.{bucket}.{key}", value, headers)
-        answer = _ack_decoder.decode(reply)
+        headers = {**headers, EXPECTED_LAST_SEQUENCE_HEADER: str(revision - 1)}
+        reply = await api_request(self._nc, f"$KV.{bucket}.{key}", value, self._timeout, headers)
+        answer = pub_ack_decoder.decode(reply)
         if answer.error is None:
             if answer.seq != revision:
                 raise StorageError(
                     f"bucket {bucket}", f"wrote revision {answer.seq}, expected {revision}"
                 )
             return True
-        if answer.error.get("err_code") == WRONG_LAST_SEQUENCE:
+        error = api_error(f"bucket {bucket}", answer.error)
+        if isinstance(error, WrongLastSequence):
             last = await self.last_revision(bucket)
             if last >= revision:
                 return False  # another writer got there first
@@ -165,34 +141,23 @@ class KvViews:
                 f"view is at revision {last}, the log expects {revision - 1}: "
                 "run `secrets-nats-kv rebuild`",
             )
-        raise StorageError(f"bucket {bucket}", str(answer.error.get("description")))
+        raise error
 
     async def erase_revision(self, bucket: str, revision: int) -> None:
         await erase_message(self._nc, kv_stream(bucket), revision, self._timeout)
-
-    async def _request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
-    ) -> bytes:
-        try:
-            msg = await self._nc.request(subject, payload, timeout=self._timeout, headers=headers)
-        except nats.errors.Error as exc:
-            raise convert(subject, exc) from None
-        return msg.data
 
 
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, views: KvViews, log_: EventLog) -> None:
-        self.views = views
-        self._log = log_
+    def __init__(self, buckets: KvBuckets) -> None:
+        self.buckets = buckets
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
-        self.applied_seq = 0
+        self.applied = Watermark()  # written up to
         self._secrets_last = 0
         self._state_last = 0
-        self._progress = anyio.Event()
         self._queued = 0  # entries submitted and not yet applied
         self.failed: str | None = None
 
@@ -203,9 +168,9 @@ class KvWriter:
 
     async def prepare(self) -> None:
         """Read where the buckets are, so a restart skips what is already written."""
-        layout = self.views.layout
-        self._secrets_last = await self.views.last_revision(layout.secrets_bucket)
-        self._state_last = await self.views.last_revision(layout.state_bucket)
+        layout = self.buckets.layout
+        self._secrets_last = await self.buckets.last_revision(layout.secrets_bucket)
+        self._state_last = await self.buckets.last_revision(layout.state_bucket)
 
     @property
     def written(self) -> bool:
@@ -232,10 +197,13 @@ class KvWriter:
             case _:
                 return False
 
+    @property
+    def applied_seq(self) -> int:
+        return self.applied.at
+
     async def wait_applied(self, seq: int) -> None:
         """Wait until entry `seq` is written; failed writes are retried, callers bound the wait."""
-        while self.applied_seq < seq:
-            await self._progress.wait()
+        await self.applied.wait_for(seq)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -247,9 +215,7 @@ class KvWriter:
                 self._advance(seq)
 
     def _advance(self, seq: int) -> None:
-        self.applied_seq = seq
-        self._progress.set()
-        self._progress = anyio.Event()
+        self.applied.advance(seq)
 
     async def _apply_with_retry(self, effect: Effect) -> None:
         delay = 0.05
@@ -261,34 +227,29 @@ class KvWriter:
             except (StorageError, NatsUnavailable) as exc:
                 self.failed = str(exc)
                 log.warning("KV view write failed, retrying", extra={"error": str(exc)})
-                self._progress.set()
-                self._progress = anyio.Event()
                 await anyio.sleep(delay)  # back off while NATS recovers
                 delay = min(delay * 2, 2.0)
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""
-        write = positioned_write(self.views.layout, effect)
+        write = positioned_write(self.buckets.layout, effect)
         if write is not None:
-            await self.views.publish_at(
+            await self.buckets.publish_at(
                 write.bucket, write.key, write.revision, write.value, write.headers
             )
         await self.erase(effect)
 
     async def erase(self, effect: Effect) -> None:
         """The erasures `effect` implies, once its own write (if any) is stored; idempotent."""
-        layout = self.views.layout
+        layout = self.buckets.layout
         match effect:
             case FillErasedRevision(revision):
-                await self.views.erase_revision(layout.secrets_bucket, revision)
+                await self.buckets.erase_revision(layout.secrets_bucket, revision)
             case EraseSecretRevisions(revisions):
                 for revision in revisions:
-                    await self.views.erase_revision(layout.secrets_bucket, revision)
-            case EraseEvents(seqs):
-                for seq in seqs:
-                    await self._log.erase(seq)
+                    await self.buckets.erase_revision(layout.secrets_bucket, revision)
             case _:
-                pass
+                pass  # EraseEvents is the shredder's (actors/shredder.py): the log is not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +276,7 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
             )
         case MarkSecretDeleted(key, revision):
             return PositionedWrite(
-                layout.secrets_bucket, key, revision, b"", {"KV-Operation": "DEL"}
+                layout.secrets_bucket, key, revision, b"", {KV_OPERATION_HEADER: KV_DELETE}
             )
         case FillErasedRevision(revision):  # a placeholder, erased once stored
             return PositionedWrite(layout.secrets_bucket, ERASED_PLACEHOLDER_KEY, revision, b"", {})
@@ -328,4 +289,4 @@ def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None
 
 def erases(effect: Effect) -> bool:
     """Whether `effect` erases something (after its own write, if it has one)."""
-    return isinstance(effect, FillErasedRevision | EraseSecretRevisions | EraseEvents)
+    return isinstance(effect, FillErasedRevision | EraseSecretRevisions)

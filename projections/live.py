@@ -33,6 +33,7 @@ from events.chain import ChainBroken, WrongKey
 from events.log import EventLog, LogEntry
 from events.types import Rejected, SecretPut
 from projections.state import Effect, ViewState, fold
+from projections.watermark import Watermark
 from secrets_nats_kv.barrier import GENESIS
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 
@@ -77,8 +78,7 @@ class LiveView:
         self.digests: dict[int, str] = {}  # put entry -> digest of its bytes (for destroy)
         self.broken: StorageError | None = None  # a chain break: nothing past it is served
         self.foreign = 0  # entries not tagged by our key, skipped
-        self._progress = anyio.Event()
-        self._waiting = 0
+        self.applied = Watermark()  # folded up to (`state.last_seq`, once listeners have it)
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
@@ -90,7 +90,7 @@ class LiveView:
 
     @property
     def applied_seq(self) -> int:
-        return self.state.last_seq
+        return self.applied.at
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Catch up with the log, report started (ready), then follow it and serve head reads."""
@@ -162,9 +162,7 @@ class LiveView:
         effects = fold(self.state, entry.seq, entry.event)
         if self._on_effects is not None:
             self._on_effects(entry.seq, effects)
-        if self._waiting:  # wake waiters; no event churn while nobody waits
-            self._progress.set()
-            self._progress = anyio.Event()
+        self.applied.advance(self.state.last_seq)
 
     def _note(self, seq: int, event: object, digest: str, link: str) -> None:
         if link:
@@ -181,8 +179,7 @@ class LiveView:
         self.broken = exc
         if self._report is not None:
             self._report(CHAIN_BROKEN, str(exc), True)
-        self._progress.set()  # wake every waiter: they fail with the break
-        self._progress = anyio.Event()
+        self.applied.fail(exc)  # every waiter fails with the break
 
     async def _watch_follow(self) -> None:
         """Restart following if the log is ahead and the view has not moved for a while.
@@ -209,14 +206,7 @@ class LiveView:
             seen = self.state.last_seq
 
     async def wait_applied(self, seq: int) -> None:
-        self._waiting += 1
-        try:
-            while self.state.last_seq < seq:
-                if self.broken is not None:
-                    raise self.broken
-                await self._progress.wait()
-        finally:
-            self._waiting -= 1
+        await self.applied.wait_for(seq)
 
     async def wait_fresh(self, catch_up_within: float) -> None:
         """Return once the view includes every event appended before this call.

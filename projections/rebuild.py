@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NATS
 
 from events.log import EventLog
-from projections.kv import KvLayout, KvViews, KvWriter, erases, positioned_write
+from projections.kv import KvBuckets, KvLayout, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import kv_stream
@@ -56,8 +56,8 @@ async def rebuild_views(
     event_log = EventLog(nc, backend_name=backend_name, barrier=barrier, replicas=layout.replicas)
     async for _ in event_log.entries():  # raises on a wrong key or a broken chain
         pass
-    kept = await KvViews(nc, layout).replicas()
-    views = KvViews(nc, dataclasses.replace(layout, replicas=max(layout.replicas, kept)))
+    kept = await KvBuckets(nc, layout).replicas()
+    views = KvBuckets(nc, dataclasses.replace(layout, replicas=max(layout.replicas, kept)))
     await views.drop()
     await views.ensure()
     state = await refold_views(nc, event_log, views, progress)
@@ -72,7 +72,7 @@ async def rebuild_views(
 async def refold_views(
     nc: NATS,
     event_log: EventLog,
-    views: KvViews,
+    views: KvBuckets,
     progress: Callable[[int, int], None] | None = None,
 ) -> ViewState:
     """Write every revision the log implies into `views`, which should start empty.
@@ -81,7 +81,7 @@ async def refold_views(
     fold is done again one write at a time, keeping what is stored and adding the rest.
     """
     total = await event_log.head()
-    writer = KvWriter(views, event_log)
+    writer = KvWriter(views)
     try:
         try:
             return await _refold_pipelined(nc, event_log, writer, total, progress)
@@ -100,7 +100,7 @@ async def _refold_pipelined(
     progress: Callable[[int, int], None] | None,
 ) -> ViewState:
     """Fold the log into empty buckets with a window of pinned writes per bucket."""
-    layout = writer.views.layout
+    layout = writer.buckets.layout
     state = ViewState()
     erasures: list[Effect] = []  # done after the last write: no stall of the pipeline
     async with contextlib.AsyncExitStack() as stack:

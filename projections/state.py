@@ -28,6 +28,7 @@ from events.types import (
     SecretPut,
     SecretUndeleted,
 )
+from secrets_nats_kv.errors import SecretNotFound
 
 
 @dataclass(slots=True)
@@ -52,7 +53,6 @@ class SecretRecord:
     revisions: list[int] = field(default_factory=list)  # every KV revision of the key
     markers: set[int] = field(default_factory=set)  # the delete markers among them
     updated_at: float = 0.0
-    last_seq: int = 0  # newest log entry on this secret's subject (for expected-sequence appends)
 
     def _newest_entry(self) -> Version | bool | None:
         """The newest entry destroy left: a readable version, True (a marker), or None."""
@@ -207,7 +207,6 @@ def _next_secret_revision(state: ViewState, seq: int, record: SecretRecord, at: 
     state.revision_of_seq[seq] = revision
     record.revisions.append(revision)
     record.updated_at = at
-    record.last_seq = seq
     return revision
 
 
@@ -267,7 +266,6 @@ def _destroy(state: ViewState, seq: int, event: SecretDestroyed) -> list[Effect]
     owned = set(record.revisions) if record is not None else set()
     erase = [r for r in event.versions if r in owned or r in state.erased_revisions]
     if record is not None:
-        record.last_seq = seq
         if event.all:
             erase += record.revisions
             del state.secrets[event.name]
@@ -302,9 +300,29 @@ def _map(state: ViewState, seq: int, event: MappingAdded | MappingRemoved) -> li
     return [PutMappingEntry(event.entity, state.state_revision, tuple(sorted(allowed)))]
 
 
-def replay(entries: list[tuple[int, Event | Rejected | None]]) -> ViewState:
-    """Fold a whole log from sequence 0 (for tests and offline tools)."""
-    state = ViewState()
-    for seq, event in entries:
-        fold(state, seq, event)
-    return state
+# --- the destroy rule -----------------------------------------------------------------------
+
+
+def shred_plan(
+    record: SecretRecord, version: int | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What destroying `version` (None: every version) shreds: the versions and the log
+    entries holding their bytes, as a `SecretDestroyed` lists them.
+
+    Versions sharing bytes (an undelete's copy and the put it copied) go together:
+    shredding one without the other would leave the value readable. Raises
+    `SecretNotFound` for what holds no value (a delete marker, a destroyed version).
+    """
+    if version is None:
+        targets = record.live_versions()
+        if not targets and not record.revisions:
+            raise SecretNotFound(record.name)
+        return tuple(record.revisions), tuple(sorted({v.event_seq for v in targets}))
+    chosen = record.versions.get(version)
+    if chosen is None or chosen.sealed is None:
+        raise SecretNotFound(record.name, version)
+    sharing = [v for v in record.live_versions() if v.origin == chosen.origin]
+    return (
+        tuple(sorted(v.revision for v in sharing)),
+        (chosen.event_seq,),
+    )

@@ -100,7 +100,6 @@ class BackendConfig:
     insecure_unauthenticated_admin: bool = False
     trusted_issuers: tuple[str, ...] = ()
     access_log: bool = True
-    workers: int = 1
     request_concurrency: int = 256
 
     def __post_init__(self) -> None:

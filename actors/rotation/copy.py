@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 
 import msgspec
-import nats.errors
 from nats.js import api
 
 from actors.rotation.context import (
@@ -33,7 +32,7 @@ from events.types import Event, KeyRotated, SecretPut, UndecodableEvent, decode_
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import GENESIS
 from secrets_nats_kv.errors import DecryptionError
-from secrets_nats_kv.nats.jetstream import convert, erase_message
+from secrets_nats_kv.nats.jetstream import create_stream, erase_message
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
 from secrets_nats_kv.xkeys import SealBox
@@ -168,10 +167,7 @@ async def _create_staging(run: RotationRun, replicas: int) -> None:
             OLD_KEY_KEY: run.old.public_key,
         },
     )
-    try:
-        await run.nc.jetstream(timeout=API_TIMEOUT).add_stream(config)
-    except nats.errors.Error as exc:
-        raise convert(f"create stream {run.staging}", exc) from None
+    await create_stream(run.nc, config, API_TIMEOUT)
 
 
 async def replay(

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from secrets_nats_kv.errors import SecretsBackendError, StorageError
-from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.nats.jetstream import to_backend_error
 
 ANSWER_GRACE = 0.5  # seconds to wait for other holders after our own answer arrived
 OWN_ANSWER_TIMEOUT = 5.0
@@ -70,7 +70,7 @@ class RotationLock:
         except BaseException as exc:
             await self._release()
             if isinstance(exc, nats.errors.Error):
-                raise convert("take the rotation lock", exc) from None
+                raise to_backend_error("take the rotation lock", exc) from None
             raise
         if others:
             await self._release()

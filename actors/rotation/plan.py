@@ -26,7 +26,7 @@ from projections.kv import KvLayout
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import convert, stream_info
+from secrets_nats_kv.nats.jetstream import stream_info, to_backend_error
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -125,7 +125,7 @@ async def _backend_answers(run: RotationRun) -> bool:
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         return False
     except nats.errors.Error as exc:
-        raise convert("probe backends", exc) from None
+        raise to_backend_error("probe backends", exc) from None
     return True
 
 

@@ -5,7 +5,7 @@ The staging stream's metadata is switched to `committed` (one atomic stream upda
 truth and is never discarded: the live log is deleted, recreated (`EventLog.ensure`),
 filled from staging (gaps again as erased fillers, the `KeyRotated` last, so its presence
 at its position proves the copy complete), the KV views are rebuilt with `rebuild_views`
-and checked against `ExpectedViews`, and only then is the staging stream deleted.
+and checked against `ExpectedBuckets`, and only then is the staging stream deleted.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import nats.errors
-
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
-from actors.rotation.verify import ExpectedViews
+from actors.rotation.verify import ExpectedBuckets
 from events.anchor import Anchor
 from events.log import EventLog
 from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
@@ -27,21 +25,16 @@ from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import convert, stream_info
+from secrets_nats_kv.nats.jetstream import stream_config, stream_info, update_stream
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
 
 
 async def commit(run: RotationRun) -> None:
     """The point of no return: from here on staging is the truth and is never dropped."""
-    js = run.nc.jetstream(timeout=API_TIMEOUT)
-    try:
-        info = await js.stream_info(run.staging)
-        config = info.config
-        config.metadata = {**(config.metadata or {}), STATE_KEY: COMMITTED}
-        await js.update_stream(config)
-    except nats.errors.Error as exc:
-        raise convert(f"commit {run.staging}", exc) from None
+    config = await stream_config(run.nc, run.staging, API_TIMEOUT)
+    config.metadata = {**(config.metadata or {}), STATE_KEY: COMMITTED}
+    await update_stream(run.nc, config, API_TIMEOUT)
 
 
 async def swap(run: RotationRun, staging: Staging) -> Counts:
@@ -102,7 +95,7 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
 
 
 def _check_staged(
-    run: RotationRun, counts: Counts, expected: ExpectedViews
+    run: RotationRun, counts: Counts, expected: ExpectedBuckets
 ) -> Callable[[RawMessage], Converted]:
     """Staged entries must be tagged for the new key, or be rejected placeholders."""
 
@@ -136,13 +129,13 @@ def _stored(headers: dict[str, str]) -> dict[str, str]:
 
 async def read_staging(
     run: RotationRun, staging: Staging, publisher: PositionedPublisher | None, phase: str
-) -> tuple[Counts, ExpectedViews]:
+) -> tuple[Counts, ExpectedBuckets]:
     """Read the staged log, checking it, and copy it through `publisher` if one is given:
     every entry but the marker at its position, then the marker last. Without a publisher
     it only counts and folds (resumed runs, dry runs)."""
     marker = staging.marker
     assert marker is not None
-    counts, expected = Counts(), ExpectedViews(run.layout.max_history)
+    counts, expected = Counts(), ExpectedBuckets(run.layout.max_history)
     source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
     await replay(
         run,

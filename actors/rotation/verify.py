@@ -20,7 +20,7 @@ from projections.state import (
 from secrets_nats_kv.nats.jetstream import StreamState
 
 
-class ExpectedViews:
+class ExpectedBuckets:
     """What the KV buckets must hold after a rebuild of the staged log."""
 
     def __init__(self, history: int) -> None:

@@ -24,7 +24,7 @@ from secrets_nats_kv.errors import (
     ProtocolError,
     protocol_error_from_wire,
 )
-from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 

@@ -34,7 +34,7 @@ from secrets_nats_kv.errors import (
 )
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.errors import ConfigError, NatsUnavailable
-from secrets_nats_kv.nats.jetstream import convert
+from secrets_nats_kv.nats.jetstream import to_backend_error
 
 log = logging.getLogger(__name__)
 
@@ -242,4 +242,4 @@ async def round_trip(nc: NATS) -> None:
         await nc.publish(probe, b"")
         await sub.next_msg(timeout=ROUND_TRIP_TIMEOUT)
     except nats.errors.Error as exc:
-        raise convert("round trip to the server", exc) from None
+        raise to_backend_error("round trip to the server", exc) from None

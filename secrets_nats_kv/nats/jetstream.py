@@ -1,8 +1,10 @@
-"""The few raw JetStream API calls the backend makes, with NATS errors converted.
+"""JetStream, once: every raw `$JS.API` request, its error codes and its header names.
 
-The event log and the KV views both need a stream's last sequence (cheaply, on hot
-paths) and a secure message erase; they live here once. `convert` is the one place that
-turns a nats-py exception into the project's error tree.
+The event log, the KV views, the access log, `rotate-key`, `rebuild` and the benchmarks
+all talk to JetStream through here, so a stream is created, read, erased and deleted one
+way, a JetStream error code means one exception class everywhere (`api_error`), and
+`to_backend_error` is the one place that turns a nats-py exception into the project's
+error tree.
 """
 
 from __future__ import annotations
@@ -11,18 +13,103 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.js import api
 
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 
-WRONG_LAST_SEQUENCE = 10071  # JetStream err_code for a failed expected-sequence check
+# --- header names JetStream reads or writes -----------------------------------------------
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_LAST_SEQUENCE_HEADER = "Nats-Expected-Last-Sequence"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
+KV_OPERATION_HEADER = "KV-Operation"
+KV_DELETE = "DEL"  # the KV-Operation of a delete marker
+STATUS_HEADER = "Status"  # a direct get's end-of-batch or not-found reply
+SEQUENCE_HEADER = "Nats-Sequence"  # a direct get's stream sequence
+NUM_PENDING_HEADER = "Nats-Num-Pending"  # only in batched direct get replies
+
+# --- error codes (JetStream's err_code) ---------------------------------------------------
+
+NO_MESSAGE_FOUND = 10037
+DELETE_FAILED = 10043  # generic: "... not found" in its description means already gone
+SEQUENCE_NOT_FOUND = 10057
+STREAM_NAME_IN_USE = 10058  # a stream of that name exists with another configuration
 STREAM_NOT_FOUND = 10059
-_MESSAGE_NOT_FOUND = (10037, 10043, 10057)  # no message, sequence not found, deleted
+WRONG_LAST_SEQUENCE = 10071  # a failed `Nats-Expected-Last-Sequence` check
 
 
-class _ApiError(msgspec.Struct):
+class JetStreamError(StorageError):
+    """JetStream refused a request; `err_code` says why (0 when it gave none)."""
+
+    def __init__(self, what: str, why: str, err_code: int = 0) -> None:
+        super().__init__(what, why)
+        self.err_code = err_code
+
+
+class StreamNotFound(JetStreamError):
+    """There is no stream of that name."""
+
+
+class StreamNameInUse(JetStreamError):
+    """A stream of that name already exists (with another configuration)."""
+
+
+class MessageNotFound(JetStreamError):
+    """No message at that sequence (never written, or erased)."""
+
+
+class WrongLastSequence(JetStreamError):
+    """A pinned publish found its position taken: the stream moved on."""
+
+
+_BY_CODE: dict[int, type[JetStreamError]] = {
+    NO_MESSAGE_FOUND: MessageNotFound,
+    SEQUENCE_NOT_FOUND: MessageNotFound,
+    STREAM_NAME_IN_USE: StreamNameInUse,
+    STREAM_NOT_FOUND: StreamNotFound,
+    WRONG_LAST_SEQUENCE: WrongLastSequence,
+}
+
+
+class ApiError(msgspec.Struct, frozen=True):
     code: int = 0
     err_code: int = 0
     description: str = ""
+
+
+def api_error(what: str, error: ApiError) -> JetStreamError:
+    """The exception for a JetStream error reply (the one code-to-class mapping)."""
+    kind = _BY_CODE.get(error.err_code, JetStreamError)
+    if error.err_code == DELETE_FAILED and "not found" in error.description:
+        kind = MessageNotFound
+    return kind(what, error.description or f"error {error.err_code}", error.err_code)
+
+
+def to_backend_error(what: str, exc: BaseException) -> StorageError | NatsUnavailable:
+    """The project's error for a nats-py failure while doing `what`."""
+    if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.NoServersError):
+        return NatsUnavailable(f"{what}: NATS connection lost")
+    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
+        return NatsUnavailable(f"{what}: JetStream is not available")
+    if isinstance(exc, nats.errors.TimeoutError):
+        return StorageError(what, "timed out")
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code:
+        description = exc.description or str(exc)
+        return api_error(what, ApiError(exc.code or 0, exc.err_code, description))
+    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return StorageError(what, str(text))
+
+
+# --- replies ------------------------------------------------------------------------------
+
+
+class PubAck(msgspec.Struct, frozen=True):
+    """A publish acknowledgement (what a stream answers a publish with a reply subject)."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: ApiError | None = None
 
 
 class StreamState(msgspec.Struct, frozen=True):
@@ -46,77 +133,142 @@ class StreamInfo(msgspec.Struct, frozen=True):
 class _InfoReply(msgspec.Struct):
     config: StreamSettings | None = None
     state: StreamState | None = None
-    error: _ApiError | None = None
+    error: ApiError | None = None
 
 
-class _DeleteReply(msgspec.Struct):
+class _SuccessReply(msgspec.Struct):
     success: bool = False
-    error: _ApiError | None = None
+    error: ApiError | None = None
 
 
+pub_ack_decoder = msgspec.json.Decoder(PubAck)
 _info_decoder = msgspec.json.Decoder(_InfoReply)
-_delete_decoder = msgspec.json.Decoder(_DeleteReply)
+_success_decoder = msgspec.json.Decoder(_SuccessReply)
 
 
-def convert(what: str, exc: BaseException) -> StorageError | NatsUnavailable:
-    """The project's error for a nats-py failure while doing `what`."""
-    if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.NoServersError):
-        return NatsUnavailable(f"{what}: NATS connection lost")
-    if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
-        return NatsUnavailable(f"{what}: JetStream is not available")
-    if isinstance(exc, nats.errors.TimeoutError):
-        return StorageError(what, "timed out")
-    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
-    return StorageError(what, str(text))
+# --- requests -----------------------------------------------------------------------------
 
 
-async def api_request(nc: NATS, subject: str, payload: bytes, api_timeout: float) -> bytes:
+def _api(verb: str, stream: str) -> str:
+    return f"$JS.API.{verb}.{stream}"
+
+
+def stream_info_subject(stream: str) -> str:
+    """Where STREAM.INFO of `stream` is asked (the benchmarks count these requests)."""
+    return _api("STREAM.INFO", stream)
+
+
+def direct_get_subject(stream: str) -> str:
+    """Where batched direct gets of `stream` are asked (any replica answers)."""
+    return _api("DIRECT.GET", stream)
+
+
+async def api_request(
+    nc: NATS,
+    subject: str,
+    payload: bytes,
+    api_timeout: float,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """One request and its reply's bytes, NATS failures as the project's errors."""
     try:
-        msg = await nc.request(subject, payload, timeout=api_timeout)
+        msg = await nc.request(subject, payload, timeout=api_timeout, headers=headers)
     except nats.errors.Error as exc:
-        raise convert(subject, exc) from None
+        raise to_backend_error(subject, exc) from None
     return msg.data
 
 
 async def stream_info(nc: NATS, stream: str, api_timeout: float) -> StreamInfo | None:
     """One STREAM.INFO request (counters, replicas, metadata); None if there is no such stream."""
-    data = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", b"", api_timeout)
+    data = await api_request(nc, stream_info_subject(stream), b"", api_timeout)
     reply = _info_decoder.decode(data)
     if reply.error is not None:
         if reply.error.err_code == STREAM_NOT_FOUND:
             return None
-        raise StorageError(f"stream {stream}", reply.error.description)
+        raise api_error(f"stream {stream}", reply.error)
     if reply.state is None:
         raise StorageError(f"stream {stream}", "no state in reply")
     return StreamInfo(config=reply.config or StreamSettings(), state=reply.state)
 
 
 async def stream_state(nc: NATS, stream: str, api_timeout: float) -> StreamState:
-    """The counters of a stream that must exist (a missing one is a `StorageError`)."""
+    """The counters of a stream that must exist (a missing one is `StreamNotFound`)."""
     info = await stream_info(nc, stream, api_timeout)
     if info is None:
-        raise StorageError(f"stream {stream}", "stream not found")
+        raise StreamNotFound(f"stream {stream}", "stream not found", STREAM_NOT_FOUND)
     return info.state
 
 
 async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> None:
     """Overwrite and remove one stream message; a message already gone is fine."""
     payload = msgspec.json.encode({"seq": seq, "no_erase": False})
-    data = await api_request(nc, f"$JS.API.STREAM.MSG.DELETE.{stream}", payload, api_timeout)
-    reply = _delete_decoder.decode(data)
+    data = await api_request(nc, _api("STREAM.MSG.DELETE", stream), payload, api_timeout)
+    reply = _success_decoder.decode(data)
     if reply.error is None:
         return
-    # 10043 is JetStream's generic "delete failed": only "… not found" means already gone.
-    gone = reply.error.code == 404 or reply.error.err_code in _MESSAGE_NOT_FOUND
-    if gone and (reply.error.err_code != 10043 or "not found" in reply.error.description):
+    error = api_error(f"erase {stream} #{seq}", reply.error)
+    if isinstance(error, MessageNotFound):
         return
-    raise StorageError(f"erase {stream} #{seq}", reply.error.description)
+    if reply.error.code == 404 and reply.error.err_code != DELETE_FAILED:
+        return
+    raise error
 
 
 async def delete_stream(nc: NATS, stream: str, api_timeout: float) -> None:
     """Delete a whole stream; one already gone is fine."""
-    data = await api_request(nc, f"$JS.API.STREAM.DELETE.{stream}", b"", api_timeout)
-    reply = _delete_decoder.decode(data)
+    data = await api_request(nc, _api("STREAM.DELETE", stream), b"", api_timeout)
+    reply = _success_decoder.decode(data)
     if reply.error is None or reply.error.err_code == STREAM_NOT_FOUND:
         return
-    raise StorageError(f"delete stream {stream}", reply.error.description)
+    raise api_error(f"delete stream {stream}", reply.error)
+
+
+async def create_stream(nc: NATS, config: api.StreamConfig, api_timeout: float) -> None:
+    """Create a stream that must not exist yet (`StreamNameInUse` if one does, differently)."""
+    try:
+        await nc.jetstream(timeout=api_timeout).add_stream(config)
+    except nats.errors.Error as exc:
+        raise to_backend_error(f"create stream {config.name}", exc) from None
+
+
+async def ensure_stream(
+    nc: NATS, config: api.StreamConfig, api_timeout: float
+) -> api.StreamInfo | None:
+    """Create the stream if it is missing: its info if it existed, None if created here.
+
+    Two processes starting at once may both find it missing; the loser's create fails
+    with "already in use", which is what it wanted.
+    """
+    js = nc.jetstream(timeout=api_timeout)
+    name = config.name or ""
+    try:
+        return await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        pass
+    except nats.errors.Error as exc:
+        raise to_backend_error(f"stream info {name}", exc) from None
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError as exc:
+        if "already in use" not in str(exc.description or ""):
+            raise to_backend_error(f"create stream {name}", exc) from None
+    except nats.errors.Error as exc:
+        raise to_backend_error(f"create stream {name}", exc) from None
+    return None
+
+
+async def update_stream(nc: NATS, config: api.StreamConfig, api_timeout: float) -> None:
+    """Replace a stream's configuration (one atomic update)."""
+    try:
+        await nc.jetstream(timeout=api_timeout).update_stream(config)
+    except nats.errors.Error as exc:
+        raise to_backend_error(f"update stream {config.name}", exc) from None
+
+
+async def stream_config(nc: NATS, stream: str, api_timeout: float) -> api.StreamConfig:
+    """A stream's whole configuration, to change a field and `update_stream` it."""
+    try:
+        info = await nc.jetstream(timeout=api_timeout).stream_info(stream)
+    except nats.errors.Error as exc:
+        raise to_backend_error(f"stream info {stream}", exc) from None
+    return info.config

@@ -17,22 +17,20 @@ from nats.aio.subscription import Subscription
 
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.connection import round_trip
-from secrets_nats_kv.nats.jetstream import WRONG_LAST_SEQUENCE, convert
+from secrets_nats_kv.nats.jetstream import (
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    EXPECTED_STREAM_HEADER,
+    WrongLastSequence,
+    api_error,
+    pub_ack_decoder,
+    to_backend_error,
+)
 
 PUBLISH_WINDOW = 1024
 ACK_TIMEOUT = 5.0
 
-
-class _PubAck(msgspec.Struct):
-    seq: int = 0
-    error: dict[str, object] | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_PubAck)
-
-
-class PositionConflict(StorageError):
-    """A message's position was taken: another writer got there first (or the stream moved)."""
+# A message's position was taken: another writer got there first (or the stream moved).
+PositionConflict = WrongLastSequence
 
 
 class PositionedPublisher:
@@ -41,7 +39,7 @@ class PositionedPublisher:
     One connection delivers them in order, so the stream stores them in order; if one
     fails, every later one fails its expected sequence too, and what was written is a
     prefix — never a reordered or shifted stream. A failed expected sequence is raised
-    as `PositionConflict`, any other failure as `StorageError`.
+    as `PositionConflict` (`WrongLastSequence`), any other failure as a `StorageError`.
     """
 
     def __init__(
@@ -57,7 +55,7 @@ class PositionedPublisher:
         leave it off where messages must look as another writer would have written them)."""
         self._nc = nc
         self.stream = stream
-        self._pin = {"Nats-Expected-Stream": stream} if expect_stream else {}
+        self._pin = {EXPECTED_STREAM_HEADER: stream} if expect_stream else {}
         self.prefix = prefix  # the stream's subject prefix, for callers that need it
         self._window = window
         self._inbox = nc.new_inbox()
@@ -78,16 +76,16 @@ class PositionedPublisher:
 
     async def _on_ack(self, msg: Msg) -> None:
         seq = int(msg.subject.rsplit(".", 1)[1])
+        what = f"write {self.stream} #{seq}"
         try:
-            ack = _ack_decoder.decode(msg.data)
+            ack = pub_ack_decoder.decode(msg.data)
         except msgspec.DecodeError:
-            ack = _PubAck(error={"description": "unreadable ack"})
+            ack = None
         if self.error is None:
-            if ack.error is not None:
-                why = str(ack.error.get("description", ack.error))
-                conflict = ack.error.get("err_code") == WRONG_LAST_SEQUENCE
-                error = PositionConflict if conflict else StorageError
-                self.error = error(f"write {self.stream} #{seq}", why)
+            if ack is None:
+                self.error = StorageError(what, "unreadable ack")
+            elif ack.error is not None:
+                self.error = api_error(what, ack.error)
             elif ack.seq != seq:
                 self.error = StorageError(f"write {self.stream} #{seq}", f"stored at #{ack.seq}")
         self._outstanding -= 1
@@ -102,13 +100,13 @@ class PositionedPublisher:
             await self._wait_for_acks()
         if self.error is not None:
             raise self.error
-        pinned = {**(headers or {}), "Nats-Expected-Last-Sequence": str(seq - 1), **self._pin}
+        pinned = {**(headers or {}), EXPECTED_LAST_SEQUENCE_HEADER: str(seq - 1), **self._pin}
         self._outstanding += 1
         try:
             await self._nc.publish(subject, body, reply=f"{self._inbox}.{seq}", headers=pinned)
         except nats.errors.Error as exc:
             self._outstanding -= 1
-            raise convert(f"write {self.stream}", exc) from None
+            raise to_backend_error(f"write {self.stream}", exc) from None
 
     async def _wait_for_acks(self) -> None:
         try:

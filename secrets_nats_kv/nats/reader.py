@@ -20,7 +20,15 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import convert, stream_info, stream_state
+from secrets_nats_kv.nats.jetstream import (
+    NUM_PENDING_HEADER,
+    SEQUENCE_HEADER,
+    STATUS_HEADER,
+    direct_get_subject,
+    stream_info,
+    stream_state,
+    to_backend_error,
+)
 
 READ_BATCH = 2048
 _API_TIMEOUT = 5.0
@@ -81,7 +89,7 @@ async def stream_messages(
             pending_bytes_limit=0,
         )
     except nats.errors.Error as exc:
-        raise convert(f"read {stream}", exc) from None
+        raise to_backend_error(f"read {stream}", exc) from None
     try:
         async for msg in sub.messages:
             meta = msg.metadata
@@ -134,7 +142,7 @@ async def get_message(nc: NATS, stream: str, seq: int) -> RawMessage | None:
     except nats.js.errors.NotFoundError:
         return None
     except nats.errors.Error as exc:
-        raise convert(f"read {stream} #{seq}", exc) from None
+        raise to_backend_error(f"read {stream} #{seq}", exc) from None
     return RawMessage(seq, msg.data or b"", dict(msg.headers or {}))
 
 
@@ -150,14 +158,14 @@ async def _batched_direct_get(
     async def on_message(msg: Msg) -> None:
         nonlocal done, unsupported
         headers = msg.headers or {}
-        if "Status" in headers:
+        if STATUS_HEADER in headers:
             done.set()  # 204 end of batch, or 404 nothing at or after the asked sequence
             return
-        if "Nats-Num-Pending" not in headers:
+        if NUM_PENDING_HEADER not in headers:
             unsupported = True  # a single-message reply: `batch` was not understood
             done.set()
             return
-        batch.append(RawMessage(int(headers["Nats-Sequence"]), msg.data, headers))
+        batch.append(RawMessage(int(headers[SEQUENCE_HEADER]), msg.data, headers))
 
     sub = await nc.subscribe(inbox, cb=on_message, pending_msgs_limit=4 * READ_BATCH)
     try:
@@ -166,12 +174,12 @@ async def _batched_direct_get(
             request = msgspec.json.encode({"seq": seq, "batch": READ_BATCH})
             try:
                 with anyio.fail_after(_API_TIMEOUT):
-                    await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+                    await nc.publish(direct_get_subject(stream), request, reply=inbox)
                     await done.wait()
             except TimeoutError:
                 raise StorageError(f"read {stream}", "timed out") from None
             except nats.errors.Error as exc:
-                raise convert(f"read {stream}", exc) from None
+                raise to_backend_error(f"read {stream}", exc) from None
             if unsupported:
                 raise _NoBatchGet()
             got, batch, done = batch, [], anyio.Event()

@@ -353,3 +353,68 @@ def test_missing_value(backend: CliBackend, tmp_path: Path) -> None:
     one_line_error(cli("put", "cli-x", env=both), "SECRET_STRING_VALUE", "SECRET_BINARY_FILE")
     one_line_error(cli("destroy", "cli-x", env=backend.env), "destroy", "--version", "--all")
     assert "cli-x\t" not in ok(cli("list", env=backend.env))
+
+
+# --- admin keys: the transit key, --admin-xkey, ADMIN_XKEYS (several), ADMIN_XKEY_SEED ------
+
+
+def test_admin_keys_from_the_flag_and_the_environment_may_write_others_may_not(
+    backend: CliBackend,
+) -> None:
+    """A backend started with `--admin-xkey A` and `ADMIN_XKEYS=B,C` takes writes signed by
+    A, B or C (the CLI signs with `ADMIN_XKEY_SEED`), and by its transit key; any other
+    key is refused, by name, and nothing it sent is stored."""
+    flag_key, env_keys, stranger = (
+        XKey.generate(),
+        [XKey.generate(), XKey.generate()],
+        XKey.generate(),
+    )
+    names = ("--name", "cliadmin", "-b", "CLIADMIN_SECRETS")
+    run_env = {**backend.env, "ADMIN_XKEYS": ",".join(k.public_key for k in env_keys)}
+    url = backend.server.url
+    proc = spawn_run(
+        url, run_env, *names, "--admin-xkey", flag_key.public_key,
+        log=backend.directory / "run-admin-keys.log",
+    )  # fmt: skip
+    try:
+        anyio.run(
+            wait_until_answering,
+            url,
+            BackendNames(name="cliadmin", secrets_bucket="CLIADMIN_SECRETS"),
+        )
+        signers = {"flag": flag_key, "env 1": env_keys[0], "env 2": env_keys[1]}
+        for label, key in signers.items():
+            env = {**backend.env, "ADMIN_XKEY_SEED": key.seed}
+            name = f"cli-admin-{label.replace(' ', '')}"
+            stored = ok(cli("put", name, "--string", secret_text(label), *names, env=env))
+            assert stored.startswith(f"stored {name} as version "), stored
+        transit = cli(
+            "put", "cli-admin-transit", "--string", secret_text("t"), *names, env=backend.env
+        )
+        assert ok(transit).startswith("stored cli-admin-transit as version ")
+        refused = {**backend.env, "ADMIN_XKEY_SEED": stranger.seed}
+        one_line_error(
+            cli("put", "cli-admin-stranger", "--string", secret_text("s"), *names, env=refused),
+            "Unauthorized",
+            stranger.public_key,
+        )
+        listed = ok(cli("list", *names, env=backend.env))
+        for label in signers:
+            assert f"cli-admin-{label.replace(' ', '')}" in listed
+        assert "cli-admin-transit" in listed
+        assert "cli-admin-stranger" not in listed
+        # The default backend on the same server knows none of these keys.
+        default = {**backend.env, "ADMIN_XKEY_SEED": flag_key.seed}
+        one_line_error(cli("list", env=default), "Unauthorized", flag_key.public_key)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_a_malformed_admin_xkey_stops_run_with_one_line(backend: CliBackend) -> None:
+    for extra, env in (
+        (("--admin-xkey", "not-a-key"), backend.env),
+        ((), {**backend.env, "ADMIN_XKEYS": f"{XKey.generate().public_key},SBADKEY"}),
+    ):
+        result = cli("run", "--nats-address", backend.server.url, *extra, env=env)
+        one_line_error(result, "--admin-xkey")

@@ -81,9 +81,11 @@ PUT_DEADLINE = 60.0  # one put (retried with the same request id) must be acked 
 OUTAGE_BOUND = 10.0
 RECOVERY_DEADLINE = 30.0  # waiting for a recovery that never comes fails here, not at 300 s
 CURRENT_DEADLINE = 30.0
-# Failures a host may see while a fault lasts; anything else (Unauthorized,
+# Failures a host may see while a fault lasts (the get workers record exactly these by
+# name, and the put workers retry exactly these); anything else (Unauthorized,
 # SecretNotFound, a wrong value) is a wrong answer.
-TRANSIENT = frozenset({"BackendNotAnswering", "UpstreamError"})
+TRANSIENT_ERRORS = (BackendNotAnswering, UpstreamError, NatsUnavailable, StorageError)
+TRANSIENT = frozenset(error.__name__ for error in TRANSIENT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class Load:
                 try:
                     data, _ = await admin.request("put_secret", sealed, headers)
                     return wire.decode_put_response(data).result()
-                except (BackendNotAnswering, UpstreamError, NatsUnavailable, StorageError):
+                except TRANSIENT_ERRORS:
                     pass  # no answer, or "not stored / not yet served": ask again
                 self.put_retries += 1
                 await anyio.sleep(0.1)  # back off, then resend the very same request
@@ -181,7 +183,7 @@ class Load:
             started = time.monotonic()
             try:
                 secret = await host.get(name, entity_jwt=self.entity_jwt, host_jwt=self.host_jwt)
-            except (BackendNotAnswering, NatsUnavailable, StorageError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 record = GetRecord(started, time.monotonic(), name, error=type(exc).__name__)
             except Exception as exc:  # recorded, judged after the run
                 record = GetRecord(started, time.monotonic(), name, error=repr(exc))

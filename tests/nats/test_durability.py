@@ -258,28 +258,37 @@ async def test_sigkill_of_one_process_loses_no_acknowledged_put(
 
 @dataclass
 class Population:
-    """What test (b) wrote: every revision of every secret, and who may read what."""
+    """What test (b) wrote: every revision of every secret (its value, or None for a delete
+    marker), who may read what, and which secrets end deleted."""
 
     revisions: dict[str, list[int]] = field(default_factory=dict)
+    values: dict[int, str | bytes | None] = field(default_factory=dict)
     readers: list[Identity] = field(default_factory=list)
+    allowed: dict[str, set[str]] = field(default_factory=dict)  # entity key -> names
+    deleted: set[str] = field(default_factory=set)
 
 
 async def populate(admin: AdminClient) -> Population:
     population = Population()
 
-    def note(name: str, revision: int) -> None:
+    def note(name: str, revision: int, value: str | bytes | None) -> None:
         population.revisions.setdefault(name, []).append(revision)
+        population.values[revision] = value
+
+    async def put(name: str, value: str | bytes) -> None:
+        note(name, await admin.put_secret(name, value), value)
 
     for n in range(3):
-        note("alpha", await admin.put_secret("alpha", f"alpha-{n}-{secrets.token_hex(4)}"))
+        await put("alpha", f"alpha-{n}-{secrets.token_hex(4)}")
     for _ in range(2):
-        note("beta", await admin.put_secret("beta", secrets.token_bytes(40)))
-    note("gamma", await admin.put_secret("gamma", '{"user":"u","password":"p"}'))
-    note("gamma", await admin.delete("gamma"))
-    note("gamma", await admin.undelete("gamma"))
-    note("gamma", await admin.put_secret("gamma", "gamma-last"))
-    note("delta", await admin.put_secret("delta", "delta-gone"))
-    note("delta", await admin.delete("delta"))
+        await put("beta", secrets.token_bytes(40))
+    await put("gamma", '{"user":"u","password":"p"}')
+    note("gamma", await admin.delete("gamma"), None)
+    note("gamma", await admin.undelete("gamma"), '{"user":"u","password":"p"}')
+    await put("gamma", "gamma-last")
+    await put("delta", "delta-gone")
+    note("delta", await admin.delete("delta"), None)
+    population.deleted = {"delta"}
     first, second, third = Identity(), Identity.provider(), Identity()
     await admin.add_mapping(first.entity_key, ["alpha", "beta", "gamma"])
     await admin.add_mapping(second.entity_key, ["alpha", "delta"])
@@ -287,7 +296,72 @@ async def populate(admin: AdminClient) -> Population:
     await admin.add_mapping(third.entity_key, ["beta"])
     await admin.remove_mapping(third.entity_key, ["beta"])
     population.readers = [first, second, third]
+    population.allowed = {
+        first.entity_key: {"alpha", "beta", "gamma"},
+        second.entity_key: {"delta"},
+        third.entity_key: set(),
+    }
     return population
+
+
+def written(population: Population, keys: Keys) -> dict[str, Any]:
+    """What a snapshot must show, worked out from what `populate` wrote (not read back)."""
+
+    def read(value: str | bytes, revision: int) -> tuple[Any, ...]:
+        if isinstance(value, bytes):
+            return (str(revision), None, list(value))  # the wire's binary_secret: a list
+        return (str(revision), value, None)
+
+    seen: dict[str, Any] = {}
+    rows = []
+    for name, revisions in sorted(population.revisions.items()):
+        readable = [r for r in revisions if population.values[r] is not None]
+        latest = None if name in population.deleted else readable[-1]
+        rows.append((name, latest or 0, len(readable), name in population.deleted))
+    seen["list"] = rows
+    seen["mappings"] = {
+        entity: sorted(names) for entity, names in sorted(population.allowed.items())
+    }
+    for reader in population.readers:
+        for name, revisions in population.revisions.items():
+            latest = rows[[row[0] for row in rows].index(name)][1]
+            for version in [None, *map(str, revisions)]:
+                revision = latest if version is None else int(version)
+                value = population.values.get(revision) if revision else None
+                if name not in population.allowed[reader.entity_key]:
+                    expected: tuple[Any, ...] = ("error", "Unauthorized")
+                elif name in population.deleted or value is None:
+                    expected = ("error", "SecretNotFound")
+                else:
+                    expected = read(value, revision)
+                seen[f"{reader.entity_key} {name} {version}"] = expected
+    seen["kv"] = [
+        (
+            f"$KV.{NAMES.secrets_bucket}.{name}",
+            b"" if population.values[revision] is None else _plain(population.values[revision]),  # type: ignore[arg-type]
+        )
+        for revision, name in sorted(
+            (r, n) for n, revisions in population.revisions.items() for r in revisions
+        )
+    ]
+    seen["state"] = {entity: sorted(names) for entity, names in population.allowed.items()}
+    return seen
+
+
+def _plain(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def matches_what_was_written(seen: dict[str, Any], population: Population, keys: Keys) -> None:
+    """The snapshot holds exactly what was written (the log's head aside)."""
+    expected = written(population, keys)
+    assert [row[:4] for row in seen["list"]] == expected["list"]
+    assert seen["mappings"] == expected["mappings"]
+    for key, value in expected.items():
+        if key not in ("list", "mappings", "kv", "state"):
+            assert seen[key] == value, key
+    assert seen["kv"] == expected["kv"]
+    assert seen["state"] == expected["state"]
 
 
 def outcome(result: wire.Secret | Exception) -> tuple[Any, ...]:
@@ -345,7 +419,7 @@ async def test_everything_survives_restarting_nats_and_the_backend(
     async with client(nats_server.url) as nc:
         population = await populate(AdminClient(nc, NAMES, keys.transit))
     before = await snapshot(nats_server.url, keys, population)
-    assert before["kv"][-1] is not None
+    matches_what_was_written(before, population, keys)
     first.stop()
 
     nats_server.restart()

@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from events.log import EventLog
-from projections.kv import KvLayout, KvViews, KvWriter
+from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.rebuild import RebuildReport, rebuild_views, refold_views
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.natsserver import NatsServer
@@ -201,11 +201,11 @@ async def test_a_refold_that_finds_revisions_taken_keeps_them_and_writes_the_res
     try:
         auth = Barrier(keys.encryption)
         event_log = EventLog(nc, backend_name="nats-kv", barrier=auth)
-        views = KvViews(nc, LAYOUT)
+        views = KvBuckets(nc, LAYOUT)
         await views.drop()
         await views.ensure()
         # The competing writer: the first entries of the log, as a backend writes them.
-        competitor = KvWriter(views, event_log)
+        competitor = KvWriter(views)
         state = ViewState()
         async for entry in event_log.entries():
             for effect in fold(state, entry.seq, entry.event):

@@ -18,7 +18,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.lifecycle import _shred_plan
 from events.types import (
     Event,
     KeyRotated,
@@ -41,6 +40,7 @@ from projections.state import (
     PutSecretEntry,
     ViewState,
     fold,
+    shred_plan,
 )
 from secrets_nats_kv.errors import SecretNotFound
 
@@ -204,7 +204,7 @@ def _copied_history() -> ViewState:
 @pytest.mark.parametrize("chosen", [2, 4])
 def test_destroying_a_version_shreds_it_and_every_copy_sharing_its_origin(chosen: int) -> None:
     state = _copied_history()
-    versions, seqs = _shred_plan(state.secrets["a"], chosen)
+    versions, seqs = shred_plan(state.secrets["a"], chosen)
     assert versions == (2, 4)  # the put and the undelete's copy of it, either way round
     assert seqs == (2,)  # the log entry holding those bytes
     event = SecretDestroyed(name="a", versions=versions, erased_seqs=seqs, at=AT + 5)
@@ -239,7 +239,7 @@ def test_destroying_a_put_that_followed_a_delete_leaves_the_secret_deleted() -> 
 
 def test_destroy_all_removes_the_secret_and_lists_every_revision() -> None:
     state = _copied_history()
-    versions, seqs = _shred_plan(state.secrets["a"], None)
+    versions, seqs = shred_plan(state.secrets["a"], None)
     assert versions == (1, 2, 3, 4)  # delete markers too: every KV revision of the key
     assert seqs == (1, 2)
     effects = fold(
@@ -257,12 +257,12 @@ def test_shred_plan_refuses_what_cannot_be_destroyed() -> None:
     state = _copied_history()
     record = state.secrets["a"]
     with pytest.raises(SecretNotFound):
-        _shred_plan(record, 3)  # a delete marker holds no value
+        shred_plan(record, 3)  # a delete marker holds no value
     with pytest.raises(SecretNotFound):
-        _shred_plan(record, 99)
+        shred_plan(record, 99)
     fold(state, 5, SecretDestroyed(name="a", versions=(2, 4), erased_seqs=(2,), at=AT))
     with pytest.raises(SecretNotFound):
-        _shred_plan(record, 2)  # already destroyed
+        shred_plan(record, 2)  # already destroyed
 
 
 # --- mappings ----------------------------------------------------------------------------
@@ -450,9 +450,9 @@ def decide(state: ViewState, seq: int, op: str, name: str, n: int) -> Event | No
         if op == "destroy":
             if not live:
                 return None
-            versions, seqs = _shred_plan(record, live[n % len(live)])
+            versions, seqs = shred_plan(record, live[n % len(live)])
         else:
-            versions, seqs = _shred_plan(record, None)
+            versions, seqs = shred_plan(record, None)
     except SecretNotFound:
         return None
     return SecretDestroyed(

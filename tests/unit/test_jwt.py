@@ -424,3 +424,92 @@ def test_any_signed_json_is_verified_or_invalid_jwt(
 def test_any_text_is_invalid_jwt(text: str) -> None:
     with pytest.raises(InvalidJWT):
         verify_entity_jwt(text, NOW)
+
+
+# --- valid tokens with one claim mutated: every example reaches the claims ------------------
+
+_PAST_THE_CLAIMS_DECODE = ("malformed claims", "issuer", "subject", "signature does not verify")
+_BEFORE_THE_CLAIMS = ("malformed: header", "bad header", "bad algorithm", "bad type", "segments")
+_MINTERS = {
+    "component": (lambda: mint_component_jwt(ACCOUNT, MODULE.public_key, iat=NOW - 60), False),
+    "provider": (lambda: mint_provider_jwt(ACCOUNT, SERVICE.public_key, iat=NOW - 60), False),
+    "host": (lambda: mint_host_jwt(ACCOUNT, HOST.public_key, iat=NOW - 60), True),
+}
+_CLAIMS = ("jti", "iat", "iss", "sub", "exp", "nbf", "wascap", "wascap_revision")
+_OTHER_KEYS = [SigningKey.generate(role).public_key for role in Role if role is not Role.CURVE]
+
+
+def _decoded_claims(token: str) -> dict[str, Any]:
+    body = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return claims
+
+
+claim_values = st.one_of(
+    json_values,
+    st.sampled_from(_OTHER_KEYS),
+    st.integers(NOW - 10_000, NOW + 10_000),
+    st.integers(-5, 2**64),
+)
+
+
+@given(
+    kind=st.sampled_from(sorted(_MINTERS)),
+    field=st.sampled_from(_CLAIMS),
+    how=st.sampled_from(["replace", "delete", "metadata"]),
+    value=claim_values,
+    metadata_field=st.sampled_from(["name", "tags", "prov", "labels", "rev", "ver", "hash"]),
+)
+def test_a_valid_token_with_one_claim_mutated_is_verified_or_refused_for_its_claims(
+    kind: str, field: str, how: str, value: Any, metadata_field: str
+) -> None:
+    """Unlike arbitrary signed JSON, these get past the header every time: the mutation
+    is judged by the claim checks (decode, issuer, subject, kind, signature, clock)."""
+    mint, host = _MINTERS[kind]
+    claims = _decoded_claims(mint())
+    if how == "delete":
+        claims.pop(field, None)
+    elif how == "metadata" and isinstance(claims.get("wascap"), dict):
+        claims["wascap"][metadata_field] = value
+    else:
+        claims[field] = value
+    token = encode_jwt(claims, ACCOUNT)
+    verify = verify_host_jwt if host else verify_entity_jwt
+    try:
+        verified = verify(token, NOW)
+    except InvalidJWT as error:
+        reason = error.reason
+        assert not any(early in reason for early in _BEFORE_THE_CLAIMS), reason
+        assert "\n" not in reason
+        return
+    # Accepted: what was verified is what was signed.
+    assert verified.iss == claims["iss"] == ACCOUNT.public_key
+    assert verified.sub == claims["sub"]
+    assert verified.jti == claims["jti"]
+    assert verified.exp == claims.get("exp")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("jti", "another id", None),
+        ("exp", NOW + 60, None),
+        ("exp", NOW - 1, "expired at"),
+        ("nbf", NOW + 60, "not valid until"),
+        ("iat", -1, "malformed claims"),
+        ("sub", "", "subject (sub) is empty"),
+        ("iss", "", "issuer (iss) is empty"),
+        ("iss", SigningKey.generate(Role.ACCOUNT).public_key, "signature does not verify"),
+        ("sub", HOST.public_key, "subject is"),
+    ],
+)
+def test_one_mutated_claim_gets_the_reason_for_that_claim(
+    field: str, value: Any, reason: str | None
+) -> None:
+    claims = _decoded_claims(_MINTERS["component"][0]())
+    claims[field] = value
+    token = encode_jwt(claims, ACCOUNT)
+    if reason is None:
+        assert verify_entity_jwt(token, NOW).sub == claims["sub"]
+    else:
+        assert reason in _reason(token)

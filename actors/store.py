@@ -1,14 +1,15 @@
-"""Command actors: admin operations become events on the log.
+"""Store actor: the admin operations that store something new (a value, a grant).
 
-A command authenticates the request, validates it against the live view, seals any
-value with the encryption key, appends one event and replies only once its own view
-(and the KV view) include that event, so an `ok` means every responder will serve it.
+`put_secret`, `add_mapping` and `remove_mapping`: authenticate the request, seal any
+value with the encryption key, append one event and reply only once this process's
+views include it, so an `ok` means every responder will serve it. (The operations on
+stored secrets, from listing to destroying, are `actors.lifecycle`'s.)
 """
 
 from __future__ import annotations
 
-from actors.admin import AdminGate, Opened
-from actors.appender import Appender
+from actors.decider import Decider
+from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
 from secrets_nats_kv import wire
@@ -25,11 +26,11 @@ from secrets_nats_kv.wire import HOST_XKEY_HEADER
 OK = Reply(b"ok")
 
 
-class CommandActor:
+class StoreActor:
     """Actor: turns put_secret and mapping changes into events."""
 
-    def __init__(self, appender: Appender, gate: AdminGate, *, barrier: Barrier) -> None:
-        self._appender = appender
+    def __init__(self, decider: Decider, gate: AdminGate, *, barrier: Barrier) -> None:
+        self._decider = decider
         self._gate = gate
         self._at_rest = barrier
 
@@ -60,9 +61,9 @@ class CommandActor:
             name=name,
             sealed=self._at_rest.seal(value),
             kind=kind,
-            **self._appender.provenance(opened, request_id),
+            **self._decider.provenance(opened, request_id),
         )
-        return await self._appender.append_revision(lambda _: event, request_id)
+        return await self._decider.append_revision(lambda _: event, request_id)
 
     # --- mappings ---------------------------------------------------------------------
 
@@ -99,9 +100,9 @@ class CommandActor:
         else:
             names = payload
         secrets = tuple(_secret_name(name) for name in names)
-        provenance = self._appender.provenance(opened, request_id)
+        provenance = self._decider.provenance(opened, request_id)
         event = event_type(entity=entity, secrets=secrets, **provenance)
-        await self._appender.append(lambda _: event, request_id)
+        await self._decider.append(lambda _: event, request_id)
         return OK
 
 

@@ -1,27 +1,31 @@
-"""Appending an event on behalf of a command, and waiting until it is served.
+"""Deciding an event on a fresh view, appending it at the next position, and waiting
+until it is served; and the read path that sees every write acknowledged before it.
 
-Shared by every command actor: the append (deduplicated by request id, optionally
-conditional on the subject's last sequence), then the wait until this process's live
-view and KV view include it, so the reply to the admin is an honest `ok`.
+Shared by the admin actors. `Decider.append` decides on a view that includes every
+event appended before the request, appends the event as the log's very next entry
+(`Nats-Expected-Last-Sequence` pins the whole stream's last sequence, not a subject's;
+deduplicated by request id), and waits until this process's live view, KV writer and
+shredder include it, so the reply to the admin is an honest `ok`. `FreshReads` is the
+read path: the live view once it includes everything appended before the read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import anyio
 
-from actors.admin import Opened
+from actors.gate import Opened
 from actors.health import Health
 from events.anchor import Anchor
 from events.log import Appended, ConcurrentAppend, EventLog
 from events.types import Event
-from projections.kv import KvWriter
 from projections.live import LiveView
 from projections.state import ViewState
+from projections.watermark import Watermark
 from secrets_nats_kv.errors import NatsUnavailable, StorageError, UpstreamError
 
 _ATTEMPTS = 20
@@ -37,14 +41,40 @@ class Provenance(TypedDict):
     request_id: str
 
 
-class Appender:
-    """Append events and wait for them to be visible in this process's views."""
+class FreshReads:
+    """The read path: the live view's state, once it includes every earlier append."""
+
+    def __init__(self, view: LiveView, *, timeout: float = 10.0) -> None:
+        self._view = view
+        self._timeout = timeout
+
+    async def state(self) -> ViewState:
+        """The state including every event appended before this call."""
+        try:
+            await self._view.wait_fresh(self._timeout)
+        except TimeoutError:
+            raise UpstreamError("the backend's view is behind the event log") from None
+        except (StorageError, NatsUnavailable) as exc:
+            raise UpstreamError(str(exc)) from None
+        return self._view.state
+
+    def current(self) -> ViewState:
+        """The state as it stands (after a settled append: includes that append)."""
+        return self._view.state
+
+    def digest(self, seq: int) -> str:
+        """The SHA-256 of the put stored at `seq`, as the view read it (for destroy)."""
+        return self._view.digests.get(seq, "")
+
+
+class Decider:
+    """Decide events on a fresh view, append them positionally, wait until served."""
 
     def __init__(
         self,
         log_: EventLog,
         view: LiveView,
-        writer: KvWriter | None,
+        settled: Sequence[Watermark] = (),
         *,
         settle_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
@@ -54,8 +84,9 @@ class Appender:
         self.log = log_
         self._anchor = anchor
         self._health = health
-        self.view = view
-        self._writer = writer
+        self._view = view
+        self.reads = FreshReads(view, timeout=settle_timeout)
+        self._settled = tuple(settled)
         self._settle_timeout = settle_timeout
         self._turn = anyio.Lock()
         self._clock = clock
@@ -84,12 +115,12 @@ class Appender:
             # Commands of this process take turns for a position (they would only collide);
             # other processes' commands are settled by the expected-sequence check.
             async with self._turn:
-                await self.fresh()
-                first = self.view.state.requests.get(request_id) if request_id else None
+                state = await self.reads.state()
+                first = state.requests.get(request_id) if request_id else None
                 if first is not None:  # a replay: answered with what the first one did
                     return Appended(first, duplicate=True)
-                expected, previous = self.view.state.last_seq, self.view.link
-                event = decide(self.view.state)
+                expected, previous = state.last_seq, self._view.link
+                event = decide(state)
                 try:
                     appended = await self.log.append(
                         event,
@@ -109,14 +140,14 @@ class Appender:
     async def append_revision(self, decide: Callable[[ViewState], Event], request_id: str) -> int:
         """`append`, for an event that writes the secrets bucket: the revision it became."""
         appended = await self.append(decide, request_id)
-        return self.view.state.revision_of_seq[appended.seq]
+        return self._view.state.revision_of_seq[appended.seq]
 
     async def _settle(self, seq: int) -> None:
         try:
             with anyio.fail_after(self._settle_timeout):
-                await self.view.wait_applied(seq)
-                if self._writer is not None:
-                    await self._writer.wait_applied(seq)
+                await self._view.wait_applied(seq)
+                for watermark in self._settled:
+                    await watermark.wait_for(seq)
         except TimeoutError:
             raise UpstreamError("stored, but the views did not catch up in time") from None
         except (StorageError, NatsUnavailable) as exc:
@@ -128,15 +159,6 @@ class Appender:
         if self._anchor is None:
             return
         try:
-            await self._anchor.advance(self.view.state.last_seq, self.view.link)
+            await self._anchor.advance(self._view.state.last_seq, self._view.link)
         except (StorageError, NatsUnavailable) as exc:
             log.warning("could not move the event log's anchor", extra={"error": str(exc)})
-
-    async def fresh(self) -> None:
-        """Wait until the view includes every event appended before now."""
-        try:
-            await self.view.wait_fresh(self._settle_timeout)
-        except TimeoutError:
-            raise UpstreamError("the backend's view is behind the event log") from None
-        except (StorageError, NatsUnavailable) as exc:
-            raise UpstreamError(str(exc)) from None

@@ -1,0 +1,183 @@
+"""The event log's interface over a list, and a backend's actors wired over it, no server.
+
+`MemoryEventLog` is what `events.log.EventLog` is to the actors (positional appends with
+an expected last sequence, deduplication by message id, ordered reads with gaps where
+`erase` took an entry, a followable tail, the head), with each event encoded to its
+stored bytes and headers by the real `EventCodec` and read back through the real
+`ChainReader`, so the chain is checked here too. `MemoryBackend` wires the real admin actors, the
+live view, the shredder and the get responder over it, exactly as `actors.backend`
+does minus the KV buckets, and answers requests through the real pool's dispatch, so
+the real clients (`AdminClient`, `HostClient`) talk to it in-process. The unit tier
+runs the model against it: the actors' rules at thousands of steps a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from actors.decider import Decider
+from actors.gate import AdminGate
+from actors.lifecycle import LifecycleActor
+from actors.pool import Handler, ResponderPool
+from actors.responder import GetResponder
+from actors.shredder import Shredder
+from actors.store import StoreActor
+from events.chain import ChainReader, Raw, Verified
+from events.codec import EventCodec
+from events.log import Appended, ConcurrentAppend, LogEntry
+from events.types import Event, Rejected, UndecodableEvent, decode_event
+from projections.live import LiveView
+from secrets_nats_kv.barrier import GENESIS, Barrier
+from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.xkeys import XKey
+
+
+class MemoryEventLog:
+    """Stored entries (body, headers) by position; None where `erase` removed an entry."""
+
+    def __init__(self, barrier: Barrier | None = None) -> None:
+        self.codec = EventCodec(barrier or Barrier(XKey.generate()))
+        self.stored: list[tuple[bytes, dict[str, str]] | None] = []
+        self._msg_ids: dict[str, int] = {}
+        self._grown = anyio.Event()
+
+    async def append(
+        self,
+        event: Event,
+        *,
+        expected_last_seq: int,
+        previous: str,
+        msg_id: str | None = None,
+    ) -> Appended:
+        if msg_id and msg_id in self._msg_ids:
+            return Appended(seq=self._msg_ids[msg_id], duplicate=True)
+        if expected_last_seq != len(self.stored):
+            raise ConcurrentAppend(f"expected {expected_last_seq}, head {len(self.stored)}")
+        encoded = self.codec.encode(event, expected_last_seq + 1, previous)
+        self.stored.append((encoded.body, encoded.headers))
+        seq = len(self.stored)
+        if msg_id:
+            self._msg_ids[msg_id] = seq
+        self._grown.set()
+        self._grown = anyio.Event()
+        return Appended(seq=seq, duplicate=False, link=encoded.link)
+
+    async def head(self) -> int:
+        return len(self.stored)
+
+    async def erase(self, seq: int) -> None:
+        if 1 <= seq <= len(self.stored):
+            self.stored[seq - 1] = None
+
+    def read(self, seq: int) -> Event | Rejected | None:
+        """The event stored at `seq`, decoded without checking the chain."""
+        stored = self.stored[seq - 1]
+        if stored is None:
+            return None
+        try:
+            return decode_event(stored[0])
+        except UndecodableEvent:
+            return Rejected(reason="not an event")
+
+    def _raw(self, seq: int) -> Raw:
+        stored = self.stored[seq - 1]
+        return Raw(seq, time.time(), None) if stored is None else Raw(seq, time.time(), *stored)
+
+    async def entries(
+        self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
+    ) -> AsyncIterator[LogEntry]:
+        reader = ChainReader(self.codec, after=from_seq - 1, link=link)
+        seq = from_seq
+        while True:
+            released: list[Verified] = []
+            while seq <= len(self.stored):
+                released += reader.push(self._raw(seq))
+                seq += 1
+            released += reader.at_head()
+            for v in released:
+                yield LogEntry(v.seq, v.time, v.event, v.digest, v.link)
+            if not follow:
+                return
+            await self._grown.wait()
+
+
+@dataclass
+class _Reply:
+    data: bytes
+    headers: dict[str, str] | None
+
+
+@dataclass
+class InProcessConnection:
+    """What the clients need of a NATS connection (`request`), answered by a pool."""
+
+    pool: ResponderPool
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 5.0,  # noqa: ASYNC109 (nats-py's signature)
+        headers: dict[str, str] | None = None,
+    ) -> _Reply:
+        with anyio.fail_after(timeout):
+            reply = await self.pool.dispatch(subject, headers, payload)
+        return _Reply(reply.data, reply.headers)
+
+
+@dataclass
+class MemoryBackend:
+    """The actors of one backend over `log`; `async with` runs them."""
+
+    log: MemoryEventLog
+    transit: XKey
+    encryption: XKey
+    names: BackendNames = field(default_factory=BackendNames)
+    trusted_issuers: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.shredder = Shredder(self.log)  # type: ignore[arg-type]
+        self.view = LiveView(self.log, on_effects=self.shredder.submit)  # type: ignore[arg-type]
+        gate = AdminGate(self.transit, frozenset({self.transit.public_key}))
+        decider = Decider(self.log, self.view, (self.shredder.applied,))  # type: ignore[arg-type]
+        barrier = Barrier(self.encryption)
+        store = StoreActor(decider, gate, barrier=barrier)
+        lifecycle = LifecycleActor(decider, gate)
+        responder = GetResponder(
+            self.view,
+            transit=self.transit,
+            barrier=barrier,
+            trusted_issuers=self.trusted_issuers,
+        )
+        handlers: dict[str, Handler] = {
+            "server_xkey": responder.server_xkey,
+            "get": responder.get,
+            "put_secret": store.put_secret,
+            "add_mapping": store.add_mapping,
+            "remove_mapping": store.remove_mapping,
+            "list": lifecycle.list,
+            "mappings": lifecycle.mappings,
+            "delete": lifecycle.delete,
+            "undelete": lifecycle.undelete,
+            "destroy": lifecycle.destroy,
+        }
+        self.pool = ResponderPool(None, self.names, handlers)  # type: ignore[arg-type]
+        self.connection: Any = InProcessConnection(self.pool)
+        self._group: TaskGroup | None = None
+
+    async def __aenter__(self) -> MemoryBackend:
+        self._group = await anyio.create_task_group().__aenter__()
+        await self._group.start(self.shredder.run)
+        await self._group.start(self.view.run)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._group is not None
+        self._group.cancel_scope.cancel()
+        return await self._group.__aexit__(*exc_info)

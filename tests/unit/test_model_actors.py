@@ -1,0 +1,160 @@
+"""The reference model against the real admin actors and get responder, over an in-memory
+event log: the NATS tier's model run (tests/nats/test_model.py) without a server.
+
+Each drawn history goes through the real clients (`AdminClient`, `HostClient`) into the
+real actors (`support.memlog.MemoryBackend`: the store and lifecycle actors, the
+decider, the live view, the shredder, the get responder, behind the pool's dispatch),
+sealed and signed as over the wire. Every reply must be the model's (a revision, a
+value, a listing, or the exact protocol error); at the end the live view must mean what
+the model holds, and a fold of the log as the shredder left it must equal the live view.
+"""
+
+from __future__ import annotations
+
+import anyio
+from hypothesis import HealthCheck, given, settings
+
+from events.log import LogEntry
+from projections.state import ViewState, fold
+from secrets_nats_kv.app.client import AdminClient
+from secrets_nats_kv.errors import ProtocolError
+from secrets_nats_kv.xkeys import SealBox
+from support.harness import Identity, Keys
+from support.host import HostClient
+from support.memlog import MemoryBackend, MemoryEventLog
+from support.model import Model, Outcome, Projection, Refusal, concrete_version, shown
+from support.parties import Party
+from support.strategies import AUDITOR, HISTORIES, NAMES, JwtCase
+
+KEYS = Keys()
+AT_REST = SealBox(KEYS.encryption, KEYS.encryption)
+PARTIES = {name: Party(Identity()) for name in ("comp1", "comp2", AUDITOR)}
+PARTIES["prov"] = Party(Identity.provider())
+
+Operation = tuple[object, ...]
+
+
+class Run:
+    """One history against a fresh in-memory backend and a fresh model."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+        self.model = Model()
+        self.admin = AdminClient(backend.connection, backend.names, KEYS.transit, retries=0)
+        self.host = HostClient(backend.connection, backend.names)
+
+    async def expect(self, what: str, predict: object, act: object) -> Outcome:
+        """The model's prediction (a callable) against the actors' reply (an awaitable maker)."""
+        try:
+            expected: Outcome = ("ok", predict())  # type: ignore[operator]
+        except Refusal as refusal:
+            expected = ("refused", refusal.variant)
+        try:
+            actual: Outcome = ("ok", await act())  # type: ignore[operator]
+        except ProtocolError as exc:
+            actual = ("refused", exc.variant)
+        assert actual == expected, f"{what}: actors {shown(actual)}, model {shown(expected)}"
+        return actual
+
+    async def apply(self, op: Operation) -> None:
+        model, admin = self.model, self.admin
+        match op:
+            case ("put", str(name), value):
+                assert isinstance(value, str | bytes)
+                await self.expect(
+                    "put", lambda: model.put(name, value), lambda: admin.put_secret(name, value)
+                )
+            case ("map", str(entity), list(names), bool(add)):
+                key = PARTIES[entity].key
+                change = admin.add_mapping if add else admin.remove_mapping
+                await self.expect(
+                    "map", lambda: model.map(key, names, add=add), lambda: change(key, names)
+                )
+            case ("delete", str(name)):
+                await self.expect("delete", lambda: model.delete(name), lambda: admin.delete(name))
+            case ("undelete", str(name)):
+                await self.expect(
+                    "undelete", lambda: model.undelete(name), lambda: admin.undelete(name)
+                )
+            case ("destroy", str(name), choice):
+                version = int(concrete_version(model, choice, name) or 0)  # type: ignore[arg-type]
+                await self.expect(
+                    f"destroy version {version}",
+                    lambda: model.destroy(name, version, False),
+                    lambda: admin.destroy(name, version=version),
+                )
+            case ("destroy_all", str(name)):
+                await self.expect(
+                    "destroy all",
+                    lambda: model.destroy(name, None, True),
+                    lambda: admin.destroy(name, all=True),
+                )
+            case ("get", str(who), str(name), str(jwt), choice):
+                await self.get(who, name, jwt, concrete_version(model, choice, name))  # type: ignore[arg-type]
+            case ("list",):
+
+                async def listing() -> list[tuple[str, int, int, bool]]:
+                    rows = await admin.list_secrets()
+                    return [(s.name, s.version, s.versions, s.deleted) for s in rows]
+
+                await self.expect("list", model.listing, listing)
+            case _:
+                raise AssertionError(f"unknown operation {op}")
+
+    async def get(self, who: str, name: str, jwt: JwtCase, version: str | None) -> None:
+        party = PARTIES[who]
+        entity_jwt, host_jwt = party.tokens[jwt]
+
+        async def read() -> tuple[int, str, str | bytes]:
+            secret = await self.host.get(
+                name, entity_jwt=entity_jwt, host_jwt=host_jwt, version=version
+            )
+            if secret.binary_secret is not None:
+                return int(secret.version), "binary", bytes(secret.binary_secret)
+            assert secret.string_secret is not None
+            return int(secret.version), "string", secret.string_secret
+
+        await self.expect(
+            f"get {name!r} version {version!r} as {who} ({jwt})",
+            lambda: self.model.get(party.key, jwt, name, version),
+            read,
+        )
+
+    def check_views(self, log: MemoryEventLog) -> None:
+        live = self.backend.view.state
+        diff = Projection.of(live, AT_REST).differences(self.model.projection())
+        assert not diff, "live view != model:\n" + "\n".join(diff)
+        refolded = ViewState()
+        for seq in range(1, len(log.stored) + 1):
+            entry = LogEntry(seq, 0.0, log.read(seq))
+            fold(refolded, entry.seq, entry.event)
+        diff = Projection.of(refolded, AT_REST, as_kept=True).differences(
+            Projection.of(live, AT_REST, as_kept=True)
+        )
+        assert not diff, "fold of the erased log != live view:\n" + "\n".join(diff)
+
+
+async def run_history(history: list[Operation]) -> None:
+    log = MemoryEventLog()
+    async with MemoryBackend(log, KEYS.transit, KEYS.encryption) as backend:
+        run = Run(backend)
+        auditor = PARTIES[AUDITOR].key
+        await run.expect(
+            "map the auditor",
+            lambda: run.model.map(auditor, list(NAMES), add=True),
+            lambda: run.admin.add_mapping(auditor, NAMES),
+        )
+        for op in history:
+            await run.apply(op)
+        run.check_views(log)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(HISTORIES)
+def test_the_actors_answer_what_the_model_says(history: list[Operation]) -> None:
+    anyio.run(run_history, history)
