@@ -177,8 +177,11 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
     leave the operator guessing which of their seeds is wrong.
     """
     admin_key = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
+    transit, confirm = pinned_transit(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
-    client = AdminClient(nc, backend_names(args), admin_key)
+    client = AdminClient(
+        nc, backend_names(args), admin_key, transit=transit, confirm_transit=confirm
+    )
     try:
         yield client
     except Unauthorized:
@@ -190,6 +193,28 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
         ) from None
     finally:
         await nc.close()
+
+
+def pinned_transit(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """The transit public key to seal to, and whether the bus's answer must confirm it.
+
+    TRANSIT_XKEY_SEED: its public key, never asked of the bus. Else TRANSIT_XKEY or
+    --transit-xkey: that key, and a `server_xkey` answer that differs is refused. Else
+    the bus's answer, said once on stderr.
+    """
+    if os.environ.get("TRANSIT_XKEY_SEED"):
+        return seed_from_env("TRANSIT_XKEY_SEED").public_key, False
+    text = getattr(args, "transit_xkey", None) or os.environ.get("TRANSIT_XKEY")
+    if text:
+        try:
+            return XKey.from_public(text.strip()).public_key, True
+        except InvalidKey as exc:
+            raise ConfigError(f"TRANSIT_XKEY / --transit-xkey: {exc}") from None
+    sys.stderr.write(
+        "secrets-nats-kv: warning: sealing to the transit key the bus answers with "
+        "(set TRANSIT_XKEY or --transit-xkey to pin it)\n"
+    )
+    return None, False
 
 
 def _valid_name(name: str) -> str:

@@ -30,7 +30,26 @@ from secrets_nats_kv.nats.connection import connect
 Adder = Callable[[argparse.ArgumentParser], None]
 
 
+ADMIN_COMMANDS = (
+    "put",
+    "add-mapping",
+    "remove-mapping",
+    "list",
+    "mappings",
+    "delete",
+    "undelete",
+    "destroy",
+)
+
+
 def add_parsers(commands: argparse._SubParsersAction, add_nats: Adder, add_names: Adder) -> None:  # type: ignore[type-arg]
+    for name in ADMIN_COMMANDS:  # the pinned transit key (see commands.pinned_transit)
+        commands.choices[name].add_argument(
+            "--transit-xkey",
+            metavar="XKEY",
+            help="the backend's transit public key (env TRANSIT_XKEY): seal to it, and "
+            "refuse a server_xkey answer that differs",
+        )
     verify = commands.add_parser("verify", help="check the event log's chain; name any break")
     add_nats(verify)
     add_names(verify)

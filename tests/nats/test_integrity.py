@@ -10,8 +10,10 @@ incident, and `verify` / `repair` are the operator's way out, on the record.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -23,11 +25,13 @@ from events.types import LogRepaired
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.barrier import KV_TAG_HEADER
-from secrets_nats_kv.config import NatsOptions, kv_stream
-from secrets_nats_kv.errors import SecretNotFound, Unauthorized, UpstreamError
+from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
+from support.leakcheck import remember
 from support.store import log_entries
 
 pytestmark = pytest.mark.anyio
@@ -338,3 +342,70 @@ async def test_a_destroyed_put_replayed_after_a_nats_restart_stays_destroyed(
         for clients in (first, second):
             with pytest.raises(SecretNotFound):
                 await clients.get(reader, "db")
+
+
+# --- the CLI's transit key ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def impostor(url: str) -> AsyncIterator[tuple[XKey, list[Msg], list[Msg]]]:
+    """Answers `server_xkey` with its own key and `put_secret` with a fake success, keeping
+    what it is sent: someone on an open bus answering before the backend."""
+    own, asked, puts = XKey.generate(), [], []
+    names = BackendNames()
+
+    async def answer_xkey(msg: Msg) -> None:
+        asked.append(msg)
+        await msg.respond(own.public_key.encode())
+
+    async def answer_put(msg: Msg) -> None:
+        puts.append(msg)
+        await msg.respond(b'{"revision":1,"error":null}')
+
+    async with attacker(url) as nc:
+        await nc.subscribe(names.subject("server_xkey"), cb=answer_xkey)
+        await nc.subscribe(names.subject("put_secret"), cb=answer_put)
+        await nc.flush()
+        yield own, asked, puts
+
+
+def opens(own: XKey, msg: Msg) -> bool:
+    try:
+        own.open(msg.data, XKey.from_public((msg.headers or {})[HOST_XKEY_HEADER]))
+    except DecryptionError:
+        return False
+    return True
+
+
+async def cli_put(url: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[bytes]:
+    args = ("put", "db", "--string", "hunter2-pinned", "--nats-address", url, *extra)
+    return await anyio.to_thread.run_sync(lambda: run_cli(*args, env=env))
+
+
+async def test_the_cli_never_seals_to_whoever_answers_when_it_knows_the_key(
+    nats_server: NatsServer,
+) -> None:
+    url, keys, admin = nats_server.url, Keys(), XKey.generate()
+    remember("hunter2-pinned", "pinned put value")
+    base = cli_env()
+    async with impostor(url) as (own, asked, puts):
+        # TRANSIT_XKEY_SEED: the key is known; the bus is not even asked.
+        pinned = await cli_put(url, {**base, "TRANSIT_XKEY_SEED": keys.transit.seed})
+        assert pinned.returncode == 0, pinned.stderr
+        assert not asked
+        assert not opens(own, puts[-1])
+        # ADMIN_XKEY_SEED and TRANSIT_XKEY: the differing answer is refused, nothing sent.
+        env = {**base, "ADMIN_XKEY_SEED": admin.seed}
+        refused = await cli_put(url, {**env, "TRANSIT_XKEY": keys.transit.public_key})
+        assert refused.returncode == 1
+        (line,) = refused.stderr.decode().strip().splitlines()
+        assert "not the pinned transit key" in line
+        assert len(puts) == 1
+        flag = await cli_put(url, env, "--transit-xkey", keys.transit.public_key)
+        assert flag.returncode == 1
+        assert len(puts) == 1
+        # Neither: the CLI says once that it trusts the bus, and this is what that costs.
+        trusting = await cli_put(url, env)
+        assert trusting.returncode == 0
+        assert trusting.stderr.decode().count("warning: sealing to the transit key the bus") == 1
+        assert opens(own, puts[-1])
