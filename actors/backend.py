@@ -88,7 +88,13 @@ class Backend:
                 anchored = await anchor.read()
             except AnchorForged as exc:  # refuses the start, once the log has been judged
                 anchored = exc
-            writer = KvWriter(views)
+            writer = KvWriter(
+                views,
+                barrier=barrier,
+                report=lambda kind, detail, blocks: self.health.report(
+                    kind, detail, blocks_writes=blocks
+                ),
+            )
             await writer.prepare()
             await _refuse_an_emptied_log(event_log, writer)
             shredder = Shredder(event_log)

@@ -24,7 +24,7 @@ from events.log import EventLog
 from events.types import Event, MappingAdded, SecretPut
 from projections.kv import KvBuckets, KvLayout
 from secrets_nats_kv import wire
-from secrets_nats_kv.barrier import GENESIS, Barrier
+from secrets_nats_kv.barrier import GENESIS, KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
@@ -195,7 +195,8 @@ async def write_log(
     finds its views current)."""
     nc = await nats.connect(url, name="bench setup", pending_size=256 * 1024 * 1024)
     try:
-        log = EventLog(nc, backend_name=names.name, barrier=Barrier(encryption))
+        barrier = Barrier(encryption)
+        log = EventLog(nc, backend_name=names.name, barrier=barrier)
         await log.ensure()
         layout = KvLayout(names.secrets_bucket, names.state_bucket)
         await KvBuckets(nc, layout).ensure()
@@ -223,7 +224,9 @@ async def write_log(
             async with PositionedPublisher(nc, bucket, window=2048, expect_stream=False) as kv:
                 for rev, put in enumerate(puts, start=last + 1):
                     subject = f"$KV.{names.secrets_bucket}.{put.name}"
-                    await kv.publish(rev, subject, put.sealed, {KIND_HEADER: put.kind})
+                    tag = barrier.kv_tag(names.secrets_bucket, put.name, rev, put.sealed)
+                    headers = {KIND_HEADER: put.kind, KV_TAG_HEADER: tag}  # as the writer tags
+                    await kv.publish(rev, subject, put.sealed, headers)
                 await kv.drain()
         return count
     finally:

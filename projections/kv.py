@@ -11,8 +11,10 @@ streams deny.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -30,6 +32,7 @@ from projections.state import (
     PutSecretEntry,
 )
 from projections.watermark import Watermark
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import (
@@ -47,11 +50,13 @@ from secrets_nats_kv.nats.jetstream import (
     stream_state,
     update_stream,
 )
+from secrets_nats_kv.nats.reader import RawMessage, get_message
 
 log = logging.getLogger(__name__)
 
 ERASED_PLACEHOLDER_KEY = "_secrets-nats-kv_erased"
 EVENT_SEQ_HEADER = "Secrets-Event-Seq"
+KV_FOREIGN_REVISION = "kv-revision-taken-by-a-stranger"  # the incident kind (actors.health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,10 @@ class KvBuckets:
             )
         raise error
 
+    async def stored(self, bucket: str, revision: int) -> RawMessage | None:
+        """The message at `revision` of `bucket`, None if there is none."""
+        return await get_message(self._nc, kv_stream(bucket), revision)
+
     async def erase_revision(self, bucket: str, revision: int) -> None:
         await erase_message(self._nc, kv_stream(bucket), revision, self._timeout)
 
@@ -150,8 +159,16 @@ class KvBuckets:
 class KvWriter:
     """Actor: applies the fold's effects to the KV views, in log order, exactly once."""
 
-    def __init__(self, buckets: KvBuckets) -> None:
+    def __init__(
+        self,
+        buckets: KvBuckets,
+        *,
+        barrier: Barrier | None = None,
+        report: Callable[[str, str, bool], object] | None = None,
+    ) -> None:
         self.buckets = buckets
+        self._barrier = barrier  # tags every entry; tells a peer's revision from a stranger's
+        self._report = report
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
             math.inf
         )
@@ -232,12 +249,34 @@ class KvWriter:
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""
-        write = positioned_write(self.buckets.layout, effect)
+        write = positioned_write(self.buckets.layout, effect, self._barrier)
         if write is not None:
-            await self.buckets.publish_at(
+            written = await self.buckets.publish_at(
                 write.bucket, write.key, write.revision, write.value, write.headers
             )
+            if not written:
+                await self._check_taken_by_a_peer(write)
         await self.erase(effect)
+
+    async def _check_taken_by_a_peer(self, write: PositionedWrite) -> None:
+        """The revision was taken first: by a peer backend (our tag on the same entry) is
+        expected; by anything else it is an incident, reported, never a silent skip."""
+        if self._barrier is None:
+            return
+        stored = await self.buckets.stored(write.bucket, write.revision)
+        if stored is None:
+            return  # erased since (a placeholder, or a destroyed version): ours
+        tag = stored.headers.get(KV_TAG_HEADER)
+        if self._barrier.verify_kv(write.bucket, write.key, write.revision, stored.data, tag):
+            return
+        detail = (
+            f"revision {write.revision} of {write.bucket} was taken by a writer without "
+            "this backend's key: run `secrets-nats-kv rebuild` once the writer is stopped"
+        )
+        if self._report is None:
+            log.error("KV revision taken by a stranger", extra={"revision": write.revision})
+        else:
+            self._report(KV_FOREIGN_REVISION, detail, True)  # logged once by the health record
 
     async def erase(self, effect: Effect) -> None:
         """The erasures `effect` implies, once its own write (if any) is stored; idempotent."""
@@ -267,8 +306,19 @@ class PositionedWrite:
         return f"$KV.{self.bucket}.{self.key}"
 
 
-def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None:
-    """The message `effect` writes to a bucket, or None if it only erases."""
+def positioned_write(
+    layout: KvLayout, effect: Effect, barrier: Barrier | None = None
+) -> PositionedWrite | None:
+    """The message `effect` writes to a bucket, or None if it only erases; tagged over
+    (bucket, key, revision, value) by `barrier`, so readers can tell our entries apart."""
+    write = _untagged_write(layout, effect)
+    if write is None or barrier is None:
+        return write
+    tag = barrier.kv_tag(write.bucket, write.key, write.revision, write.value)
+    return dataclasses.replace(write, headers={**write.headers, KV_TAG_HEADER: tag})
+
+
+def _untagged_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None:
     match effect:
         case PutSecretEntry(key, revision, sealed, kind):
             return PositionedWrite(

@@ -81,7 +81,7 @@ async def refold_views(
     fold is done again one write at a time, keeping what is stored and adding the rest.
     """
     total = await event_log.head()
-    writer = KvWriter(views)
+    writer = KvWriter(views, barrier=event_log.barrier)
     try:
         try:
             return await _refold_pipelined(nc, event_log, writer, total, progress)
@@ -111,7 +111,7 @@ async def _refold_pipelined(
             publishers[bucket] = await stack.enter_async_context(publisher)
         async for entry in event_log.entries():
             for effect in fold(state, entry.seq, entry.event):
-                write = positioned_write(layout, effect)
+                write = positioned_write(layout, effect, event_log.barrier)
                 if write is not None:
                     await publishers[write.bucket].publish(
                         write.revision, write.subject, write.value, write.headers

@@ -23,6 +23,7 @@ from secrets_nats_kv import config
 from secrets_nats_kv.app import logs
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendConfig, BackendNames, NatsOptions
 from secrets_nats_kv.errors import (
     ConfigError,
@@ -35,7 +36,7 @@ from secrets_nats_kv.errors import (
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
-from secrets_nats_kv.xkeys import SealBox, XKey
+from secrets_nats_kv.xkeys import XKey
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +301,16 @@ async def cmd_get(args: argparse.Namespace) -> int:
     finally:
         await nc.close()
     headers = msg.headers or {}
+    barrier = Barrier(encryption)
+    tag = headers.get(KV_TAG_HEADER)
+    if not barrier.verify_kv(names.secrets_bucket, name, msg.seq or 0, msg.data or b"", tag):
+        raise ConfigError(
+            f"revision {msg.seq} of {name} in {names.secrets_bucket} was not written by the "
+            "backend (no valid tag for this ENCRYPTION_XKEY_SEED): refusing it"
+        )
     if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
         raise SecretNotFound(name, args.secret_version)
-    value = SealBox(encryption, encryption).open(msg.data)
+    value = barrier.open(msg.data)
     kind = args.kind or headers.get(config.KIND_HEADER, "string")
     if args.output:
         try:

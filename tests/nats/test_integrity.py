@@ -22,6 +22,7 @@ from events.anchor import AnchorForged, anchor_stream_name, anchor_subject
 from events.chain import ChainBroken
 from events.log import stream_name, subject_prefix
 from events.types import LogRepaired
+from projections.kv import KV_FOREIGN_REVISION
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.barrier import KV_TAG_HEADER
@@ -409,3 +410,35 @@ async def test_the_cli_never_seals_to_whoever_answers_when_it_knows_the_key(
         assert trusting.returncode == 0
         assert trusting.stderr.decode().count("warning: sealing to the transit key the bus") == 1
         assert opens(own, puts[-1])
+
+
+# --- the KV views -------------------------------------------------------------------------------
+
+
+async def test_get_refuses_a_kv_entry_the_backend_did_not_write(nats_server: NatsServer) -> None:
+    url, keys = nats_server.url, Keys()
+    env = cli_env(keys)
+    async with running_backend(url, keys) as clients:
+        assert await clients.admin.put_secret("public", "harmless") == 1
+        assert await clients.admin.put_secret("db", "real") == 2
+        genuine = run_cli("get", "db", "--nats-address", url, env=env)
+        assert genuine.returncode == 0
+        assert genuine.stdout == b"real\n"
+        async with attacker(url) as nc:
+            js = nc.jetstream()
+            bucket = kv_stream("WASMCLOUD_SECRETS")
+            copied = await js.get_last_msg(bucket, "$KV.WASMCLOUD_SECRETS.public")
+            # A sealed value the backend wrote, with its tag, copied under another key.
+            kept = {KV_TAG_HEADER: (copied.headers or {})[KV_TAG_HEADER]}
+            await js.publish("$KV.WASMCLOUD_SECRETS.db", copied.data or b"", headers=kept)
+        forged = run_cli("get", "db", "--nats-address", url, env=env)
+        assert forged.returncode == 1
+        (line,) = forged.stderr.decode().strip().splitlines()
+        assert "was not written by the backend" in line
+        assert b"harmless" not in forged.stdout
+        # The stranger took revision 3: the next put's write is an incident, not a skip.
+        assert await clients.admin.put_secret("db", "next") == 3
+        kinds = [i["kind"] for i in clients.backend.health.snapshot()]
+        assert kinds == [KV_FOREIGN_REVISION]
+        with pytest.raises(UpstreamError):  # writes refused until an operator acts
+            await clients.admin.put_secret("db", "after")

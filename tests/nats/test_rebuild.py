@@ -205,7 +205,7 @@ async def test_a_refold_that_finds_revisions_taken_keeps_them_and_writes_the_res
         await views.drop()
         await views.ensure()
         # The competing writer: the first entries of the log, as a backend writes them.
-        competitor = KvWriter(views)
+        competitor = KvWriter(views, barrier=auth)
         state = ViewState()
         async for entry in event_log.entries():
             for effect in fold(state, entry.seq, entry.event):
