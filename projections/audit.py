@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import heapq
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -38,10 +38,12 @@ from events.types import (
     SecretUndeleted,
     event_type,
 )
+from projections.checkpoints import CheckpointWriter
 from projections.state import ViewState, fold
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import ConfigError, StorageError
 from secrets_nats_kv.nats.reader import stream_messages
+from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -229,23 +231,48 @@ async def export_audit(
     follow: bool,
     include_access: bool,
     encryption: XKey | None,
+    signer: SigningKey | None = None,
+    checkpoint_every: int = 1,
 ) -> int:
-    """Write the audit log as JSON Lines to `out`; return how many records were written."""
+    """Write the audit log as JSON Lines to `out`; return how many records were written.
+
+    With `signer` (AUDIT_SIGNING_SEED) the records are followed by signed checkpoints
+    (`projections.checkpoints`) that `audit verify` checks offline.
+    """
     barrier = Barrier(encryption) if encryption is not None else None
     event_log = EventLog(nc, backend_name=backend_name, barrier=barrier)
+    checkpoints = CheckpointWriter(signer, every=checkpoint_every) if signer else None
     count = 0
 
     def emit(record: Record) -> None:
         nonlocal count
-        out.write(encode_line(record))
+        line = encode_line(record)
+        out.write(b"".join(checkpoints.record(line)) if checkpoints else line)
         out.flush()
         count += 1
 
+    await _export(nc, backend_name, event_log, emit, since, until, follow, include_access)
+    if checkpoints is not None:
+        out.write(checkpoints.final())
+        out.flush()
+    return count
+
+
+async def _export(
+    nc: NATS,
+    backend_name: str,
+    event_log: EventLog,
+    emit: Callable[[Record], None],
+    since: Bound | None,
+    until: Bound | None,
+    follow: bool,
+    include_access: bool,
+) -> None:
     events = audit_records(event_log, since=since, until=until, follow=follow)
     if not include_access:
         async for record in events:
             emit(record)
-        return count
+        return
     gets = access_records(nc, backend_name, since=since, until=until, follow=follow)
     if follow:
         async with anyio.create_task_group() as tg:
@@ -258,9 +285,8 @@ async def export_audit(
 
             tg.start_soon(pump, events)
             tg.start_soon(pump, gets)
-        return count
+        return
     history: list[Record] = [record async for record in events]
     decisions: list[Record] = [record async for record in gets]
     for item in heapq.merge(history, decisions, key=_record_time):
         emit(item)
-    return count

@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--access", action="store_true", help="include the get access log")
     _add_nats(export)
     _add_names(export)
+    from secrets_nats_kv.app import integrity_commands
+
+    integrity_commands.add_audit_parsers(audit_commands, export)
 
     from secrets_nats_kv.app import integrity_commands
 
@@ -240,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from secrets_nats_kv.app import commands, integrity_commands
 
     try:
-        handler = integrity_commands.COMMANDS.get(args.command, commands.dispatch)
+        handler = integrity_commands.handler_for(args) or commands.dispatch
         return anyio.run(handler, args)
     except SecretsBackendError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")

@@ -36,6 +36,7 @@ from secrets_nats_kv.errors import (
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 log = logging.getLogger(__name__)
@@ -452,6 +453,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
                 follow=args.follow,
                 include_access=args.access,
                 encryption=encryption,
+                signer=audit_signer(),
+                checkpoint_every=getattr(args, "checkpoint_every", 1),
             )
         finally:
             if args.output:
@@ -461,6 +464,17 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     if args.output:
         _say(f"wrote {count} records to {args.output}")
     return 0
+
+
+def audit_signer() -> SigningKey | None:
+    """AUDIT_SIGNING_SEED (an account seed, SA…) signs the export's checkpoints, if set."""
+    text = os.environ.get("AUDIT_SIGNING_SEED")
+    if not text:
+        return None
+    try:
+        return SigningKey.from_seed(text.strip(), Role.ACCOUNT)
+    except InvalidKey as exc:
+        raise ConfigError(f"AUDIT_SIGNING_SEED: {exc}") from None
 
 
 async def cmd_rotate_key(args: argparse.Namespace) -> int:

@@ -13,8 +13,11 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable
 
+import anyio
+
 from events.log import EventLog
 from events.repair import repair_log, verify_log
+from projections.checkpoints import verify_export
 from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
 from secrets_nats_kv import config
@@ -25,6 +28,7 @@ from secrets_nats_kv.app.commands import (
     seed_from_env,
 )
 from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.errors import ConfigError, InvalidKey
 from secrets_nats_kv.nats.connection import connect
 
 Adder = Callable[[argparse.ArgumentParser], None]
@@ -61,6 +65,47 @@ def add_parsers(commands: argparse._SubParsersAction, add_nats: Adder, add_names
     repair.add_argument("--replicas", type=int, default=1)
     add_nats(repair)
     add_names(repair)
+
+
+def add_audit_parsers(
+    audit_commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    export: argparse.ArgumentParser,
+) -> None:
+    """`audit export --checkpoint-every N` and `audit verify FILE --public-key A…`."""
+    export.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with AUDIT_SIGNING_SEED: a signed checkpoint after every N records (default 1)",
+    )
+    check = audit_commands.add_parser(
+        "verify", help="check an exported audit file's signed checkpoints (offline)"
+    )
+    check.add_argument("file")
+    check.add_argument("--public-key", required=True, help="the signer's account key (A…)")
+
+
+def handler_for(args: argparse.Namespace) -> Callable[[argparse.Namespace], Awaitable[int]] | None:
+    """The command of this module `args` names, if any."""
+    if args.command == "audit":
+        return cmd_audit_verify if args.audit_command == "verify" else None
+    return COMMANDS.get(args.command)
+
+
+async def cmd_audit_verify(args: argparse.Namespace) -> int:
+    try:
+        data = await anyio.Path(args.file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        verdict = verify_export(data.splitlines(keepends=True), args.public_key)
+    except InvalidKey as exc:
+        raise ConfigError(f"--public-key: {exc}") from None
+    if not verdict.ok:
+        raise ConfigError(verdict.summary())
+    _say(verdict.summary())
+    return 0
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -29,6 +30,7 @@ from secrets_nats_kv.barrier import KV_TAG_HEADER
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
@@ -442,3 +444,50 @@ async def test_get_refuses_a_kv_entry_the_backend_did_not_write(nats_server: Nat
         assert kinds == [KV_FOREIGN_REVISION]
         with pytest.raises(UpstreamError):  # writes refused until an operator acts
             await clients.admin.put_secret("db", "after")
+
+
+# --- signed audit checkpoints -------------------------------------------------------------------
+
+
+async def test_an_exported_audit_is_verified_offline_and_tampering_is_named(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        await history(clients, identity)
+    signer = SigningKey.generate(Role.ACCOUNT)
+    env = {**cli_env(keys), "AUDIT_SIGNING_SEED": signer.seed}
+    out = tmp_path / "audit.jsonl"
+    exported = run_cli("audit", "export", "--output", str(out), "--nats-address", url, env=env)
+    assert exported.returncode == 0, exported.stderr
+    key = signer.public_key
+
+    def check(path: Path) -> subprocess.CompletedProcess[bytes]:
+        return run_cli("audit", "verify", str(path), "--public-key", key, env=cli_env())
+
+    good = check(out)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.decode().startswith("audit export verified: 4 records, 5 signed")
+    lines = out.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 9  # a checkpoint after each of the 4 records, and a final one
+    cases = {
+        "edited": [*lines[:4], lines[4].replace(b"mapping_removed", b"mapping_added"), *lines[5:]],
+        "removed": [*lines[:4], *lines[6:]],
+        "reordered": [*lines[:4], lines[6], lines[5], lines[4], *lines[7:]],
+    }
+    for how, changed in cases.items():
+        path = tmp_path / f"{how}.jsonl"
+        path.write_bytes(b"".join(changed))
+        refused = check(path)
+        assert refused.returncode == 1, how
+        (line,) = refused.stderr.decode().strip().splitlines()
+        assert "record 3" in line, (how, line)
+        assert "verified up to checkpoint 2" in line, (how, line)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(lines[:6]))
+    (line,) = check(cut).stderr.decode().strip().splitlines()
+    assert "cut short; verified up to checkpoint 3 (3 records)" in line
+    appended = tmp_path / "appended.jsonl"
+    appended.write_bytes(b"".join([*lines, lines[0]]))
+    (line,) = check(appended).stderr.decode().strip().splitlines()
+    assert "record 5 follows the final checkpoint" in line
