@@ -119,7 +119,9 @@ class Backend:
             )
             access_log = None
             if config.access_log:
-                access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
+                access_log = AccessLog(
+                    nc, backend_name=names.name, barrier=barrier, replicas=config.replicas
+                )
                 await access_log.ensure()
             responder = GetResponder(
                 view,

@@ -40,9 +40,10 @@ from events.types import (
 )
 from projections.checkpoints import CheckpointWriter
 from projections.state import ViewState, fold
-from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.errors import ConfigError, StorageError
-from secrets_nats_kv.nats.reader import stream_messages
+from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER
+from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
 from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.xkeys import XKey
 
@@ -198,18 +199,41 @@ def access_audit_record(record: AccessRecord) -> AccessAuditRecord:
     )
 
 
+@dataclass
+class AccessCounts:
+    """What an export of the access log left out."""
+
+    forged: int = 0  # messages not tagged by the backend's key, or seen before
+
+
 async def access_records(
-    nc: NATS, backend_name: str, *, since: Bound | None, until: Bound | None, follow: bool
+    nc: NATS,
+    backend_name: str,
+    *,
+    since: Bound | None,
+    until: Bound | None,
+    follow: bool,
+    barrier: Barrier | None = None,
+    counts: AccessCounts | None = None,
 ) -> AsyncIterator[AccessAuditRecord]:
-    """Get decisions from the access log inside a time window (sequence bounds do not apply)."""
+    """Get decisions from the access log inside a time window (sequence bounds do not apply).
+
+    With `barrier`, only batches the backend tagged are exported, each batch id once;
+    the rest are counted in `counts`, never exported as genuine.
+    """
+    counts = counts if counts is not None else AccessCounts()
+    stream = access_stream_name(backend_name)
+    seen: set[str] = set()
     try:
-        messages = stream_messages(
-            nc, access_stream_name(backend_name), access_subject(backend_name), follow=follow
-        )
+        messages = stream_messages(nc, stream, access_subject(backend_name), follow=follow)
         async for message in messages:
+            if barrier is not None and not _genuine(barrier, stream, message, seen):
+                counts.forged += 1
+                continue
             try:
                 records = decode_access(message.data)
             except UndecodableAccessRecord:
+                counts.forged += 1
                 continue
             for record in records:
                 if since is not None and since.at is not None and record.at < since.at:
@@ -219,6 +243,18 @@ async def access_records(
                 yield access_audit_record(record)
     except StorageError:
         return  # no access log (run --no-access-log, or never started)
+
+
+def _genuine(barrier: Barrier, stream: str, message: StoredMessage, seen: set[str]) -> bool:
+    headers = message.headers or {}
+    batch_id = headers.get(MSG_ID_HEADER, "")
+    tag = headers.get(KV_TAG_HEADER)
+    if not batch_id or batch_id in seen:
+        return False
+    if not barrier.verify_kv(stream, batch_id, 0, message.data, tag):
+        return False
+    seen.add(batch_id)
+    return True
 
 
 async def export_audit(
@@ -233,6 +269,7 @@ async def export_audit(
     encryption: XKey | None,
     signer: SigningKey | None = None,
     checkpoint_every: int = 1,
+    counts: AccessCounts | None = None,
 ) -> int:
     """Write the audit log as JSON Lines to `out`; return how many records were written.
 
@@ -251,7 +288,16 @@ async def export_audit(
         out.flush()
         count += 1
 
-    await _export(nc, backend_name, event_log, emit, since, until, follow, include_access)
+    gets = access_records(
+        nc,
+        backend_name,
+        since=since,
+        until=until,
+        follow=follow,
+        barrier=barrier,
+        counts=counts,
+    )
+    await _export(event_log, gets if include_access else None, emit, since, until, follow)
     if checkpoints is not None:
         out.write(checkpoints.final())
         out.flush()
@@ -259,21 +305,18 @@ async def export_audit(
 
 
 async def _export(
-    nc: NATS,
-    backend_name: str,
     event_log: EventLog,
+    gets: AsyncIterator[AccessAuditRecord] | None,
     emit: Callable[[Record], None],
     since: Bound | None,
     until: Bound | None,
     follow: bool,
-    include_access: bool,
 ) -> None:
     events = audit_records(event_log, since=since, until=until, follow=follow)
-    if not include_access:
+    if gets is None:
         async for record in events:
             emit(record)
         return
-    gets = access_records(nc, backend_name, since=since, until=until, follow=follow)
     if follow:
         async with anyio.create_task_group() as tg:
 

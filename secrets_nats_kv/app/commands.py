@@ -431,7 +431,9 @@ def progress_printer(label: str) -> Callable[[int, int], None] | None:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    from projections.audit import Bound, export_audit
+    from projections.audit import AccessCounts, Bound, export_audit
+
+    counts = AccessCounts()
 
     names = backend_names(args)
     key = os.environ.get("ENCRYPTION_XKEY_SEED")
@@ -455,12 +457,18 @@ async def cmd_audit(args: argparse.Namespace) -> int:
                 encryption=encryption,
                 signer=audit_signer(),
                 checkpoint_every=getattr(args, "checkpoint_every", 1),
+                counts=counts,
             )
         finally:
             if args.output:
                 out.close()
     finally:
         await nc.close()
+    if counts.forged:
+        sys.stderr.write(
+            f"secrets-nats-kv: warning: {counts.forged} access-log messages not tagged by the "
+            "backend were left out\n"
+        )
     if args.output:
         _say(f"wrote {count} records to {args.output}")
     return 0

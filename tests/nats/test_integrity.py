@@ -10,15 +10,18 @@ incident, and `verify` / `repair` are the operator's way out, on the record.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from events.access import AccessRecord, access_stream_name, access_subject, encode_access
 from events.anchor import AnchorForged, anchor_stream_name, anchor_subject
 from events.chain import ChainBroken
 from events.log import stream_name, subject_prefix
@@ -491,3 +494,45 @@ async def test_an_exported_audit_is_verified_offline_and_tampering_is_named(
     appended.write_bytes(b"".join([*lines, lines[0]]))
     (line,) = check(appended).stderr.decode().strip().splitlines()
     assert "record 5 follows the final checkpoint" in line
+
+
+async def test_forged_access_records_are_left_out_and_the_stream_denies_purge(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    access = access_stream_name("nats-kv")
+    async with running_backend(url, keys) as clients:
+        assert await clients.admin.put_secret("db", "v") == 1
+        with pytest.raises(Unauthorized):
+            await clients.get(identity, "db")  # one genuine record: refused
+        async with attacker(url) as nc:
+            js = nc.jetstream()
+            deadline = anyio.current_time() + 10
+            while (await js.stream_info(access)).state.messages < 1:  # batched, async
+                assert anyio.current_time() < deadline
+                await anyio.sleep(0.05)
+            genuine = await js.get_msg(access, 1)
+            forged = AccessRecord(at=1.0, secret="db", entity="M" + "B" * 55, granted=True)
+            await js.publish(access_subject("nats-kv"), encode_access([forged]))
+            # The genuine batch again, its tag kept, under a new id and under none.
+            tag = {KV_TAG_HEADER: (genuine.headers or {})[KV_TAG_HEADER]}
+            await js.publish(access_subject("nats-kv"), genuine.data or b"", headers=tag)
+            with pytest.raises(nats.js.errors.APIError):
+                await js.purge_stream(access)
+    out = tmp_path / "audit.jsonl"
+    exported = run_cli(
+        "audit",
+        "export",
+        "--access",
+        "--output",
+        str(out),
+        "--nats-address",
+        url,
+        env=cli_env(keys),
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "2 access-log messages not tagged by the backend were left out" in (
+        exported.stderr.decode()
+    )
+    gets = [json.loads(line) for line in out.read_bytes().splitlines() if b'"get"' in line]
+    assert [(g["secret"], g["granted"]) for g in gets] == [("db", False)]
