@@ -15,7 +15,6 @@ import uuid
 
 import anyio
 import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.js import api

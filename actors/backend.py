@@ -38,6 +38,24 @@ from secrets_nats_kv.nats.connection import connect
 log = logging.getLogger(__name__)
 
 
+def operation_handlers(
+    responder: GetResponder, store: StoreActor, lifecycle: LifecycleActor
+) -> dict[str, Handler]:
+    """Which actor answers each operation on the backend's subject."""
+    return {
+        "server_xkey": responder.server_xkey,
+        "get": responder.get,
+        "put_secret": store.put_secret,
+        "add_mapping": store.add_mapping,
+        "remove_mapping": store.remove_mapping,
+        "list": lifecycle.list,
+        "mappings": lifecycle.mappings,
+        "delete": lifecycle.delete,
+        "undelete": lifecycle.undelete,
+        "destroy": lifecycle.destroy,
+    }
+
+
 @dataclass
 class Backend:
     """One backend instance. `run` blocks until `stop()`; readiness is `ready`."""
@@ -139,18 +157,7 @@ class Backend:
             )
             store = StoreActor(decider, gate, barrier=barrier)
             lifecycle = LifecycleActor(decider, gate)
-            handlers: dict[str, Handler] = {
-                "server_xkey": responder.server_xkey,
-                "get": responder.get,
-                "put_secret": store.put_secret,
-                "add_mapping": store.add_mapping,
-                "remove_mapping": store.remove_mapping,
-                "list": lifecycle.list,
-                "mappings": lifecycle.mappings,
-                "delete": lifecycle.delete,
-                "undelete": lifecycle.undelete,
-                "destroy": lifecycle.destroy,
-            }
+            handlers = operation_handlers(responder, store, lifecycle)
             pool = self.pool = ResponderPool(
                 nc, names, handlers, concurrency=config.request_concurrency
             )

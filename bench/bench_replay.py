@@ -52,7 +52,7 @@ from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import erase_message, stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
-from secrets_nats_kv.nats.reader import read_stream, read_stream_ordered
+from secrets_nats_kv.nats.reader import get_message, read_stream, read_stream_ordered
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import SealBox, XKey
 
@@ -176,8 +176,9 @@ async def measure(nc: NATS, count: int) -> dict[str, Any]:
     )
     rotate_s = time.perf_counter() - passes.started
     # Sanity: the rotated log ends with the rotation and the views were refolded.
-    last = (await nc.jetstream().get_msg(live, seq=head + 1)).data or b""
-    assert isinstance(decode_event(last), KeyRotated)
+    last = await get_message(nc, live, head + 1)
+    assert last is not None
+    assert isinstance(decode_event(last.data), KeyRotated)
     kv_head = (await stream_state(nc, kv_stream(NAMES.secrets_bucket), 5.0)).last_seq
     assert kv_head == rebuilt.secrets_revision, (kv_head, rebuilt.secrets_revision)
     stage_s, copy_s, refold_s = ([*passes.durations(), 0.0, 0.0, 0.0])[:3]

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import api
 

@@ -21,10 +21,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from actors.backend import operation_handlers
 from actors.decider import Decider
 from actors.gate import AdminGate
 from actors.lifecycle import LifecycleActor
-from actors.pool import Handler, ResponderPool
+from actors.pool import ResponderPool
 from actors.responder import GetResponder
 from actors.shredder import Shredder
 from actors.store import StoreActor
@@ -155,18 +156,7 @@ class MemoryBackend:
             barrier=barrier,
             trusted_issuers=self.trusted_issuers,
         )
-        handlers: dict[str, Handler] = {
-            "server_xkey": responder.server_xkey,
-            "get": responder.get,
-            "put_secret": store.put_secret,
-            "add_mapping": store.add_mapping,
-            "remove_mapping": store.remove_mapping,
-            "list": lifecycle.list,
-            "mappings": lifecycle.mappings,
-            "delete": lifecycle.delete,
-            "undelete": lifecycle.undelete,
-            "destroy": lifecycle.destroy,
-        }
+        handlers = operation_handlers(responder, store, lifecycle)
         self.pool = ResponderPool(None, self.names, handlers)  # type: ignore[arg-type]
         self.connection: Any = InProcessConnection(self.pool)
         self._group: TaskGroup | None = None

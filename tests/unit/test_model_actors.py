@@ -6,7 +6,8 @@ real actors (`support.memlog.MemoryBackend`: the store and lifecycle actors, the
 decider, the live view, the shredder, the get responder, behind the pool's dispatch),
 sealed and signed as over the wire. Every reply must be the model's (a revision, a
 value, a listing, or the exact protocol error); at the end the live view must mean what
-the model holds, and a fold of the log as the shredder left it must equal the live view.
+the model holds, a fold of the log as the shredder left it must equal the live view, and
+a backend started afresh on the same log (a restart) must catch up to the same view.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ async def run_history(history: list[Operation]) -> None:
         for op in history:
             await run.apply(op)
         run.check_views(log)
+    # A backend started afresh on the same log (a restart) catches up to the same view.
+    async with MemoryBackend(log, KEYS.transit, KEYS.encryption) as restarted:
+        await restarted.view.wait_applied(await log.head())
+        diff = Projection.of(restarted.view.state, AT_REST).differences(run.model.projection())
+        assert not diff, "restarted view != model:\n" + "\n".join(diff)
 
 
 @settings(
