@@ -24,12 +24,12 @@ from nats.aio.msg import Msg
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
 from events.anchor import AnchorForged, anchor_stream_name, anchor_subject
 from events.chain import ChainBroken
-from events.log import stream_name, subject_prefix
-from events.types import LogRepaired
+from events.log import EventLog, stream_name, subject_prefix
+from events.types import Event, LogRepaired, MappingAdded, SecretPut
 from projections.kv import KV_FOREIGN_REVISION
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
-from secrets_nats_kv.barrier import KV_TAG_HEADER
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
@@ -536,3 +536,29 @@ async def test_forged_access_records_are_left_out_and_the_stream_denies_purge(
     )
     gets = [json.loads(line) for line in out.read_bytes().splitlines() if b'"get"' in line]
     assert [(g["secret"], g["granted"]) for g in gets] == [("db", False)]
+
+
+async def test_a_batch_appended_through_the_codec_extends_the_chain(
+    nats_server: NatsServer,
+) -> None:
+    """`EventLog.append_batch` (pipelined, positioned: what `import` uses) chains like the
+    decider's appends: a backend started afterwards verifies and serves it."""
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        assert await clients.admin.put_secret("db", "first") == 1
+    async with attacker(url) as nc:
+        log = EventLog(nc, backend_name="nats-kv", barrier=Barrier(keys.encryption))
+        entries = await log.read_all()
+        sealed = Barrier(keys.encryption).seal(b"imported")
+        batch: list[Event] = [
+            SecretPut(at=1.0, name="db", sealed=sealed),
+            MappingAdded(at=1.0, entity=identity.entity_key, secrets=("db",)),
+        ]
+        link = await log.append_batch(
+            batch, expected_last_seq=entries[-1].seq, previous=entries[-1].link
+        )
+        assert link == (await log.read_all())[-1].link
+    remember("imported", "imported value")
+    async with running_backend(url, keys) as clients:
+        secret = await clients.get(identity, "db")
+        assert (secret.version, secret.string_secret) == ("2", "imported")
