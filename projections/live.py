@@ -191,12 +191,13 @@ class LiveView:
         seen = self.state.last_seq
         while self.broken is None:
             await anyio.sleep(self.stall_after)  # a periodic check, not a wait for an event
+            folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
                     head = await self._log.head()
             except (StorageError, NatsUnavailable, TimeoutError):
                 continue  # JetStream unreachable: nothing to catch up with yet
-            self._check_not_behind(head)
+            self._check_not_behind(head, folded)
             if head > self.state.last_seq == seen and self._follow_scope is not None:
                 log.warning(
                     "view stalled behind the event log, following again",
@@ -247,23 +248,25 @@ class LiveView:
             current, self._round = self._round, None
             if current is None:
                 continue
+            folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
                     current.head = await self._log.head()
             except (StorageError, NatsUnavailable, TimeoutError) as exc:
                 current.error = exc
             else:
-                self._check_not_behind(current.head)
+                self._check_not_behind(current.head, folded)
             current.done.set()
 
-    def _check_not_behind(self, head: int) -> None:
-        """This view is an anchor too: a log whose head is below what it folded was cut
-        short or replaced (stream deleted, an earlier part published again)."""
-        if head < self.state.last_seq and self.broken is None:
+    def _check_not_behind(self, head: int, folded: int) -> None:
+        """This view is an anchor too: a log whose head, read after the view had folded
+        `folded` entries, is below that was cut short or replaced (stream deleted, an
+        earlier part published again). The view may fold more while the read is out."""
+        if head < folded and self.broken is None:
             self._break(
                 ChainBroken(
                     head + 1,
                     f"the event log ends at #{head} but this backend folded it to "
-                    f"#{self.state.last_seq}: entries were deleted or the log was replaced",
+                    f"#{folded}: entries were deleted or the log was replaced",
                 )
             )
