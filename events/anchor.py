@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
+import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -38,6 +39,7 @@ from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 10
+_ELECTION_S = 20.0
 
 
 def anchor_stream_name(backend_name: str) -> str:
@@ -102,13 +104,25 @@ class Anchor:
         await ensure_stream(self._nc, config, self._timeout)
 
     async def read(self) -> Anchored | None:
-        """The anchor, verified; None if there is none yet; `AnchorForged` if not ours."""
-        try:
-            msg = await self._js.get_last_msg(self.stream, self.subject)
-        except nats.js.errors.NotFoundError:
-            return None
-        except nats.errors.Error as exc:
-            raise convert("read anchor", exc) from None
+        """The anchor, verified; None if there is none yet; `AnchorForged` if not ours.
+
+        A stream just created on a cluster has no leader for a moment: reads that time
+        out then are tried again, for up to `_ELECTION_S` seconds.
+        """
+        delay, deadline = 0.1, time.monotonic() + _ELECTION_S
+        while True:
+            try:
+                msg = await self._js.get_last_msg(self.stream, self.subject)
+                break
+            except nats.js.errors.NotFoundError:
+                return None
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if time.monotonic() > deadline:
+                    raise convert("read anchor", exc) from None
+            except nats.errors.Error as exc:
+                raise convert("read anchor", exc) from None
+            await anyio.sleep(delay)  # waiting out a leader election, bounded
+            delay = min(delay * 2, 1.0)
         data = msg.data or b""
         tag = (msg.headers or {}).get(KV_TAG_HEADER)
         if not self._barrier.verify_kv(self.stream, self.subject, msg.seq or 0, data, tag):
