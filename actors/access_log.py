@@ -3,12 +3,15 @@
 Responders hand decisions over through a bounded buffer and never wait; when the buffer
 is full (NATS slower than the gets), records are dropped and counted rather than
 delaying a host. Whatever is buffered goes out as one plain publish into the access
-stream (split only if it would exceed the server's payload limit).
+stream (split only if it would exceed the server's payload limit), with a batch id
+(`Nats-Msg-Id`) and a tag over (stream, batch id, body) from the barrier, so `audit
+export` can leave out records anyone else published. The stream denies purge.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 import anyio
 import nats.errors
@@ -17,7 +20,8 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
-from secrets_nats_kv.nats.jetstream import ensure_stream
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
+from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER, ensure_stream, update_stream
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +32,16 @@ class AccessLog:
     """Actor: owns the access stream and the buffer in front of it."""
 
     def __init__(
-        self, nc: NATS, *, backend_name: str, replicas: int = 1, capacity: int = 10_000
+        self,
+        nc: NATS,
+        *,
+        backend_name: str,
+        barrier: Barrier | None = None,
+        replicas: int = 1,
+        capacity: int = 10_000,
     ) -> None:
         self._nc = nc
+        self._barrier = barrier
         self._stream = access_stream_name(backend_name)
         self._subject = access_subject(backend_name)
         self._replicas = replicas
@@ -46,8 +57,12 @@ class AccessLog:
             storage=api.StorageType.FILE,
             num_replicas=self._replicas,
             max_age=90 * 24 * 3600.0,
+            deny_purge=True,
         )
-        await ensure_stream(self._nc, config, 5.0)
+        existing = await ensure_stream(self._nc, config, 5.0)
+        if existing is not None and not existing.config.deny_purge:
+            existing.config.deny_purge = True  # a stream made before purges were denied
+            await update_stream(self._nc, existing.config, 5.0)
 
     def record(self, record: AccessRecord) -> None:
         """Called on the get path: never blocks, never raises."""
@@ -69,6 +84,13 @@ class AccessLog:
                         break
                 await self._publish(batch)
 
+    def _headers(self, data: bytes) -> dict[str, str] | None:
+        if self._barrier is None:
+            return None
+        batch_id = uuid.uuid4().hex
+        tag = self._barrier.kv_tag(self._stream, batch_id, 0, data)
+        return {MSG_ID_HEADER: batch_id, KV_TAG_HEADER: tag}
+
     async def _publish(self, batch: list[AccessRecord]) -> None:
         data = encode_access(batch)
         if len(data) > self._nc.max_payload and len(batch) > 1:
@@ -77,7 +99,7 @@ class AccessLog:
             await self._publish(batch[half:])
             return
         try:
-            await self._nc.publish(self._subject, data)
+            await self._nc.publish(self._subject, data, headers=self._headers(data))
         except nats.errors.Error:  # includes a lone record over the payload limit
             self.dropped += len(batch)
         else:

@@ -33,7 +33,7 @@ from actors.service import (
 from actors.shredder import Shredder
 from actors.store import StoreActor
 from actors.transit import TransitKeys
-from events.integrity import EventAuthenticator
+from events.anchor import Anchor, Anchored, AnchorForged
 from events.log import EventLog
 from projections.foreign import (
     BucketFound,
@@ -47,7 +47,9 @@ from projections.foreign import (
 from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.live import LiveView
 from projections.state import Effect
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendConfig
+from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.connection import connect
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class Backend:
         self.transit: TransitKeys | None = None
         self.health = Health()
         self.writer: KvWriter | None = None
+        self._shredder: Shredder | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,11 +114,12 @@ class Backend:
         nc = self.nc = await connect(
             config.nats, name=f"secrets-nats-kv {names.name}", persistent=True
         )
+        barrier = Barrier(config.encryption_key)  # the one security core of this instance
         try:
             event_log = EventLog(
                 nc,
                 backend_name=names.name,
-                authenticator=EventAuthenticator.for_key(config.encryption_key),
+                barrier=barrier,
                 replicas=config.replicas,
             )
             views = KvBuckets(
@@ -135,15 +139,30 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
-            writer = self.writer = KvWriter(views, incidents=self.health)
+            anchor = Anchor(nc, backend_name=names.name, barrier=barrier, replicas=config.replicas)
+            await anchor.ensure()
+            anchored: Anchored | StorageError | None
+            try:
+                anchored = await anchor.read()
+            except AnchorForged as exc:  # refuses the start, once the log has been judged
+                anchored = exc
+            writer = self.writer = KvWriter(views, barrier=barrier, incidents=self.health)
             writer.prime(found[0].last_seq, found[1].last_seq)
-            shredder = Shredder(event_log)
+            shredder = self._shredder = Shredder(event_log)
 
             def on_effects(seq: int, effects: list[Effect]) -> None:
                 writer.submit(seq, effects)
                 shredder.submit(seq, effects)
 
-            view = self.view = LiveView(event_log, on_effects=on_effects)
+            health = self.health
+            view = self.view = LiveView(
+                event_log,
+                on_effects=on_effects,
+                report=lambda kind, detail, blocks: health.report(
+                    kind, detail, blocks_writes=blocks
+                ),
+                anchored=anchored,
+            )
             gate = AdminGate(
                 config.transit_key,
                 config.admin_public_keys,
@@ -151,20 +170,26 @@ class Backend:
             )
             access_log = None
             if config.access_log:
-                access_log = AccessLog(nc, backend_name=names.name, replicas=config.replicas)
+                access_log = AccessLog(
+                    nc, backend_name=names.name, barrier=barrier, replicas=config.replicas
+                )
                 await access_log.ensure()
             transit = self.transit = TransitKeys(config.transit_key, config.previous_transit_keys)
             responder = GetResponder(
                 view,
                 transit=transit,
-                encryption=config.encryption_key,
+                barrier=barrier,
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
             decider = Decider(
-                event_log, view, (writer.applied, shredder.applied), health=self.health
+                event_log,
+                view,
+                (writer.applied, shredder.applied),
+                health=health,
+                anchor=anchor,
             )
-            store = StoreActor(decider, gate, encryption=config.encryption_key)
+            store = StoreActor(decider, gate, barrier=barrier)
             lifecycle = LifecycleActor(decider, gate)
             handlers = operation_handlers(responder, store, lifecycle)
             pool = self.pool = ResponderPool(
@@ -196,8 +221,9 @@ class Backend:
                     await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
-            if self.writer is not None:
-                self.writer.close()  # its queue, if it never ran (a refused start)
+            for queue in (self.writer, self._shredder):
+                if queue is not None:
+                    queue.close()  # its queue, if it never ran (a refused start)
             # NATS may be gone by now: closing a dead connection is not a failure of ours.
             with anyio.move_on_after(5, shield=True), contextlib.suppress(OSError):
                 await nc.close()

@@ -13,6 +13,7 @@ from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
 from secrets_nats_kv import wire
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import (
     InvalidKey,
     InvalidRequest,
@@ -21,7 +22,6 @@ from secrets_nats_kv.errors import (
 )
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
-from secrets_nats_kv.xkeys import SealBox, XKey
 
 OK = Reply(b"ok")
 
@@ -29,10 +29,10 @@ OK = Reply(b"ok")
 class StoreActor:
     """Actor: turns put_secret and mapping changes into events."""
 
-    def __init__(self, decider: Decider, gate: AdminGate, *, encryption: XKey) -> None:
+    def __init__(self, decider: Decider, gate: AdminGate, *, barrier: Barrier) -> None:
         self._decider = decider
         self._gate = gate
-        self._at_rest = SealBox(encryption, encryption)
+        self._at_rest = barrier
 
     # --- put_secret -------------------------------------------------------------------
 
@@ -51,6 +51,7 @@ class StoreActor:
         put = wire.decode_put_request(opened.plaintext, authenticated=opened.authenticated)
         request_id = ""
         if isinstance(put, wire.AdminPutSecretRequest):
+            self._gate.check_bound(request.operation, put.operation)
             self._gate.check_issued_at(put.issued_at)
             request_id = put.request_id
         name = _secret_name(put.key)
@@ -90,6 +91,9 @@ class StoreActor:
         payload = wire.decode_mapping_request(opened.plaintext, authenticated=opened.authenticated)
         request_id = ""
         if isinstance(payload, wire.MappingRequest):
+            self._gate.check_bound(
+                request.operation, payload.operation, entity=entity, sealed_entity=payload.entity
+            )
             self._gate.check_issued_at(payload.issued_at)
             request_id = payload.request_id
             names = payload.secrets
