@@ -33,7 +33,7 @@ from actors.service import (
 from actors.shredder import Shredder
 from actors.store import StoreActor
 from actors.transit import TransitKeys
-from events.integrity import EventAuthenticator
+from events.anchor import Anchor, Anchored, AnchorForged
 from events.log import EventLog
 from projections.foreign import (
     BucketFound,
@@ -45,16 +45,18 @@ from projections.foreign import (
     inspect_views,
 )
 from projections.kv import KvBuckets, KvLayout, KvWriter
-from projections.live import LiveView
+from projections.live import FOREIGN_ENTRIES, LiveView
 from projections.rebuild import refold_views
 from projections.state import Effect
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendConfig
+from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 
 log = logging.getLogger(__name__)
 
-REJECTED_ENTRIES = "rejected-entries"  # the incident kind for entries on the log not ours
+REJECTED_ENTRIES = FOREIGN_ENTRIES  # the incident kind for entries on the log not ours
 BUCKET_RECREATED = "bucket-recreated"  # a KV bucket was deleted under the backend
 FORGED_API_ANSWERS = "forged-jetstream-answers"  # someone else answers $JS.API requests
 
@@ -93,6 +95,7 @@ class Backend:
         self.transit: TransitKeys | None = None
         self.health = Health()
         self.writer: KvWriter | None = None
+        self._shredder: Shredder | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,20 +114,17 @@ class Backend:
             STATS_PREVIOUS_TRANSIT: [] if self.transit is None else self.transit.snapshot(),
         }
 
-    def _rejected_entry(self, seq: int, reason: str) -> None:
-        """An entry on the log that is not ours: one incident, counted, logged once."""
-        self.health.report(REJECTED_ENTRIES, f"latest at #{seq}: {reason}")
-
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         names = config.names
         options = replace(config.nats, inbox_prefix=inbox_prefix(names, NatsRole.BACKEND))
         nc = self.nc = await connect(options, name=f"secrets-nats-kv {names.name}", persistent=True)
+        barrier = Barrier(config.encryption_key)  # the one security core of this instance
         try:
             event_log = EventLog(
                 nc,
                 backend_name=names.name,
-                authenticator=EventAuthenticator.for_key(config.encryption_key),
+                barrier=barrier,
                 replicas=config.replicas,
             )
             views = KvBuckets(
@@ -144,6 +144,13 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
+            anchor = Anchor(nc, backend_name=names.name, barrier=barrier, replicas=config.replicas)
+            await anchor.ensure()
+            anchored: Anchored | StorageError | None
+            try:
+                anchored = await anchor.read()
+            except AnchorForged as exc:  # refuses the start, once the log has been judged
+                anchored = exc
 
             async def refill(gone: list[str]) -> None:
                 """Buckets deleted under a running backend: recreated, refilled from the log."""
@@ -153,19 +160,25 @@ class Backend:
                 await views.ensure()
                 await refold_views(nc, event_log, views, None)
 
-            writer = self.writer = KvWriter(views, incidents=self.health, on_missing=refill)
+            writer = self.writer = KvWriter(
+                views, barrier=barrier, incidents=self.health, on_missing=refill
+            )
             writer.prime(found[0].last_seq, found[1].last_seq)
-            shredder = Shredder(event_log)
+            shredder = self._shredder = Shredder(event_log)
 
             def on_effects(seq: int, effects: list[Effect]) -> None:
                 writer.submit(seq, effects)
                 shredder.submit(seq, effects)
 
+            health = self.health
             view = self.view = LiveView(
                 event_log,
                 on_effects=on_effects,
-                on_rejected=self._rejected_entry,
-                on_forged_head=lambda detail: self.health.report(FORGED_API_ANSWERS, detail),
+                report=lambda kind, detail, blocks: health.report(
+                    kind, detail, blocks_writes=blocks
+                ),
+                anchored=anchored,
+                on_forged_head=lambda detail: health.report(FORGED_API_ANSWERS, detail),
             )
             gate = AdminGate(
                 config.transit_key,
@@ -177,6 +190,7 @@ class Backend:
                 access_log = AccessLog(
                     nc,
                     backend_name=names.name,
+                    barrier=barrier,
                     replicas=config.replicas,
                     max_bytes=config.access_log_max_bytes,
                     max_age_days=config.access_log_max_age_days,
@@ -186,16 +200,18 @@ class Backend:
             responder = GetResponder(
                 view,
                 transit=transit,
-                encryption=config.encryption_key,
+                barrier=barrier,
                 trusted_issuers=frozenset(config.trusted_issuers),
                 on_decision=access_log.record if access_log else None,
             )
             decider = Decider(
-                event_log, view, (writer.applied, shredder.applied), health=self.health
+                event_log,
+                view,
+                (writer.applied, shredder.applied),
+                health=health,
+                anchor=anchor,
             )
-            store = StoreActor(
-                decider, gate, encryption=config.encryption_key, max_payload=nc.max_payload
-            )
+            store = StoreActor(decider, gate, barrier=barrier, max_payload=nc.max_payload)
             lifecycle = LifecycleActor(decider, gate)
             handlers = operation_handlers(responder, store, lifecycle)
             pool = self.pool = ResponderPool(
@@ -227,8 +243,9 @@ class Backend:
                     await pool.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
-            if self.writer is not None:
-                self.writer.close()  # its queue, if it never ran (a refused start)
+            for queue in (self.writer, self._shredder):
+                if queue is not None:
+                    queue.close()  # its queue, if it never ran (a refused start)
             # NATS may be gone by now: closing a dead connection is not a failure of ours.
             with anyio.move_on_after(5, shield=True), contextlib.suppress(OSError):
                 await nc.close()

@@ -11,6 +11,7 @@ read path: the live view once it includes everything appended before the read.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TypedDict
@@ -19,6 +20,7 @@ import anyio
 
 from actors.gate import Opened
 from actors.health import Health
+from events.anchor import Anchor
 from events.log import Appended, ConcurrentAppend, EventLog
 from events.types import Event
 from projections.live import LiveView
@@ -27,6 +29,7 @@ from projections.watermark import Watermark
 from secrets_nats_kv.errors import NatsUnavailable, StorageError, UpstreamError
 
 _ATTEMPTS = 20
+log = logging.getLogger(__name__)
 
 
 class Provenance(TypedDict):
@@ -59,6 +62,10 @@ class FreshReads:
         """The state as it stands (after a settled append: includes that append)."""
         return self._view.state
 
+    def digest(self, seq: int) -> str:
+        """The SHA-256 of the put stored at `seq`, as the view read it (for destroy)."""
+        return self._view.digests.get(seq, "")
+
 
 class Decider:
     """Decide events on a fresh view, append them positionally, wait until served."""
@@ -72,8 +79,10 @@ class Decider:
         settle_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
         health: Health | None = None,
+        anchor: Anchor | None = None,
     ) -> None:
         self.log = log_
+        self._anchor = anchor
         self._health = health
         self._view = view
         self.reads = FreshReads(view, timeout=settle_timeout)
@@ -103,26 +112,37 @@ class Decider:
             # other processes' commands are settled by the expected-sequence check.
             async with self._turn:
                 state = await self.reads.state()
-                expected = state.last_seq
+                first = state.requests.get(request_id) if request_id else None
+                if first is not None:  # a replay: answered with what the first one did
+                    return Appended(first, duplicate=True)
+                expected, previous = state.last_seq, self._view.link
                 event = decide(state)
                 try:
                     appended = await self.log.append(
-                        event, expected_last_seq=expected, msg_id=request_id or None
+                        event,
+                        expected_last_seq=expected,
+                        previous=previous,
+                        msg_id=request_id or None,
                     )
                 except ConcurrentAppend:
                     continue
                 except (StorageError, NatsUnavailable) as exc:
                     raise UpstreamError(str(exc)) from None
             await self._settle(appended.seq)
+            await self._advance_anchor()
             return appended
         raise UpstreamError("the log kept changing under this command; try again")
 
     def _refuse_if_blocked(self) -> None:
-        """No write while an incident (a bucket ahead of the log) blocks writes."""
+        """No write while an incident blocks writes (a bucket ahead of the log, a broken
+        chain, a forged anchor): an operator resolves it first."""
         if self._health is None or not self._health.writes_blocked:
             return
         blocking = [i for i in self._health.incidents.values() if i.blocks_writes]
-        raise UpstreamError(f"writes are stopped: {blocking[0].detail}")
+        raise UpstreamError(
+            f"writes are refused until an operator resolves an incident: {blocking[0].detail} "
+            "(see `secrets-nats-kv status` and `secrets-nats-kv verify`)"
+        )
 
     async def append_revision(self, decide: Callable[[ViewState], Event], request_id: str) -> int:
         """`append`, for an event that writes the secrets bucket: the revision it became."""
@@ -139,3 +159,13 @@ class Decider:
             raise UpstreamError("stored, but the views did not catch up in time") from None
         except (StorageError, NatsUnavailable) as exc:
             raise UpstreamError(str(exc)) from None
+
+    async def _advance_anchor(self) -> None:
+        """Move the anchor to where this view stands; a failure is only a warning (the
+        write is stored; the next one moves it on)."""
+        if self._anchor is None:
+            return
+        try:
+            await self._anchor.advance(self._view.state.last_seq, self._view.link)
+        except (StorageError, NatsUnavailable) as exc:
+            log.warning("could not move the event log's anchor", extra={"error": str(exc)})

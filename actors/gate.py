@@ -89,6 +89,23 @@ class AdminGate:
         plaintext = self._transit.open(payload, sender)
         return Opened(sender.public_key, plaintext, authenticated=False)
 
+    @staticmethod
+    def check_bound(
+        operation: str,
+        sealed_operation: str,
+        *,
+        entity: str | None = None,
+        sealed_entity: str | None = None,
+    ) -> None:
+        """The sealed body must name the operation (and entity) the subject does: otherwise
+        it is someone's request re-published on another subject (re-aimed)."""
+        if sealed_operation != operation:
+            named = sealed_operation or "no operation"
+            raise Unauthorized(f"the sealed request is for {named!r}, not {operation!r}")
+        if entity is not None and sealed_entity != entity:
+            named = sealed_entity or "no entity"
+            raise Unauthorized(f"the sealed request is for entity {named!r}, not {entity!r}")
+
     def check_issued_at(self, issued_at: int) -> None:
         skew = abs(self._clock() - issued_at)
         if skew > REQUEST_CLOCK_SKEW_S:

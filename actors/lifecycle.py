@@ -35,6 +35,7 @@ class LifecycleActor:
     def _open(self, request: Request) -> tuple[Opened, wire.AdminRequest]:
         opened = self._gate.open(request.headers, request.payload)
         admin = wire.decode_admin_request(opened.plaintext)
+        self._gate.check_bound(request.operation, admin.operation)
         self._gate.check_issued_at(admin.issued_at)
         return opened, admin
 
@@ -108,10 +109,21 @@ class LifecycleActor:
             raise InvalidRequest("destroy needs exactly one of a version or all")
         provenance = self._decider.provenance(opened, admin.request_id)
 
+        reads = self._reads
+
         def decide(state: ViewState) -> SecretDestroyed:
-            versions, seqs = shred_plan(_record(state, name), admin.version)
+            record = _record(state, name)
+            versions, seqs = shred_plan(record, admin.version)
+            requests = {v.event_seq: v.origin_request for v in record.versions.values()}
             return SecretDestroyed(
-                name=name, versions=versions, erased_seqs=seqs, all=admin.all, **provenance
+                name=name,
+                versions=versions,
+                erased_seqs=seqs,
+                # What the erased bytes were, so the chain stays verifiable without them.
+                erased_digests=tuple(reads.digest(seq) for seq in seqs),
+                erased_request_ids=tuple(requests.get(seq, "") for seq in seqs),
+                all=admin.all,
+                **provenance,
             )
 
         appended = await self._decider.append(decide, admin.request_id)

@@ -20,6 +20,7 @@ from events.access import AccessRecord
 from projections.live import LiveView
 from projections.state import Version
 from secrets_nats_kv import wire
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import (
     EncryptionError,
     InvalidEntityJWT,
@@ -35,7 +36,7 @@ from secrets_nats_kv.errors import (
 from secrets_nats_kv.jwt import Claims, verify_entity_jwt, verify_host_jwt
 from secrets_nats_kv.limits import cut
 from secrets_nats_kv.wire import RESPONSE_XKEY_HEADER
-from secrets_nats_kv.xkeys import SealBox, XKey
+from secrets_nats_kv.xkeys import XKey
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,14 @@ class GetResponder:
         view: LiveView,
         *,
         transit: TransitKeys,
-        encryption: XKey,
+        barrier: Barrier,
         trusted_issuers: frozenset[str] = frozenset(),
         freshness_timeout: float = 5.0,
         on_decision: Callable[[AccessRecord], None] | None = None,
     ) -> None:
         self._view = view
         self._transit = transit
-        self._at_rest = SealBox(encryption, encryption)
+        self._at_rest = barrier
         self._trusted = trusted_issuers
         self._freshness_timeout = freshness_timeout
         self._on_decision = on_decision

@@ -39,6 +39,11 @@ class Shredder:
         self.applied = Watermark()  # erased up to
         self._queued = 0
 
+    def close(self) -> None:
+        """Close the queue of a shredder that never ran (a refused start)."""
+        self._send.close()
+        self._receive.close()
+
     def submit(self, seq: int, effects: list[Effect]) -> None:
         """React to one log entry's effects (called by the live view, never blocks)."""
         seqs = tuple(

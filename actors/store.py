@@ -13,6 +13,7 @@ from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
 from secrets_nats_kv import limits, wire
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import (
     InvalidKey,
     InvalidRequest,
@@ -22,7 +23,6 @@ from secrets_nats_kv.errors import (
 )
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
-from secrets_nats_kv.xkeys import SealBox, XKey
 
 OK = Reply(b"ok")
 
@@ -35,12 +35,12 @@ class StoreActor:
         decider: Decider,
         gate: AdminGate,
         *,
-        encryption: XKey,
+        barrier: Barrier,
         max_payload: int = limits.DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self._decider = decider
         self._gate = gate
-        self._at_rest = SealBox(encryption, encryption)
+        self._at_rest = barrier
         self._max_payload = max_payload
         self._max_value = limits.max_secret_size(max_payload)
 
@@ -61,6 +61,7 @@ class StoreActor:
         put = wire.decode_put_request(opened.plaintext, authenticated=opened.authenticated)
         request_id = ""
         if isinstance(put, wire.AdminPutSecretRequest):
+            self._gate.check_bound(request.operation, put.operation)
             self._gate.check_issued_at(put.issued_at)
             request_id = put.request_id
         name = _secret_name(put.key)
@@ -102,6 +103,9 @@ class StoreActor:
         payload = wire.decode_mapping_request(opened.plaintext, authenticated=opened.authenticated)
         request_id = ""
         if isinstance(payload, wire.MappingRequest):
+            self._gate.check_bound(
+                request.operation, payload.operation, entity=entity, sealed_entity=payload.entity
+            )
             self._gate.check_issued_at(payload.issued_at)
             request_id = payload.request_id
             names = payload.secrets

@@ -37,16 +37,16 @@ from typing import Any
 import anyio
 from nats.aio.client import Client as NATS
 
-from events.integrity import EventAuthenticator
-from events.log import EventLog
+from events.codec import EventCodec
+from events.types import Rejected
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretsBackendError
 from secrets_nats_kv.jwt import MAX_TOKEN_LENGTH
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nats.reader import StoredMessage
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 from tests.support.host import HostClient
@@ -274,18 +274,14 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
 
 
 async def rejection_cost(nc: NATS, backend: Backend) -> float:
-    """Reading one junk entry as the backend does: tag check, then the fold's no-op."""
-    log = EventLog(
-        nc,
-        backend_name=backend.names.name,
-        authenticator=EventAuthenticator.for_key(backend.encryption),
-    )
+    """Judging one junk entry as the backend does: the entry-tag check, then the fold's no-op."""
+    codec = EventCodec(Barrier(backend.encryption))
     state = ViewState()
     rounds = 20_000
     started = time.perf_counter()
     for seq in range(1, rounds + 1):
-        entry = log._read(StoredMessage(seq, 0.0, b"junk", None))
-        fold(state, seq, entry)
+        if not codec.authentic(seq, b"junk", None):
+            fold(state, seq, Rejected(reason="not tagged by our key"))
     return round((time.perf_counter() - started) / rounds * 1e6, 2)
 
 

@@ -34,13 +34,20 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from actors.rotation import rotate_key
-from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
-from events.types import Event, KeyRotated, MappingAdded, SecretDeleted, SecretPut, decode_event
-from events.types import encode_event as encode
+from events.types import (
+    Event,
+    KeyRotated,
+    MappingAdded,
+    SecretDeleted,
+    SecretDestroyed,
+    SecretPut,
+    decode_event,
+)
 from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.barrier import GENESIS, Barrier, digest
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import erase_message, stream_state
@@ -69,21 +76,32 @@ def event_at(i: int, box: SealBox, entities: list[str]) -> Event:
 
 async def fill(nc: NATS, count: int, key: XKey) -> tuple[float, int]:
     """Write `count` events to a fresh log; erase some puts. Returns (seconds, gaps)."""
-    log = EventLog(nc, backend_name=NAMES.name, authenticator=EventAuthenticator.for_key(key))
+    log = EventLog(nc, backend_name=NAMES.name, barrier=Barrier(key))
     await log.ensure()
-    auth, box = EventAuthenticator.for_key(key), SealBox(key, key)
+    box = SealBox(key, key)
     entities = [SigningKey.generate(Role.MODULE).public_key for _ in range(ENTITIES)]
-    erase: list[int] = []
+    erase: dict[int, str] = {}  # seq -> digest of its bytes, for the destroy that names them
     started = time.perf_counter()
+    previous = GENESIS
     async with PositionedPublisher(nc, log.stream, log.prefix) as publisher:
         for seq in range(1, count + 1):
             event = event_at(seq, box, entities)
-            body = encode(event)
-            await publisher.publish(
-                seq, log.subject_for(event), body, {TAG_HEADER: auth.tag(seq, body)}
-            )
+            encoded = log.encode(event, seq, previous)
+            previous = encoded.link
+            await publisher.publish(seq, log.subject_for(event), encoded.body, encoded.headers)
             if isinstance(event, SecretPut) and seq % ERASE_EVERY == 0:
-                erase.append(seq)
+                erase[seq] = digest(encoded.body)
+        # The erasures are a destroy's, as in a real log: the chain names what they were.
+        destroyed = SecretDestroyed(
+            at=time.time(),
+            name="bench-erasures",
+            erased_seqs=tuple(erase),
+            erased_digests=tuple(erase.values()),
+        )
+        encoded = log.encode(destroyed, count + 1, previous)
+        await publisher.publish(
+            count + 1, log.subject_for(destroyed), encoded.body, encoded.headers
+        )
         await publisher.drain()
     for seq in erase:
         await erase_message(nc, log.stream, seq, 5.0)
@@ -142,7 +160,7 @@ async def measure(nc: NATS, count: int) -> dict[str, Any]:
         nc,
         backend_name=NAMES.name,
         layout=LAYOUT,
-        authenticator=EventAuthenticator.for_key(old),
+        barrier=Barrier(old),
     )
     rebuild_s = time.perf_counter() - started
     passes = Passes()

@@ -20,11 +20,11 @@ from bench.load import (
     GetWorkload,
     secret_value,
 )
-from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog
-from events.types import Event, MappingAdded, SecretPut, encode_event
+from events.types import Event, MappingAdded, SecretPut
 from projections.kv import KvBuckets, KvLayout
 from secrets_nats_kv import wire
+from secrets_nats_kv.barrier import GENESIS, KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
@@ -195,22 +195,26 @@ async def write_log(
     finds its views current)."""
     nc = await nats.connect(url, name="bench setup", pending_size=256 * 1024 * 1024)
     try:
-        authenticator = EventAuthenticator.for_key(encryption)
-        log = EventLog(nc, backend_name=names.name, authenticator=authenticator)
+        barrier = Barrier(encryption)
+        log = EventLog(nc, backend_name=names.name, barrier=barrier)
         await log.ensure()
         layout = KvLayout(names.secrets_bucket, names.state_bucket)
         await KvBuckets(nc, layout).ensure()
         first = (await log.state()).last_seq + 1
+        previous = GENESIS
+        if first > 1:  # appending: follow the chain where the log ends
+            async for entry in log.entries():
+                previous = entry.link or previous
         puts: list[SecretPut] = []
         count = 0
         # Pinned like the appender's publishes (which name the stream too).
         async with PositionedPublisher(nc, log.stream, window=2048) as publisher:
             for seq, event in enumerate(events, start=first):
-                body = encode_event(event)
+                encoded = log.encode(event, seq, previous)  # as the decider encodes it
+                previous = encoded.link
                 if isinstance(event, SecretPut):
                     puts.append(event)
-                tag = {TAG_HEADER: authenticator.tag(seq, body)}
-                await publisher.publish(seq, log.subject_for(event), body, tag)
+                await publisher.publish(seq, log.subject_for(event), encoded.body, encoded.headers)
                 count += 1
             await publisher.drain()
         if write_kv:
@@ -220,7 +224,9 @@ async def write_log(
             async with PositionedPublisher(nc, bucket, window=2048, expect_stream=False) as kv:
                 for rev, put in enumerate(puts, start=last + 1):
                     subject = f"$KV.{names.secrets_bucket}.{put.name}"
-                    await kv.publish(rev, subject, put.sealed, {KIND_HEADER: put.kind})
+                    tag = barrier.kv_tag(names.secrets_bucket, put.name, rev, put.sealed)
+                    headers = {KIND_HEADER: put.kind, KV_TAG_HEADER: tag}  # as the writer tags
+                    await kv.publish(rev, subject, put.sealed, headers)
                 await kv.drain()
         return count
     finally:

@@ -2,10 +2,11 @@
 
 Appends carry `Nats-Msg-Id` (the admin request id: a retried request lands once) and
 `Nats-Expected-Last-Sequence`, so each event lands exactly where its command decided it
-would, and is tagged for that position (see `events.integrity`). Reads are ordered
-consumers from a start sequence; gaps in the sequence (messages that `destroy` erased)
-are yielded as entries without an event, and events whose tag does not match are
-yielded as `Rejected`. NATS errors become the project's errors before they leave here.
+would, tagged for that position and linked to the entry before it (`events.codec`).
+Reads are ordered consumers from a start sequence, judged by `events.chain.ChainReader`:
+only verified entries come out; gaps that a destroy names come out as entries without
+an event, entries not tagged by our key as `Rejected`, and a broken chain raises
+`ChainBroken`. NATS errors become the project's errors before they leave here.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from events.integrity import TAG_HEADER, EventAuthenticator
+from events.chain import ChainReader, Raw, Verified
+from events.codec import Encoded, EventCodec
 from events.types import (
     Event,
     KeyRotated,
+    LogRepaired,
     MappingAdded,
     MappingRemoved,
     OriginalImported,
@@ -29,8 +33,8 @@ from events.types import (
     RevisionsSkipped,
     UndecodableEvent,
     decode_event,
-    encode_event,
 )
+from secrets_nats_kv.barrier import GENESIS, Barrier, digest
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.limits import max_event_size
 from secrets_nats_kv.nats.connection import round_trip
@@ -48,7 +52,7 @@ from secrets_nats_kv.nats.jetstream import (
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nats.positioned import PositionedPublisher
-from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
+from secrets_nats_kv.nats.reader import stream_messages
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +71,22 @@ def subject_prefix(backend_name: str) -> str:
 class Appended:
     seq: int
     duplicate: bool
+    link: str = ""  # the new entry's chain link ("" for a duplicate: the first one's stands)
 
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
-    """One position of the log: `event` is None where destroy erased the message."""
+    """One position of the log: `event` is None where destroy erased the message.
+
+    `digest` is the SHA-256 of the stored body (for an erased entry: as its destroy
+    recorded it); `link` is the chain link after this entry ("" if it is not ours).
+    """
 
     seq: int
     time: float
     event: Event | Rejected | None
+    digest: str = ""
+    link: str = ""
 
 
 class ConcurrentAppend(StorageError):
@@ -93,12 +104,13 @@ class EventLog:
         nc: NATS,
         *,
         backend_name: str,
-        authenticator: EventAuthenticator | None,
+        barrier: Barrier | None,
         replicas: int = 1,
         timeout: float = 5.0,
     ) -> None:
-        self._nc = nc
-        self.authenticator = authenticator
+        self._nc = self.nc = nc
+        self.barrier = barrier
+        self.codec = EventCodec(barrier) if barrier is not None else None
         self._js = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self.backend_name = backend_name
@@ -111,7 +123,7 @@ class EventLog:
     def subject_for(self, event: Event) -> str:
         if isinstance(event, MappingAdded | MappingRemoved):
             return f"{self.prefix}.mapping.{event.entity}"
-        if isinstance(event, KeyRotated):
+        if isinstance(event, KeyRotated | LogRepaired):
             return f"{self.prefix}.key"
         if isinstance(event, OriginalImported | RevisionsSkipped):
             return f"{self.prefix}.import"
@@ -153,48 +165,70 @@ class EventLog:
     # --- writing ----------------------------------------------------------------------
 
     async def append(
-        self, event: Event, *, expected_last_seq: int, msg_id: str | None = None
+        self,
+        event: Event,
+        *,
+        expected_last_seq: int,
+        previous: str,
+        msg_id: str | None = None,
     ) -> Appended:
-        """Append `event` as entry `expected_last_seq + 1`, or raise `ConcurrentAppend`."""
-        if self.authenticator is None:
-            raise StorageError("append", "this log was opened without the encryption key")
-        subject = self.subject_for(event)
-        body = encode_event(event)
-        headers = {
-            EXPECTED_LAST_SEQUENCE_HEADER: str(expected_last_seq),
-            TAG_HEADER: self.authenticator.tag(expected_last_seq + 1, body),
-        }
+        """Append `event` as entry `expected_last_seq + 1`, following the link `previous`
+        (the link of the last entry of ours up to there), or raise `ConcurrentAppend`."""
+        encoded = self._codec().encode(event, expected_last_seq + 1, previous)
+        headers = {**encoded.headers, EXPECTED_LAST_SEQUENCE_HEADER: str(expected_last_seq)}
         if msg_id:
             headers[MSG_ID_HEADER] = msg_id
-        return await self.append_raw(subject, body, headers)
+        appended = await self.append_raw(self.subject_for(event), encoded.body, headers)
+        return Appended(
+            appended.seq, appended.duplicate, "" if appended.duplicate else encoded.link
+        )
+
+    async def append_batch(
+        self, events: list[Event], *, expected_last_seq: int, previous: str
+    ) -> str:
+        """Append `events` as consecutive entries after `expected_last_seq` (see
+        `append_pipelined`); the last one's link."""
+        return await self.append_pipelined(
+            events, first_seq=expected_last_seq + 1, previous=previous
+        )
+
+    def encode(self, event: Event, seq: int, previous: str) -> Encoded:
+        """`event` as it would be stored at `seq` (for tools that publish themselves)."""
+        return self._codec().encode(event, seq, previous)
+
+    def _codec(self) -> EventCodec:
+        if self.codec is None:
+            raise StorageError("append", "this log was opened without the encryption key")
+        return self.codec
 
     async def append_pipelined(
         self,
         events: AsyncIterator[Event] | Iterable[Event],
         *,
         first_seq: int,
+        previous: str,
         on_sent: Callable[[int], Awaitable[None]] | None = None,
-    ) -> int:
+    ) -> str:
         """Append `events` as entries `first_seq`, `first_seq + 1`, … with a window in flight.
 
         For offline tools that know every position in advance (`import`): each entry is
-        tagged for its position and pinned with `Nats-Expected-Last-Sequence`, so what
-        lands is always a prefix of `events` right after `first_seq - 1`; a taken position
-        raises `PositionConflict`. `on_sent(seq)` runs after each publish is sent. Returns
-        the last sequence written, once every publish is acknowledged.
+        encoded through the codec for its position, the first following the link
+        `previous` (the entry at `first_seq - 1`) and each next one the entry before it,
+        and pinned with `Nats-Expected-Last-Sequence`, so what lands is always a prefix
+        of `events` right after `first_seq - 1`, a chain a reader verifies; a taken
+        position raises `PositionConflict`. `on_sent(seq)` runs after each publish is
+        sent. Returns the last entry's link, once every publish is acknowledged.
         """
-        if self.authenticator is None:
-            raise StorageError("append", "this log was opened without the encryption key")
-        seq = first_seq - 1
-        async with PositionedPublisher(self._nc, self.stream) as publisher:
+        codec = self._codec()
+        seq, link = first_seq - 1, previous
+        async with PositionedPublisher(self._nc, self.stream, self.prefix) as publisher:
 
             async def send(event: Event) -> None:
-                nonlocal seq
+                nonlocal seq, link
                 seq += 1
-                body = encode_event(event)
-                assert self.authenticator is not None
-                headers = {TAG_HEADER: self.authenticator.tag(seq, body)}
-                await publisher.publish(seq, self.subject_for(event), body, headers)
+                encoded = codec.encode(event, seq, link)
+                link = encoded.link
+                await publisher.publish(seq, self.subject_for(event), encoded.body, encoded.headers)
                 if on_sent is not None:
                     await on_sent(seq)
 
@@ -205,7 +239,7 @@ class EventLog:
                 for event in events:
                     await send(event)
             await publisher.drain()
-        return seq
+        return link
 
     async def flush(self) -> None:
         """Return once the server has received everything this connection sent."""
@@ -240,31 +274,76 @@ class EventLog:
         """A reader of the head that notices strangers answering for JetStream."""
         return HeadReader(self._nc, self.stream, self._timeout)
 
-    async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
-        """Every position from `from_seq` on, gaps included; stop at the head unless following."""
+    async def entries(
+        self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
+    ) -> AsyncIterator[LogEntry]:
+        """Every verified position from `from_seq` (the entry before it has link `link`),
+        gaps included; to the head as read now, then on if following.
+
+        Raises `ChainBroken` where the chain breaks (a deleted tail included) and
+        `WrongKey` if no entry of the log is tagged by our key. Without a key (audit
+        export without `ENCRYPTION_XKEY_SEED`) entries are decoded unverified.
+        """
+        if self.codec is None:
+            async for entry in self._unverified(from_seq):
+                yield entry
+            return
+        reader = ChainReader(self.codec, after=from_seq - 1, link=link)
+        head = (await self.state()).last_seq
         expected = from_seq
         async for message in stream_messages(
-            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq, follow=follow
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq, until=head
+        ):
+            for gap in range(expected, message.seq):
+                for verified in reader.push(Raw(gap, message.time, None)):
+                    yield _entry(verified)
+            raw = Raw(message.seq, message.time, message.data, message.headers)
+            for verified in reader.push(raw):
+                yield _entry(verified)
+            expected = message.seq + 1
+        for gap in range(expected, head + 1):  # a tail that is gone: at_head judges it
+            for verified in reader.push(Raw(gap, 0.0, None)):
+                yield _entry(verified)
+        for verified in reader.at_head():
+            yield _entry(verified)
+        if not follow:
+            return
+        expected = max(expected, head + 1)
+        async for message in stream_messages(
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=expected, follow=True
+        ):
+            for gap in range(expected, message.seq):
+                for verified in reader.push(Raw(gap, message.time, None)):
+                    yield _entry(verified)
+            raw = Raw(message.seq, message.time, message.data, message.headers)
+            for verified in reader.push(raw):
+                yield _entry(verified)
+            if message.pending == 0:
+                for verified in reader.at_head():
+                    yield _entry(verified)
+            expected = message.seq + 1
+
+    async def _unverified(self, from_seq: int) -> AsyncIterator[LogEntry]:
+        expected = from_seq
+        async for message in stream_messages(
+            self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq
         ):
             for gap in range(expected, message.seq):
                 yield LogEntry(gap, message.time, None)
-            yield LogEntry(message.seq, message.time, self._read(message))
+            try:
+                event: Event | Rejected = decode_event(message.data)
+            except UndecodableEvent:
+                event = Rejected(reason="not an event")
+            yield LogEntry(message.seq, message.time, event)
             expected = message.seq + 1
 
-    def _read(self, message: StoredMessage) -> Event | Rejected:
-        """The event in `message`, or `Rejected` if it is not ours or not tagged for its place."""
-        seq, body = message.seq, message.data
-        if self.authenticator is not None:
-            tag = (message.headers or {}).get(TAG_HEADER)
-            if not self.authenticator.verify(seq, body, tag):  # counted by the reader, not logged
-                return Rejected(reason="tag does not match its position")
-        try:
-            return decode_event(body)
-        except UndecodableEvent:
-            return Rejected(reason="not an event")
-
     async def entry(self, seq: int) -> LogEntry | None:
-        """The one entry at `seq`, read directly (None if there is none there)."""
+        """The one entry at `seq`, read directly (None if there is none there).
+
+        Its entry tag is checked (`Rejected` if not ours for that position); its chain
+        link is not: only a read from the start judges the chain (`import` reads its
+        record this way, then folds the whole log through `entries`).
+        """
         try:
             msg = await self._js.get_msg(self.stream, seq=seq)
         except nats.js.errors.NotFoundError:
@@ -272,8 +351,30 @@ class EventLog:
         except nats.errors.Error as exc:
             raise convert(f"read {self.stream} #{seq}", exc) from None
         stamp = msg.time.timestamp() if msg.time else 0.0
-        stored = StoredMessage(seq, stamp, msg.data or b"", msg.headers)
-        return LogEntry(seq, stamp, self._read(stored))
+        body = msg.data or b""
+        event: Event | Rejected
+        if self.codec is not None and not self.codec.authentic(seq, body, msg.headers):
+            event = Rejected(reason="not tagged by our key")
+        else:
+            try:
+                event = decode_event(body)
+            except UndecodableEvent:
+                event = Rejected(reason="not an event")
+        return LogEntry(seq, stamp, event, digest(body))
+
+    async def tail(self) -> tuple[int, str]:
+        """The last position of the log as read whole now, and the link an entry after it
+        must follow (the chain verified on the way: a resumed `import` appends after it)."""
+        seq, link = 0, GENESIS
+        async for entry in self.entries():
+            seq = entry.seq
+            if entry.link:
+                link = entry.link
+        return seq, link
 
     async def read_all(self) -> list[LogEntry]:
         return [entry async for entry in self.entries()]
+
+
+def _entry(verified: Verified) -> LogEntry:
+    return LogEntry(verified.seq, verified.time, verified.event, verified.digest, verified.link)

@@ -48,6 +48,12 @@ class SecretDestroyed(_Event, frozen=True, tag="secret_destroyed"):
     name: str
     versions: tuple[int, ...] = ()
     erased_seqs: tuple[int, ...] = ()
+    # The SHA-256 of each erased entry's stored bytes, in `erased_seqs` order: the chain
+    # commits to them, so a reader carries it across the gaps once the bytes are gone.
+    erased_digests: tuple[str, ...] = ()
+    # The request ids of the erased puts: a replay of one stays refused after its bytes
+    # (and JetStream's duplicate window) are gone.
+    erased_request_ids: tuple[str, ...] = ()
     all: bool = False
 
 
@@ -100,6 +106,22 @@ class RevisionsSkipped(_Event, frozen=True, tag="revisions_skipped"):
     state_revisions: int = 0
 
 
+class LogRepaired(_Event, frozen=True, tag="log_repaired"):
+    """An operator accepted a broken chain (`secrets-nats-kv repair`), on the record.
+
+    `lost`: positions missing from the log that no destroy names (their content is
+    unknown: the fold counts each as an erased revision, so no version is handed out
+    twice). `relinked`: the entries after them, whose own link is accepted as it stands.
+    """
+
+    lost: tuple[int, ...] = ()
+    relinked: tuple[int, ...] = ()
+    reason: str = ""
+    # Where the anchor stood if the log had been cut back behind it (0: it had not): the
+    # operator accepts the rollback, and the anchor moves to this event.
+    anchor_seq: int = 0
+
+
 Event = (
     SecretPut
     | SecretDeleted
@@ -110,6 +132,7 @@ Event = (
     | KeyRotated
     | OriginalImported
     | RevisionsSkipped
+    | LogRepaired
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import heapq
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -25,10 +25,10 @@ from events.access import (
     access_subject,
     decode_access,
 )
-from events.integrity import EventAuthenticator
 from events.log import EventLog, LogEntry
 from events.types import (
     KeyRotated,
+    LogRepaired,
     MappingAdded,
     MappingRemoved,
     OriginalImported,
@@ -40,9 +40,13 @@ from events.types import (
     SecretUndeleted,
     event_type,
 )
+from projections.checkpoints import CheckpointWriter
 from projections.state import ViewState, fold
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.errors import ConfigError, StorageError
-from secrets_nats_kv.nats.reader import stream_messages
+from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER
+from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
+from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -63,6 +67,9 @@ class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     new_key: str | None = None
     buckets: list[str] | None = None  # an import's source buckets
     counts: dict[str, int] | None = None  # an import's counts, or the revisions skipped
+    lost: list[int] | None = None
+    relinked: list[int] | None = None
+    reason: str | None = None
 
 
 class AccessAuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -157,6 +164,10 @@ def audit_record(entry: LogEntry, state: ViewState) -> AuditRecord:
                 "state_revisions": event.state_revisions,
             }
             return replace(base, counts=counts)
+        case LogRepaired():
+            return replace(
+                base, lost=list(event.lost), relinked=list(event.relinked), reason=event.reason
+            )
 
 
 def _imported(event: OriginalImported) -> dict[str, int]:
@@ -216,18 +227,41 @@ def access_audit_record(record: AccessRecord) -> AccessAuditRecord:
     )
 
 
+@dataclass
+class AccessCounts:
+    """What an export of the access log left out."""
+
+    forged: int = 0  # messages not tagged by the backend's key, or seen before
+
+
 async def access_records(
-    nc: NATS, backend_name: str, *, since: Bound | None, until: Bound | None, follow: bool
+    nc: NATS,
+    backend_name: str,
+    *,
+    since: Bound | None,
+    until: Bound | None,
+    follow: bool,
+    barrier: Barrier | None = None,
+    counts: AccessCounts | None = None,
 ) -> AsyncIterator[AccessAuditRecord]:
-    """Get decisions from the access log inside a time window (sequence bounds do not apply)."""
+    """Get decisions from the access log inside a time window (sequence bounds do not apply).
+
+    With `barrier`, only batches the backend tagged are exported, each batch id once;
+    the rest are counted in `counts`, never exported as genuine.
+    """
+    counts = counts if counts is not None else AccessCounts()
+    stream = access_stream_name(backend_name)
+    seen: set[str] = set()
     try:
-        messages = stream_messages(
-            nc, access_stream_name(backend_name), access_subject(backend_name), follow=follow
-        )
+        messages = stream_messages(nc, stream, access_subject(backend_name), follow=follow)
         async for message in messages:
+            if barrier is not None and not _genuine(barrier, stream, message, seen):
+                counts.forged += 1
+                continue
             try:
                 records = decode_access(message.data)
             except UndecodableAccessRecord:
+                counts.forged += 1
                 continue
             for record in records:
                 if since is not None and since.at is not None and record.at < since.at:
@@ -237,6 +271,18 @@ async def access_records(
                 yield access_audit_record(record)
     except StorageError:
         return  # no access log (run --no-access-log, or never started)
+
+
+def _genuine(barrier: Barrier, stream: str, message: StoredMessage, seen: set[str]) -> bool:
+    headers = message.headers or {}
+    batch_id = headers.get(MSG_ID_HEADER, "")
+    tag = headers.get(KV_TAG_HEADER)
+    if not batch_id or batch_id in seen:
+        return False
+    if not barrier.verify_kv(stream, batch_id, 0, message.data, tag):
+        return False
+    seen.add(batch_id)
+    return True
 
 
 async def export_audit(
@@ -249,24 +295,56 @@ async def export_audit(
     follow: bool,
     include_access: bool,
     encryption: XKey | None,
+    signer: SigningKey | None = None,
+    checkpoint_every: int = 1,
+    counts: AccessCounts | None = None,
 ) -> int:
-    """Write the audit log as JSON Lines to `out`; return how many records were written."""
-    authenticator = EventAuthenticator.for_key(encryption) if encryption is not None else None
-    event_log = EventLog(nc, backend_name=backend_name, authenticator=authenticator)
+    """Write the audit log as JSON Lines to `out`; return how many records were written.
+
+    With `signer` (AUDIT_SIGNING_SEED) the records are followed by signed checkpoints
+    (`projections.checkpoints`) that `audit verify` checks offline.
+    """
+    barrier = Barrier(encryption) if encryption is not None else None
+    event_log = EventLog(nc, backend_name=backend_name, barrier=barrier)
+    checkpoints = CheckpointWriter(signer, every=checkpoint_every) if signer else None
     count = 0
 
     def emit(record: Record) -> None:
         nonlocal count
-        out.write(encode_line(record))
+        line = encode_line(record)
+        out.write(b"".join(checkpoints.record(line)) if checkpoints else line)
         out.flush()
         count += 1
 
+    gets = access_records(
+        nc,
+        backend_name,
+        since=since,
+        until=until,
+        follow=follow,
+        barrier=barrier,
+        counts=counts,
+    )
+    await _export(event_log, gets if include_access else None, emit, since, until, follow)
+    if checkpoints is not None:
+        out.write(checkpoints.final())
+        out.flush()
+    return count
+
+
+async def _export(
+    event_log: EventLog,
+    gets: AsyncIterator[AccessAuditRecord] | None,
+    emit: Callable[[Record], None],
+    since: Bound | None,
+    until: Bound | None,
+    follow: bool,
+) -> None:
     events = audit_records(event_log, since=since, until=until, follow=follow)
-    if not include_access:
+    if gets is None:
         async for record in events:
             emit(record)
-        return count
-    gets = access_records(nc, backend_name, since=since, until=until, follow=follow)
+        return
     if follow:
         async with anyio.create_task_group() as tg:
 
@@ -278,9 +356,8 @@ async def export_audit(
 
             tg.start_soon(pump, events)
             tg.start_soon(pump, gets)
-        return count
+        return
     history: list[Record] = [record async for record in events]
     decisions: list[Record] = [record async for record in gets]
     for item in heapq.merge(history, decisions, key=_record_time):
         emit(item)
-    return count

@@ -131,6 +131,15 @@ def check_layout(found: BucketFound) -> None:
 def check_explained(found: BucketFound, explained: int) -> None:
     """Refuse unless every revision of `found` is one the log implies (`explained`)."""
     check_layout(found)
+    if found.last_seq > 0 and explained == 0:
+        # The log was deleted, emptied or replaced (or never held these): starting would
+        # begin history again at version 1 and hand out versions the views still hold.
+        raise UnexplainedEntries(
+            f"the event log is empty but the KV views hold revisions ({found.stream} is at "
+            f"{found.last_seq}): the log was deleted or replaced; restore it (or drop both "
+            "buckets to start afresh); stop any other writer; if they are the original "
+            f"secrets-nats-kv's, {_RUN_IMPORT}"
+        )
     if found.last_seq > explained:
         raise UnexplainedEntries(
             f"{found.stream} is at revision {found.last_seq} but the event log explains only "

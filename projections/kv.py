@@ -11,6 +11,7 @@ streams deny.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from projections.state import (
     PutSecretEntry,
 )
 from projections.watermark import Watermark
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import KIND_HEADER, kv_stream
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import (
@@ -56,8 +58,11 @@ log = logging.getLogger(__name__)
 
 ERASED_PLACEHOLDER_KEY = "_secrets-nats-kv_erased"
 EVENT_SEQ_HEADER = "Secrets-Event-Seq"
-
-BUCKET_AHEAD = "bucket-ahead-of-log"  # the incident kind the writer reports
+# The incident the writer reports (actors.health) when a revision it must write was taken
+# by a writer without this backend's key: the bucket is ahead of the log. One kind, two
+# names (the import's and the integrity work's words for it).
+KV_FOREIGN_REVISION = "kv-revision-taken-by-a-stranger"
+BUCKET_AHEAD = KV_FOREIGN_REVISION
 
 
 class IncidentSink(Protocol):
@@ -128,6 +133,15 @@ class KvBuckets:
             if await stream_info(self._nc, kv_stream(bucket), self._timeout) is None
         ]
 
+    async def replicas(self) -> int:
+        """The highest replica count of the existing buckets (0 if there are none)."""
+        found = 0
+        for bucket in (self.layout.secrets_bucket, self.layout.state_bucket):
+            info = await stream_info(self._nc, kv_stream(bucket), self._timeout)
+            if info is not None:
+                found = max(found, info.config.num_replicas)
+        return found
+
     async def last_revision(self, bucket: str) -> int:
         return (await stream_state(self._nc, kv_stream(bucket), self._timeout)).last_seq
 
@@ -155,8 +169,7 @@ class KvBuckets:
         if isinstance(error, WrongLastSequence):
             last = await self.last_revision(bucket)
             if last >= revision:
-                await self._check_peer_wrote(bucket, key, revision, value, headers)
-                return False  # another writer got there first
+                return False  # another writer got there first (the caller checks whom)
             raise StorageError(
                 f"bucket {bucket}",
                 f"view is at revision {last}, the log expects {revision - 1}: "
@@ -164,28 +177,9 @@ class KvBuckets:
             )
         raise error
 
-    async def _check_peer_wrote(
-        self, bucket: str, key: str, revision: int, value: bytes, headers: dict[str, str]
-    ) -> None:
-        """Raise `UnexplainedEntries` unless `revision` holds what this write would have.
-
-        A peer backend writes the same message for the same revision (or has erased it
-        since, as destroy does); anything else there was written by someone else.
-        """
-        found = await stored_message(self._nc, kv_stream(bucket), revision, self._timeout)
-        if found is None:
-            return  # erased since (a placeholder, a destroyed version)
-        operation = headers.get(KV_OPERATION_HEADER)
-        same = (
-            found.subject == f"$KV.{bucket}.{key}"
-            and (found.data or b"") == value
-            and (found.headers or {}).get(KV_OPERATION_HEADER) == operation
-        )
-        if not same:
-            raise UnexplainedEntries(
-                f"{kv_stream(bucket)} revision {revision} holds an entry the event log does "
-                "not explain (another writer, or the original secrets-nats-kv still running?)"
-            )
+    async def stored(self, bucket: str, revision: int) -> api.RawStreamMsg | None:
+        """The message at `revision` of `bucket` (subject, headers, data), None if none."""
+        return await stored_message(self._nc, kv_stream(bucket), revision, self._timeout)
 
     async def erase_revision(self, bucket: str, revision: int) -> None:
         await erase_message(self._nc, kv_stream(bucket), revision, self._timeout)
@@ -198,10 +192,12 @@ class KvWriter:
         self,
         buckets: KvBuckets,
         *,
+        barrier: Barrier,
         incidents: IncidentSink | None = None,
         on_missing: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.buckets = buckets
+        self._barrier = barrier  # tags every entry; tells a peer's revision from a stranger's
         self._incidents = incidents
         self._on_missing = on_missing  # refills buckets deleted under us (see Backend)
         self._send, self._receive = anyio.create_memory_object_stream[tuple[int, list[Effect]]](
@@ -280,7 +276,8 @@ class KvWriter:
                 return
             except UnexplainedEntries as exc:
                 # Never a silent skip: the operator sees it (and writes stop) until the
-                # bucket is repaired, then the retry goes through.
+                # bucket is repaired, then the retry goes through (the health record logs
+                # a reported incident once).
                 self.failed = str(exc)
                 if self._incidents is not None:
                     self._incidents.report(BUCKET_AHEAD, str(exc), blocks_writes=True)
@@ -312,12 +309,35 @@ class KvWriter:
 
     async def apply(self, effect: Effect) -> None:
         """Apply one effect now (offline tools: rebuild, rotation); errors propagate."""
-        write = positioned_write(self.buckets.layout, effect)
+        write = positioned_write(self.buckets.layout, effect, self._barrier)
         if write is not None:
-            await self.buckets.publish_at(
+            written = await self.buckets.publish_at(
                 write.bucket, write.key, write.revision, write.value, write.headers
             )
+            if not written:
+                await self._check_taken_by_a_peer(write)
         await self.erase(effect)
+
+    async def _check_taken_by_a_peer(self, write: PositionedWrite) -> None:
+        """The revision was taken first. By a peer backend (the same key, our tag on it,
+        or erased since, as destroy does) is expected; anything else raises
+        `UnexplainedEntries`: an incident that blocks writes, never a silent skip."""
+        stored = await self.buckets.stored(write.bucket, write.revision)
+        if stored is None:
+            return  # erased since (a placeholder, or a destroyed version): ours
+        headers = stored.headers or {}
+        data = stored.data or b""
+        tag = headers.get(KV_TAG_HEADER)
+        if stored.subject == write.subject and self._barrier.verify_kv(
+            write.bucket, write.key, write.revision, data, tag
+        ):
+            return
+        raise UnexplainedEntries(
+            f"{kv_stream(write.bucket)} revision {write.revision} holds an entry the event "
+            "log does not explain, taken by a writer without this backend's key (another "
+            "writer, or the original secrets-nats-kv still running?): stop it, then run "
+            "`secrets-nats-kv rebuild`"
+        )
 
     async def erase(self, effect: Effect) -> None:
         """The erasures `effect` implies, once its own write (if any) is stored; idempotent."""
@@ -349,8 +369,19 @@ class PositionedWrite:
         return f"$KV.{self.bucket}.{self.key}"
 
 
-def positioned_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None:
-    """The message `effect` writes to a bucket, or None if it only erases."""
+def positioned_write(
+    layout: KvLayout, effect: Effect, barrier: Barrier | None = None
+) -> PositionedWrite | None:
+    """The message `effect` writes to a bucket, or None if it only erases; tagged over
+    (bucket, key, revision, value) by `barrier`, so readers can tell our entries apart."""
+    write = _untagged_write(layout, effect)
+    if write is None or barrier is None:
+        return write
+    tag = barrier.kv_tag(write.bucket, write.key, write.revision, write.value)
+    return dataclasses.replace(write, headers={**write.headers, KV_TAG_HEADER: tag})
+
+
+def _untagged_write(layout: KvLayout, effect: Effect) -> PositionedWrite | None:
     match effect:
         case PutSecretEntry(key, revision, sealed, kind):
             return PositionedWrite(

@@ -9,10 +9,18 @@ While the head cannot be read (JetStream electing a stream leader, NATS unreacha
 write can be acknowledged either, so reads are served from the view as it stands rather
 than failing: availability for hosts starting components matters more than the few
 writes acknowledged in the instant before the fault.
+
+A broken chain (`events.chain`) is different: the view stops folding at the last
+verified entry, reports one incident, and from then on every read and write waiting on
+it fails with the break (no secret is served from a log an attacker changed: the
+verified prefix may lack a revocation). An operator runs `secrets-nats-kv verify`, then
+`repair`, and restarts the backend. A break found while catching up at start-up fails
+`run`, so the backend never reports ready.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,12 +28,19 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from events.log import EventLog
-from events.types import Rejected
+from events.anchor import Anchored
+from events.chain import ChainBroken, WrongKey
+from events.log import EventLog, LogEntry
+from events.types import Rejected, SecretPut
 from projections.state import Effect, ViewState, fold
 from projections.watermark import Watermark
+from secrets_nats_kv.barrier import GENESIS
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import HeadReader
+
+Report = Callable[[str, str, bool], object]  # (incident kind, detail, blocks writes)
+CHAIN_BROKEN = "event-log-chain-broken"
+FOREIGN_ENTRIES = "event-log-foreign-entries"
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +64,27 @@ class LiveView:
         log_: EventLog,
         *,
         on_effects: Callable[[int, list[Effect]], None] | None = None,
-        on_rejected: Callable[[int, str], None] | None = None,
+        report: Report | None = None,
+        anchored: Anchored | StorageError | None = None,
         on_forged_head: Callable[[str], object] | None = None,
     ) -> None:
         self._log = log_
+        # Where the log stood when last anchored (events.anchor), or why the anchor could
+        # not be read (judged after the log itself: a wrong key is the likelier news).
+        self._anchor_error = anchored if isinstance(anchored, StorageError) else None
+        self._anchored = anchored if isinstance(anchored, Anchored) else None
         self._on_effects = on_effects
-        self._on_rejected = on_rejected
-        self.rejected = 0  # entries folded as Rejected (not ours, or not where they claim)
+        self._report = report
         self._on_forged_head = on_forged_head
         self.forged_heads = 0  # head reads answered by someone other than JetStream
         self.hostile_grace = 0.02  # once forged answers were seen: wait this long for more
         self._head_reader: HeadReader | None = None
         self._extra_seen = 0  # the reader's count of extra answers when last looked at
         self.state = ViewState()
+        self.link = GENESIS  # the chain link of the last entry of ours folded
+        self.digests: dict[int, str] = {}  # put entry -> digest of its bytes (for destroy)
+        self.broken: StorageError | None = None  # a chain break: nothing past it is served
+        self.foreign = 0  # entries not tagged by our key, skipped
         self.applied = Watermark()  # folded up to (`state.last_seq`, once listeners have it)
         self._round: _HeadRound | None = None
         self._head_wanted = anyio.Event()
@@ -78,41 +101,92 @@ class LiveView:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Catch up with the log, report started (ready), then follow it and serve head reads."""
-        head = await self._log.head()
+        await self._read(follow=False)  # the whole log verified to its head, or raise
+        if self._anchor_error is not None:
+            self._break(self._anchor_error)
+            raise self._anchor_error
+        anchored = self._anchored
+        if anchored is not None and anchored.seq > self.state.last_seq:
+            self._break(
+                ChainBroken(
+                    self.state.last_seq + 1,
+                    f"the event log ends at #{self.state.last_seq} but its anchor is at "
+                    f"#{anchored.seq}: entries were cut from its end or the log was replaced",
+                )
+            )
+            assert self.broken is not None
+            raise self.broken
+        self.ready.set()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow)
-            await self.wait_applied(head)
-            self.ready.set()
             tg.start_soon(self._serve_head_reads)
             tg.start_soon(self._watch_follow)
             task_status.started()
 
     async def _follow(self) -> None:
+        with contextlib.suppress(ChainBroken, WrongKey):  # reported; the view stops here
+            await self._read(follow=True)
+
+    async def _read(self, *, follow: bool) -> None:
+        """Fold the log from where the view is: to its head, or on and on if following.
+
+        NATS trouble is retried with a backoff; an integrity failure is reported and
+        raised (at start-up it stops `run` before the backend is ready).
+        """
         delay = 0.1
         while True:
             with anyio.CancelScope() as scope:
                 self._follow_scope = scope
                 try:
-                    entries = self._log.entries(from_seq=self.state.last_seq + 1, follow=True)
+                    entries = self._log.entries(
+                        from_seq=self.state.last_seq + 1, link=self.link, follow=follow
+                    )
                     async for entry in entries:
-                        effects = fold(self.state, entry.seq, entry.event)
-                        if isinstance(entry.event, Rejected):
-                            self._note_rejected(entry.seq, entry.event)
-                        if self._on_effects is not None:
-                            self._on_effects(entry.seq, effects)
-                        self.applied.advance(self.state.last_seq)
+                        self._apply(entry)
                         delay = 0.1
+                    if not follow:
+                        return
+                except (ChainBroken, WrongKey) as exc:
+                    self._break(exc)
+                    raise
                 except (StorageError, NatsUnavailable) as exc:
-                    log.warning("event log follow interrupted, resuming", extra={"error": str(exc)})
+                    log.warning("event log read interrupted, resuming", extra={"error": str(exc)})
                     await anyio.sleep(delay)  # back off while NATS recovers
                     delay = min(delay * 2, 2.0)
 
-    def _note_rejected(self, seq: int, rejected: Rejected) -> None:
-        """Counted, and handed to whoever reports incidents: never a log line per entry
-        (a flood of junk on the log's subjects would otherwise multiply the logs)."""
-        self.rejected += 1
-        if self._on_rejected is not None:
-            self._on_rejected(seq, rejected.reason)
+    def _apply(self, entry: LogEntry) -> None:
+        self._note(entry.seq, entry.event, entry.digest, entry.link)
+        anchored = self._anchored
+        if (
+            anchored is not None
+            and entry.seq == anchored.seq
+            and entry.event is not None
+            and self.link != anchored.link
+        ):
+            raise ChainBroken(
+                entry.seq, "the entry is not the one anchored: another log is in its place"
+            )
+        effects = fold(self.state, entry.seq, entry.event)
+        if self._on_effects is not None:
+            self._on_effects(entry.seq, effects)
+        self.applied.advance(self.state.last_seq)
+
+    def _note(self, seq: int, event: object, digest: str, link: str) -> None:
+        if link:
+            self.link = link
+        if isinstance(event, SecretPut):
+            self.digests[seq] = digest
+        elif isinstance(event, Rejected):
+            self.foreign += 1
+            if self._report is not None:
+                detail = f"entries not tagged by our key skipped (latest #{seq})"
+                self._report(FOREIGN_ENTRIES, detail, False)
+
+    def _break(self, exc: StorageError) -> None:
+        self.broken = exc
+        if self._report is not None:
+            self._report(CHAIN_BROKEN, str(exc), True)
+        self.applied.fail(exc)  # every waiter fails with the break
 
     async def _watch_follow(self) -> None:
         """Restart following if the log is ahead and the view has not moved for a while.
@@ -122,13 +196,15 @@ class LiveView:
         symptom, whatever the cause, so that is what this watches.
         """
         seen = self.state.last_seq
-        while True:
+        while self.broken is None:
             await anyio.sleep(self.stall_after)  # a periodic check, not a wait for an event
+            folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
                     head = await self._log.head()
             except (StorageError, NatsUnavailable, TimeoutError):
                 continue  # JetStream unreachable: nothing to catch up with yet
+            self._check_not_behind(head, folded)
             if head > self.state.last_seq == seen and self._follow_scope is not None:
                 log.warning(
                     "view stalled behind the event log, following again",
@@ -146,11 +222,15 @@ class LiveView:
         Raises TimeoutError if the view has not caught up within `catch_up_within` (the head read
         itself is bounded separately); only a view behind the head pays for that scope.
         """
+        if self.broken is not None:
+            raise self.broken
         current = self._round
         if current is None:
             current = self._round = _HeadRound()
             self._head_wanted.set()
         await current.done.wait()
+        if self.broken is not None:
+            raise self.broken
         if current.error is not None:
             self._note_stale_read(current.error)
             return
@@ -213,9 +293,25 @@ class LiveView:
             current, self._round = self._round, None
             if current is None:
                 continue
+            folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
                     current.head = await self._read_head()
             except (StorageError, NatsUnavailable, TimeoutError) as exc:
                 current.error = exc
+            else:
+                self._check_not_behind(current.head, folded)
             current.done.set()
+
+    def _check_not_behind(self, head: int, folded: int) -> None:
+        """This view is an anchor too: a log whose head, read after the view had folded
+        `folded` entries, is below that was cut short or replaced (stream deleted, an
+        earlier part published again). The view may fold more while the read is out."""
+        if head < folded and self.broken is None:
+            self._break(
+                ChainBroken(
+                    head + 1,
+                    f"the event log ends at #{head} but this backend folded it to "
+                    f"#{folded}: entries were deleted or the log was replaced",
+                )
+            )

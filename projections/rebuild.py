@@ -1,5 +1,9 @@
 """`rebuild`: drop the KV views and fold them again from the event log.
 
+The log is verified first (the whole chain, with the key given): a wrong key or a
+broken chain refuses before anything is dropped. The buckets come back with at least
+the replica count they had.
+
 The same fold the live view uses, from sequence 0, so the buckets come back with the
 same keys, values and revisions. The writes are pipelined (a window in flight per
 bucket, each pinned to its revision); erasures (of destroyed versions and their
@@ -14,18 +18,20 @@ is done again one write at a time, skipping every revision already stored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.foreign import check_explained, check_layout, inspect_views
 from projections.kv import KvBuckets, KvLayout, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import kv_stream
+from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.positioned import PositionConflict, PositionedPublisher
 
 log = logging.getLogger(__name__)
@@ -44,20 +50,23 @@ async def rebuild_views(
     *,
     backend_name: str,
     layout: KvLayout,
-    authenticator: EventAuthenticator,
+    barrier: Barrier,
     progress: Callable[[int, int], None] | None = None,
 ) -> RebuildReport:
-    """Drop both KV buckets, recreate them and write every revision the log implies."""
-    event_log = EventLog(
-        nc, backend_name=backend_name, authenticator=authenticator, replicas=layout.replicas
-    )
-    views = KvBuckets(nc, layout)
+    """Verify the log, drop both KV buckets, recreate them and write every revision the
+    log implies."""
+    event_log = EventLog(nc, backend_name=backend_name, barrier=barrier, replicas=layout.replicas)
     # Never drop what the log cannot write back: the original's buckets, or an import's.
     empty_log = not await event_log.exists() or await event_log.head() == 0
     for found in await inspect_views(nc, layout.secrets_bucket, layout.state_bucket):
         check_layout(found)
         if empty_log:
             check_explained(found, 0)
+    if not empty_log:
+        async for _ in event_log.entries():  # raises on a wrong key or a broken chain
+            pass
+    kept = await KvBuckets(nc, layout).replicas()
+    views = KvBuckets(nc, dataclasses.replace(layout, replicas=max(layout.replicas, kept)))
     await views.drop()
     await views.ensure()
     state = await refold_views(nc, event_log, views, progress)
@@ -80,8 +89,10 @@ async def refold_views(
     Pipelined; if some revision is found taken (a backend's writer got there first), the
     fold is done again one write at a time, keeping what is stored and adding the rest.
     """
+    if event_log.barrier is None:
+        raise StorageError("rebuild", "the event log was opened without the encryption key")
     total = await event_log.head()
-    writer = KvWriter(views)
+    writer = KvWriter(views, barrier=event_log.barrier)
     try:
         try:
             return await _refold_pipelined(nc, event_log, writer, total, progress)
@@ -113,7 +124,7 @@ async def _refold_pipelined(
         # same connection pipelines writes runs about three times slower (bench_import).
         for entry in await event_log.read_all():
             for effect in fold(state, entry.seq, entry.event):
-                write = positioned_write(layout, effect)
+                write = positioned_write(layout, effect, event_log.barrier)
                 if write is not None:
                     await publishers[write.bucket].publish(
                         write.revision, write.subject, write.value, write.headers

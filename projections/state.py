@@ -18,6 +18,7 @@ from typing import NamedTuple
 from events.types import (
     Event,
     KeyRotated,
+    LogRepaired,
     MappingAdded,
     MappingRemoved,
     OriginalImported,
@@ -42,6 +43,7 @@ class Version:
     kind: SecretKind
     sealed: bytes | None  # None once destroyed
     at: float
+    origin_request: str = ""  # the request id of the put whose bytes these are
 
 
 @dataclass(slots=True)
@@ -115,6 +117,9 @@ class ViewState:
     encryption_key: str | None = None  # public key named by the last KeyRotated
     rejected: int = 0  # entries folded as Rejected (not ours, or not tagged for their place)
     last_mapping: str = ""  # the entity of the newest state-bucket write (for start-up checks)
+    # Every admin request id the log has seen -> the entry it caused. A replay is answered
+    # from here, at any instance, for ever; destroy keeps the ids of what it erases.
+    requests: dict[str, int] = field(default_factory=dict)
 
 
 # --- the KV writes a log entry implies ------------------------------------------------------
@@ -179,6 +184,12 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
     if seq <= state.last_seq:
         return []
     state.last_seq = seq
+    if isinstance(event, SecretDestroyed):
+        for erased, request_id in zip(event.erased_seqs, event.erased_request_ids, strict=False):
+            if request_id:
+                state.requests.setdefault(request_id, erased)
+    if event is not None and not isinstance(event, Rejected) and event.request_id:
+        state.requests.setdefault(event.request_id, seq)
     if event is None:
         state.secrets_revision += 1
         state.revision_of_seq[seq] = state.secrets_revision
@@ -198,8 +209,8 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
         case KeyRotated():
             state.encryption_key = event.new_key
             return []
-        case OriginalImported():
-            return []  # a record for the audit log: what follows it writes the buckets
+        case OriginalImported() | LogRepaired():
+            return []  # records for the audit log: what follows them writes the buckets
         case RevisionsSkipped():
             return _skip(state, event)
         case Rejected():
@@ -226,7 +237,9 @@ def _record(state: ViewState, name: str) -> SecretRecord:
 def _put(state: ViewState, seq: int, event: SecretPut) -> list[Effect]:
     record = _record(state, event.name)
     revision = _next_secret_revision(state, seq, record, event.at)
-    record.versions[revision] = Version(revision, revision, seq, event.kind, event.sealed, event.at)
+    record.versions[revision] = Version(
+        revision, revision, seq, event.kind, event.sealed, event.at, event.request_id
+    )
     return [PutSecretEntry(event.name, revision, event.sealed, event.kind)]
 
 
@@ -252,7 +265,13 @@ def _undelete(state: ViewState, seq: int, event: SecretUndeleted) -> list[Effect
         return [FillErasedRevision(revision)]
     revision = _next_secret_revision(state, seq, record, event.at)
     record.versions[revision] = Version(
-        revision, source.origin, source.event_seq, source.kind, source.sealed, event.at
+        revision,
+        source.origin,
+        source.event_seq,
+        source.kind,
+        source.sealed,
+        event.at,
+        source.origin_request,
     )
     return [PutSecretEntry(event.name, revision, source.sealed, source.kind)]
 

@@ -14,12 +14,13 @@ import anyio
 class Watermark:
     """A log position that only moves forward; `wait_for(seq)` returns once it reached `seq`."""
 
-    __slots__ = ("_at", "_moved", "_waiting")
+    __slots__ = ("_at", "_failed", "_moved", "_waiting")
 
     def __init__(self, at: int = 0) -> None:
         self._at = at
         self._moved = anyio.Event()
         self._waiting = 0
+        self._failed: Exception | None = None
 
     @property
     def at(self) -> int:
@@ -34,11 +35,20 @@ class Watermark:
             self._moved.set()
             self._moved = anyio.Event()
 
+    def fail(self, error: Exception) -> None:
+        """The position will not move again (the live view stopped at a broken chain):
+        every waiter behind it, now and later, raises `error`."""
+        self._failed = error
+        self._moved.set()
+        self._moved = anyio.Event()
+
     async def wait_for(self, seq: int) -> None:
         """Return once the position is at or past `seq`; callers bound the wait."""
         self._waiting += 1
         try:
             while self._at < seq:
+                if self._failed is not None:
+                    raise self._failed
                 await self._moved.wait()
         finally:
             self._waiting -= 1

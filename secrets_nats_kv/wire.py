@@ -205,10 +205,12 @@ class PutSecretRequest(msgspec.Struct, frozen=True):
 
 
 class AdminPutSecretRequest(PutSecretRequest, frozen=True, kw_only=True):
-    """`put_secret` as sealed by an admin key: the original's body plus replay protection."""
+    """`put_secret` as sealed by an admin key: the original's body plus replay protection,
+    and the operation it is for (inside the seal, so a copy cannot be re-aimed)."""
 
     request_id: RequestId
     issued_at: UInt
+    operation: str = ""
 
 
 class PutSecretResponse(msgspec.Struct, frozen=True):
@@ -233,6 +235,10 @@ class MappingRequest(msgspec.Struct, frozen=True):
     secrets: list[str]
     request_id: RequestId
     issued_at: UInt
+    # What the subject says, sealed: a body for remove_mapping.<victim> cannot be sent
+    # again as add_mapping.<attacker>.
+    operation: str = ""
+    entity: str = ""
 
 
 class AdminRequest(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -247,6 +253,7 @@ class AdminRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     version: UInt | None = None
     all: bool = False
     entity: str | None = None
+    operation: str = ""  # the operation it is for, sealed (see MappingRequest)
 
 
 class SecretListing(msgspec.Struct, frozen=True):

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NATS
 
 from actors.crashpoints import CrashPoints
-from events.integrity import TAG_HEADER, EventAuthenticator
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import KeyRotated, UndecodableEvent, decode_event
 from projections.kv import KvLayout
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.nats.jetstream import delete_stream, stream_info
 from secrets_nats_kv.nats.positioned import PositionedPublisher
@@ -75,10 +76,10 @@ class RotationRun:
         self.live_prefix = subject_prefix(names.name)
         self.staging = staging_stream_name(names.name)
         self.staging_prefix = staging_subject_prefix(names.name)
-        self.old_auth = EventAuthenticator.for_key(old)
-        self.new_auth = EventAuthenticator.for_key(new)
+        self.old_auth = Barrier(old)
+        self.new_auth = Barrier(new)
         self.started = time.monotonic()
-        self.subjects = EventLog(nc, backend_name=names.name, authenticator=None)
+        self.subjects = EventLog(nc, backend_name=names.name, barrier=None)
 
     def tick(self, done: int, total: int) -> None:
         if self.progress is not None:

@@ -26,8 +26,11 @@ from actors.rotation.context import (
     RotationRun,
 )
 from actors.rotation.report import Counts, RotationRefused
-from events.integrity import TAG_HEADER
-from events.types import Event, KeyRotated, SecretPut, UndecodableEvent, decode_event, encode_event
+from events.chain import ChainBroken, ChainReader, Raw, WrongKey
+from events.codec import EventCodec
+from events.types import Event, KeyRotated, SecretPut, UndecodableEvent, decode_event
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import GENESIS
 from secrets_nats_kv.errors import DecryptionError
 from secrets_nats_kv.nats.jetstream import create_stream, erase_message
 from secrets_nats_kv.nats.positioned import PositionedPublisher
@@ -40,8 +43,8 @@ WRONG_OLD_KEY = (
     "it must be the key the backend runs with now"
 )
 
-# An entry as it is to be written: subject, body, tag (None: an untagged placeholder).
-Converted = tuple[str, bytes, str | None]
+# An entry as it is to be written: subject, body, headers (None: an untagged placeholder).
+Converted = tuple[str, bytes, dict[str, str] | None]
 
 
 def patched_put(body: bytes, sealed: bytes) -> bytes:
@@ -52,14 +55,26 @@ def patched_put(body: bytes, sealed: bytes) -> bytes:
 
 
 async def stage(run: RotationRun, last_seq: int, replicas: int, *, publish: bool) -> Counts:
-    """Copy the live log into a fresh staging stream, re-sealed and re-tagged.
+    """Copy the live log into a fresh staging stream, re-sealed, re-tagged and re-chained.
 
-    With `publish=False` (dry run) it only reads, opens and counts.
+    The old log's chain is checked as it is read (`ChainReader`, old key): a broken chain
+    refuses the rotation before the commit, so a tampered log is never laundered into a
+    fresh valid chain. With `publish=False` (dry run) it only reads, opens and counts.
     """
     old_box, new_box = SealBox(run.old, run.old), SealBox(run.new, run.new)
     counts = Counts()
+    checker = ChainReader(EventCodec(run.old_auth))
+    codec = EventCodec(run.new_auth)
+    link = GENESIS  # the new chain, as far as it is written
+
+    def on_gap(seq: int) -> None:
+        nonlocal link
+        checker.push(Raw(seq, 0.0, None))
+        link = codec.erased_link(seq, link)
 
     def convert_entry(raw: RawMessage) -> Converted:
+        nonlocal link
+        checker.push(Raw(raw.seq, 0.0, raw.data, raw.headers))
         tag = raw.headers.get(TAG_HEADER)
         event: Event | None = None
         if run.old_auth.verify(raw.seq, raw.data, tag):
@@ -91,29 +106,44 @@ async def stage(run: RotationRun, last_seq: int, replicas: int, *, publish: bool
             if not publish:
                 return "", body, None
             body = patched_put(body, new_box.seal(plaintext))
+        encoded = codec.encode_body(body, raw.seq, link)
+        link = encoded.link
         suffix = run.subjects.subject_for(event)[len(run.live_prefix) :]
-        return run.staging_prefix + suffix, body, run.new_auth.tag(raw.seq, body)
+        return run.staging_prefix + suffix, body, encoded.headers
+
+    def check_chain() -> None:
+        try:
+            checker.at_head()
+        except WrongKey:
+            raise RotationRefused(WRONG_OLD_KEY) from None
+        except ChainBroken as exc:
+            raise RotationRefused(
+                f"{exc}: run `secrets-nats-kv verify` and `repair` before rotating"
+            ) from None
 
     source = read_stream(run.nc, run.live, f"{run.live_prefix}.>")
     if not publish:
-        await replay(run, source, last_seq, convert_entry, None, counts, "stage")
+        await replay(run, source, last_seq, convert_entry, None, counts, "stage", on_gap=on_gap)
         if counts.events == 0 and counts.rejected:
             raise RotationRefused(WRONG_OLD_KEY)
+        check_chain()
         counts.entries = last_seq + 1
         return counts
     await _create_staging(run, replicas)
     try:
         async with PositionedPublisher(run.nc, run.staging, run.staging_prefix) as publisher:
-            await replay(run, source, last_seq, convert_entry, publisher, counts, "stage")
+            await replay(
+                run, source, last_seq, convert_entry, publisher, counts, "stage", on_gap=on_gap
+            )
             if counts.events == 0 and counts.rejected:
                 raise RotationRefused(WRONG_OLD_KEY)
+            check_chain()
             marker = KeyRotated(
                 at=time.time(), old_key=run.old.public_key, new_key=run.new.public_key
             )
-            body = encode_event(marker)
-            seq = last_seq + 1
+            encoded = codec.encode(marker, last_seq + 1, link)
             subject = f"{run.staging_prefix}.key"
-            await publisher.publish(seq, subject, body, {TAG_HEADER: run.new_auth.tag(seq, body)})
+            await publisher.publish(encoded.seq, subject, encoded.body, encoded.headers)
             await publisher.drain()
     except RotationRefused:
         await run.delete(run.staging)  # nothing to keep: the live log is untouched
@@ -156,10 +186,10 @@ async def replay(
     fillers: list[int] = []
     expected = 1
 
-    async def write(seq: int, subject: str, body: bytes, tag: str | None) -> None:
+    async def write(seq: int, subject: str, body: bytes, headers: dict[str, str] | None) -> None:
         if publisher is None:
             return
-        await publisher.publish(seq, subject, body, None if tag is None else {TAG_HEADER: tag})
+        await publisher.publish(seq, subject, body, headers)
         await run.checkpoint(phase, publisher)
 
     async def gaps_until(seq: int) -> None:
@@ -179,8 +209,8 @@ async def replay(
             if raw.seq > last_seq:
                 break
             await gaps_until(raw.seq)
-            subject, body, tag = convert_entry(raw)
-            await write(raw.seq, subject, body, tag)
+            subject, body, headers = convert_entry(raw)
+            await write(raw.seq, subject, body, headers)
             run.tick(raw.seq, total)
             expected = raw.seq + 1
     await gaps_until(last_seq + 1)

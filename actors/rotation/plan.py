@@ -22,8 +22,8 @@ from actors.rotation.copy import stage
 from actors.rotation.lock import RotationLock, RotationLockHeld
 from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
 from actors.rotation.swap import commit, read_staging, swap
-from events.integrity import TAG_HEADER
 from projections.kv import KvLayout
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_info, to_backend_error
@@ -49,13 +49,17 @@ async def rotate_key(
     run = RotationRun(nc, names, layout, old, new, progress, crash)
     note = ""
     if await _backend_answers(run):
+        # Even with --force: a backend writing during the swap would have its acknowledged
+        # writes dropped with the old log and their versions handed out again.
         if dry_run:
-            note = "a backend answers: stop it (or pass --force) before the real run"
-        elif not force:
+            note = "a backend answers: stop it before the real run"
+        else:
             raise RotationRefused(
                 f"a backend answers on {names.subject('server_xkey')}: stop every "
-                "backend first (rotate-key is offline), or pass --force"
+                "backend first (rotate-key is offline; --force does not override this, "
+                "acknowledged writes would be lost)"
             )
+    del force  # kept for the CLI's compatibility; it no longer overrides the check
     if dry_run:
         return await _decide(run, dry_run=True, note=note)
     try:

@@ -17,10 +17,12 @@ from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationR
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
 from actors.rotation.verify import ExpectedBuckets
-from events.integrity import TAG_HEADER
+from events.anchor import Anchor
 from events.log import EventLog
 from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
 from projections.rebuild import rebuild_views
+from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_config, stream_info, update_stream
@@ -49,7 +51,7 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         event_log = EventLog(
             run.nc,
             backend_name=run.names.name,
-            authenticator=run.new_auth,
+            barrier=run.new_auth,
             replicas=staging.replicas,
         )
         await event_log.ensure()
@@ -69,7 +71,7 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         run.nc,
         backend_name=run.names.name,
         layout=layout,
-        authenticator=run.new_auth,
+        barrier=run.new_auth,
         progress=rebuild_progress,
     )
     secrets = await stream_info(run.nc, kv_stream(layout.secrets_bucket), API_TIMEOUT)
@@ -83,6 +85,10 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         raise StorageError(
             "rebuilt KV views", f"{problem}; {run.staging} is kept: re-run rotate-key"
         )
+    # The anchor under the new key, at the marker: the old one no longer verifies.
+    anchor = Anchor(run.nc, backend_name=run.names.name, barrier=run.new_auth)
+    await anchor.ensure()
+    await anchor.reset(marker.seq, marker.headers.get(CHAIN_HEADER, ""))
     await run.checkpoint("cleanup")
     await run.delete(run.staging)
     return counts
@@ -109,9 +115,16 @@ def _check_staged(
         if isinstance(event, SecretPut):
             counts.resealed += 1
         expected.add(raw.seq, event)
-        return run.subjects.subject_for(event), raw.data, tag
+        return run.subjects.subject_for(event), raw.data, _stored(raw.headers)
 
     return check
+
+
+def _stored(headers: dict[str, str]) -> dict[str, str]:
+    """The tag and chain headers of a staged entry, copied as they are."""
+    return {
+        name: headers[name] for name in (TAG_HEADER, PREV_HEADER, CHAIN_HEADER) if name in headers
+    }
 
 
 async def read_staging(
@@ -136,9 +149,7 @@ async def read_staging(
     )
     if publisher is not None:
         subject = f"{run.live_prefix}.key"
-        await publisher.publish(
-            marker.seq, subject, marker.data, {TAG_HEADER: marker.headers[TAG_HEADER]}
-        )
+        await publisher.publish(marker.seq, subject, marker.data, _stored(marker.headers))
         await publisher.drain()
     expected.add(marker.seq, decode_event(marker.data))
     counts.entries = staging.last_seq

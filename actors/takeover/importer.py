@@ -42,7 +42,6 @@ from nats.aio.client import Client as NATS
 from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.takeover.reader import BucketRead, read_bucket
 from actors.takeover.report import ImportReport
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from events.types import OriginalImported, Rejected, SecretKind
 from projections.foreign import (
@@ -63,6 +62,7 @@ from projections.import_plan import (
 )
 from projections.kv import KvBuckets, KvLayout
 from projections.rebuild import refold_views
+from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import DecryptionError
 from secrets_nats_kv.nats.jetstream import to_backend_error
@@ -109,7 +109,7 @@ class _Importer:
         self.log = EventLog(
             nc,
             backend_name=backend_name,
-            authenticator=EventAuthenticator.for_key(encryption),
+            barrier=Barrier(encryption),
             replicas=layout.replicas,
         )
         self.views = KvBuckets(nc, layout)
@@ -123,13 +123,13 @@ class _Importer:
         if dry_run:
             return ImportReport.of("dry run", plan)
         if record is not None and plan.matches(record):
-            await self._resume(plan, record, head)
+            await self._resume(plan, record)
             await self._replace(record)
             return ImportReport.of("resumed", plan)
         if head:
             await self._discard_log()  # an incomplete import of buckets that changed since
         record = plan.record(at=time.time(), admin_key=self.admin_key)
-        await self._append(plan, record, from_seq=1)
+        await self._append(plan, record, from_seq=1, previous=GENESIS)
         await self._replace(record)
         return ImportReport.of("imported", plan)
 
@@ -235,7 +235,11 @@ class _Importer:
 
     # --- writing ------------------------------------------------------------------------
 
-    async def _append(self, plan: ImportPlan, record: OriginalImported, *, from_seq: int) -> None:
+    async def _append(
+        self, plan: ImportPlan, record: OriginalImported, *, from_seq: int, previous: str
+    ) -> None:
+        """Append the plan's entries from `from_seq` on, chained after the link `previous`
+        (of the entry at `from_seq - 1`): the log a backend verifies and serves."""
         await self.log.ensure()
         planned = [record, *plan.events]
         total = len(planned)
@@ -247,12 +251,14 @@ class _Importer:
             if self.progress is not None:
                 self.progress(seq, total)
 
-        await self.log.append_pipelined(planned[from_seq - 1 :], first_seq=from_seq, on_sent=sent)
+        await self.log.append_pipelined(
+            planned[from_seq - 1 :], first_seq=from_seq, previous=previous, on_sent=sent
+        )
         if self.crash.reached("appended"):
             self.crash.stop()
 
-    async def _resume(self, plan: ImportPlan, record: OriginalImported, head: int) -> None:
-        """Append the rest of `plan` after `head`.
+    async def _resume(self, plan: ImportPlan, record: OriginalImported) -> None:
+        """Append the rest of `plan` after the log's head.
 
         A killed run's last publishes may still land after this run read the head (the
         server reads what the dead connection sent on its own time). They are entries of
@@ -260,11 +266,13 @@ class _Importer:
         the head again and go on from there.
         """
         for _ in range(_RESUME_ATTEMPTS):
+            # The chain goes on from the link of the last entry there (verified on the way).
+            head, link = await self.log.tail()
             try:
-                await self._append(plan, record, from_seq=head + 1)
+                await self._append(plan, record, from_seq=head + 1, previous=link)
                 return
             except PositionConflict:
-                head = await self.log.head()
+                continue
         raise ImportRefused(
             f"{self.log.stream} kept moving while resuming: is another import running?"
         )

@@ -385,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--access", action="store_true", help="include the get access log")
     _add_nats(export)
     _add_names(export)
+    from secrets_nats_kv.app import integrity_commands
+
+    integrity_commands.add_audit_parsers(audit_commands, export)
+
+    from secrets_nats_kv.app import integrity_commands
+
+    integrity_commands.add_parsers(commands, _add_nats, _add_names)
 
     backup = commands.add_parser(
         "backup", help="copy the event and access logs to a folder (never a seed)"
@@ -505,11 +512,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return _help(parser, args.topic)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _seeds_from_flags(args)
-    from secrets_nats_kv.app import commands
+    from secrets_nats_kv.app import commands, integrity_commands
     from secrets_nats_kv.app.interrupts import Interrupted, run_interruptible
 
     try:
-        return run_interruptible(commands.dispatch, args)
+        handler = integrity_commands.handler_for(args) or commands.dispatch
+        return run_interruptible(handler, args)
     except Interrupted as stop:
         sys.stderr.write(f"{PROG}: {stop}\n")
         return stop.code

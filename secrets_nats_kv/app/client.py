@@ -22,6 +22,7 @@ from secrets_nats_kv.errors import (
     InvalidPayload,
     InvalidXKey,
     ProtocolError,
+    SecretsBackendError,
     SecretTooLarge,
     protocol_error_from_wire,
 )
@@ -60,8 +61,24 @@ class BackendClient:
         return text
 
 
+class TransitKeyMismatch(SecretsBackendError):
+    """`server_xkey` was answered with another key than the one the client pins."""
+
+    def __init__(self, answered: str, pinned: str) -> None:
+        super().__init__(
+            f"server_xkey was answered with {answered}, not the pinned transit key {pinned}: "
+            "refusing to seal to it (something else answers on the bus)"
+        )
+
+
 class AdminClient(BackendClient):
-    """Admin operations, sealed by `admin_key` to the backend's transit key."""
+    """Admin operations, sealed by `admin_key` to the backend's transit key.
+
+    `transit` pins that key (the CLI knows it from TRANSIT_XKEY_SEED, or TRANSIT_XKEY):
+    then nothing is sealed to whatever answers `server_xkey` on the bus, where anyone may
+    answer first. With `confirm_transit` the bus's answer is still asked for once and
+    must be the pinned key (a check that the right backend is there).
+    """
 
     def __init__(
         self,
@@ -71,16 +88,28 @@ class AdminClient(BackendClient):
         *,
         timeout: float = 5.0,
         retries: int = 2,
+        transit: str | None = None,
+        confirm_transit: bool = False,
     ) -> None:
         super().__init__(nc, names, timeout=timeout)
         self.admin_key = admin_key
         self.retries = retries
-        self._transit: str | None = None
+        self._transit = transit
+        self._confirm = confirm_transit and transit is not None
 
-    async def _sealed_request(self, operation: str, body: bytes) -> bytes:
+    async def _transit_key(self) -> str:
         if self._transit is None:
             self._transit = await self.server_xkey()
-        sealed = self.admin_key.seal(body, self._transit)
+        elif self._confirm:
+            answered = await self.server_xkey()
+            if answered != self._transit:
+                raise TransitKeyMismatch(answered, self._transit)
+            self._confirm = False
+        return self._transit
+
+    async def _sealed_request(self, operation: str, body: bytes) -> bytes:
+        transit = await self._transit_key()
+        sealed = self.admin_key.seal(body, transit)
         headers = {HOST_XKEY_HEADER: self.admin_key.public_key}
         for attempt in range(self.retries + 1):
             try:
@@ -104,11 +133,19 @@ class AdminClient(BackendClient):
         request_id, issued_at = self._stamp()
         if isinstance(value, str):
             req = wire.AdminPutSecretRequest(
-                key=name, string_secret=value, request_id=request_id, issued_at=issued_at
+                key=name,
+                string_secret=value,
+                request_id=request_id,
+                issued_at=issued_at,
+                operation="put_secret",
             )
         else:
             req = wire.AdminPutSecretRequest(
-                key=name, binary_secret=list(value), request_id=request_id, issued_at=issued_at
+                key=name,
+                binary_secret=list(value),
+                request_id=request_id,
+                issued_at=issued_at,
+                operation="put_secret",
             )
         body = wire.encode_put_request(req)
         if len(body) + limits.ENVELOPE > max_payload:  # a string heavy with JSON escapes
@@ -129,7 +166,13 @@ class AdminClient(BackendClient):
     async def _mapping(self, operation: str, entity: str, secrets: Sequence[str]) -> None:
         request_id, issued_at = self._stamp()
         body = wire.encode_mapping_request(
-            wire.MappingRequest(list(secrets), request_id=request_id, issued_at=issued_at)
+            wire.MappingRequest(
+                list(secrets),
+                request_id=request_id,
+                issued_at=issued_at,
+                operation=operation,
+                entity=entity,
+            )
         )
         data = await self._sealed_request(f"{operation}.{entity}", body)
         expect_ok(data)
@@ -155,6 +198,7 @@ class AdminClient(BackendClient):
                 version=version,
                 all=all,
                 entity=entity,
+                operation=operation,
             )
         )
         data = await self._sealed_request(operation, body)

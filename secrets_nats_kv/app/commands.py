@@ -26,6 +26,7 @@ from secrets_nats_kv.app import import_command, logs
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.interrupts import Shutdown
 from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendConfig, BackendNames, NatsOptions
 from secrets_nats_kv.errors import (
     BackendNotAnswering,
@@ -41,8 +42,9 @@ from secrets_nats_kv.errors import (
 from secrets_nats_kv.naming import validate_entity, validate_secret_name
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.permissions import NatsRole, inbox_prefix
-from secrets_nats_kv.xkeys import SealBox, XKey
+from secrets_nats_kv.xkeys import XKey
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +269,10 @@ async def _admin_session(args: argparse.Namespace) -> AsyncIterator[AdminClient]
         admin_key = seed_from_env("TRANSIT_XKEY_SEED")
     else:
         admin_key = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
+    transit, confirm = pinned_transit(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
     names = backend_names(args)
-    client = AdminClient(nc, names, admin_key)
+    client = AdminClient(nc, names, admin_key, transit=transit, confirm_transit=confirm)
     try:
         yield client
     except BackendNotAnswering as silence:
@@ -298,10 +301,32 @@ async def _why_silent(nc: NATS, args: argparse.Namespace) -> SecretsBackendError
 
     names = backend_names(args)
     try:
-        log_exists = await EventLog(nc, backend_name=names.name, authenticator=None).exists()
+        log_exists = await EventLog(nc, backend_name=names.name, barrier=None).exists()
     except SecretsBackendError:
         return None
     return await why_no_backend(nc, names.secrets_bucket, names.state_bucket, log_exists=log_exists)
+
+
+def pinned_transit(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """The transit public key to seal to, and whether the bus's answer must confirm it.
+
+    TRANSIT_XKEY_SEED: its public key, never asked of the bus. Else TRANSIT_XKEY or
+    --transit-xkey: that key, and a `server_xkey` answer that differs is refused. Else
+    the bus's answer, said once on stderr.
+    """
+    if os.environ.get("TRANSIT_XKEY_SEED"):
+        return seed_from_env("TRANSIT_XKEY_SEED").public_key, False
+    text = getattr(args, "transit_xkey", None) or os.environ.get("TRANSIT_XKEY")
+    if text:
+        try:
+            return XKey.from_public(text.strip()).public_key, True
+        except InvalidKey as exc:
+            raise ConfigError(f"TRANSIT_XKEY / --transit-xkey: {exc}") from None
+    sys.stderr.write(
+        "secrets-nats-kv: warning: sealing to the transit key the bus answers with "
+        "(set TRANSIT_XKEY or --transit-xkey to pin it)\n"
+    )
+    return None, False
 
 
 def _valid_name(name: str) -> str:
@@ -404,10 +429,19 @@ async def cmd_get(args: argparse.Namespace) -> int:
     finally:
         await _close(nc)
     headers = msg.headers or {}
+    barrier = Barrier(encryption)
+    tag = headers.get(KV_TAG_HEADER)
+    if not barrier.verify_kv(names.secrets_bucket, name, msg.seq or 0, msg.data or b"", tag):
+        raise ConfigError(
+            f"{name} version {msg.seq} in {names.secrets_bucket} was not written by the "
+            f"backend with this ENCRYPTION_XKEY_SEED ({encryption.public_key}): refusing it "
+            "(the key may be wrong, the store rotated to a new key with rotate-key, or the "
+            "entry is not the backend's)"
+        )
     if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
         raise SecretNotFound(name, args.secret_version)
     try:
-        value = SealBox(encryption, encryption).open(msg.data)
+        value = barrier.open(msg.data)
     except DecryptionError:
         raise ConfigError(
             f"{name} version {msg.seq} does not open with this ENCRYPTION_XKEY_SEED "
@@ -506,9 +540,9 @@ async def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
-    from events.integrity import EventAuthenticator
     from projections.kv import KvLayout
     from projections.rebuild import rebuild_views
+    from secrets_nats_kv.barrier import Barrier
 
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
     names = backend_names(args)
@@ -523,7 +557,7 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
                 max_history=args.max_secret_history,
                 replicas=args.replicas,
             ),
-            authenticator=EventAuthenticator.for_key(encryption),
+            barrier=Barrier(encryption),
             progress=progress_printer("rebuild"),
         )
     finally:
@@ -556,7 +590,9 @@ def progress_printer(label: str, unit: str = "events") -> Callable[[int, int], N
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    from projections.audit import Bound, export_audit
+    from projections.audit import AccessCounts, Bound, export_audit
+
+    counts = AccessCounts()
 
     names = backend_names(args)
     key = os.environ.get("ENCRYPTION_XKEY_SEED")
@@ -578,15 +614,34 @@ async def cmd_audit(args: argparse.Namespace) -> int:
                 follow=args.follow,
                 include_access=args.access,
                 encryption=encryption,
+                signer=audit_signer(),
+                checkpoint_every=getattr(args, "checkpoint_every", 1),
+                counts=counts,
             )
         finally:
             if args.output:
                 out.close()
     finally:
         await _close(nc)
+    if counts.forged:
+        sys.stderr.write(
+            f"secrets-nats-kv: warning: {counts.forged} access-log messages not tagged by the "
+            "backend were left out\n"
+        )
     if args.output:
         _say(f"wrote {count} records to {args.output}")
     return 0
+
+
+def audit_signer() -> SigningKey | None:
+    """AUDIT_SIGNING_SEED (an account seed, SA…) signs the export's checkpoints, if set."""
+    text = os.environ.get("AUDIT_SIGNING_SEED")
+    if not text:
+        return None
+    try:
+        return SigningKey.from_seed(text.strip(), Role.ACCOUNT)
+    except InvalidKey as exc:
+        raise ConfigError(f"AUDIT_SIGNING_SEED: {exc}") from None
 
 
 async def cmd_rotate_key(args: argparse.Namespace) -> int:

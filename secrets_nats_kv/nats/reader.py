@@ -48,6 +48,7 @@ class StoredMessage:
     time: float
     data: bytes
     headers: dict[str, str] | None
+    pending: int = 0  # messages after this one in the stream when it was delivered
 
 
 class _NoBatchGet(Exception):
@@ -55,12 +56,21 @@ class _NoBatchGet(Exception):
 
 
 async def stream_messages(
-    nc: NATS, stream: str, subject: str, *, from_seq: int = 1, follow: bool = False
+    nc: NATS,
+    stream: str,
+    subject: str,
+    *,
+    from_seq: int = 1,
+    follow: bool = False,
+    until: int | None = None,
 ) -> AsyncIterator[StoredMessage]:
-    """A stream's messages in order from `from_seq`, to its head (or forever if following)."""
+    """A stream's messages in order from `from_seq`, to its head (or forever if following).
+
+    `until`: the head as the caller read it; none after it is yielded (unless following).
+    """
     js = nc.jetstream()
     state = await stream_state(nc, stream, _API_TIMEOUT)
-    last = state.last_seq
+    last = state.last_seq if until is None else min(until, state.last_seq)
     if not follow and (state.messages == 0 or last < from_seq):
         return
     config = api.ConsumerConfig(
@@ -102,8 +112,10 @@ async def stream_messages(
                     seq = meta.sequence.stream
                     if seq < from_seq:
                         continue
+                    if not follow and seq > last:
+                        return
                     stamp = meta.timestamp.timestamp() if meta.timestamp else 0.0
-                    yield StoredMessage(seq, stamp, msg.data, msg.headers)
+                    yield StoredMessage(seq, stamp, msg.data, msg.headers, meta.num_pending)
                     if not follow and (seq >= last or meta.num_pending == 0):
                         return
     finally:

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from events.integrity import TAG_HEADER, EventAuthenticator
+from events.codec import EventCodec
+from events.log import EventLog
 from events.types import (
     Event,
     MappingAdded,
@@ -36,11 +37,13 @@ from events.types import (
 )
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import Unauthorized
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
-from support.harness import Clients, Identity, fresh_names, running_backend
+from support.harness import Clients, Identity, bind_request, fresh_names, running_backend
 
 HOST_XKEY = "WasmCloud-Host-Xkey"
 RESPONSE_XKEY = "Server-Response-Xkey"
@@ -116,9 +119,18 @@ class Bus:
         return msg.data
 
     def seal(
-        self, body: bytes, sender: XKey, *, header: str | None = None, to: str | None = None
+        self,
+        body: bytes,
+        sender: XKey,
+        *,
+        header: str | None = None,
+        to: str | None = None,
+        bound_to: str | None = None,
     ) -> tuple[bytes, dict[str, str]]:
-        """`body` sealed by `sender` to the transit key (or `to`), header naming `header`."""
+        """`body` sealed by `sender` to the transit key (or `to`), header naming `header`;
+        bound to operation `bound_to` first if given."""
+        if bound_to is not None:
+            body = bind_request(bound_to, body)
         sealed = sender.seal(body, to or self.transit.public_key)
         return sealed, {HOST_XKEY: header or sender.public_key}
 
@@ -130,7 +142,12 @@ class Bus:
         *,
         header: str | None = None,
         to: str | None = None,
+        bound: bool = True,
     ) -> bytes:
+        """`body` sealed and sent on `operation`; bound to it as the client binds, unless
+        `bound` is False (a body for one operation sent on another)."""
+        if bound:
+            body = bind_request(operation, body)
         return await self.raw(operation, *self.seal(body, sender, header=header, to=to))
 
     async def last_seq(self) -> int:
@@ -305,14 +322,14 @@ async def test_issued_at_more_than_120s_away_is_refused(bus: Bus) -> None:
 async def test_a_replayed_request_is_applied_once(bus: Bus) -> None:
     transit, identity = bus.transit, Identity()
     entity = identity.entity_key
-    put = bus.seal(put_body("s", "first", **stamp()), transit)
+    put = bus.seal(put_body("s", "first", **stamp()), transit, bound_to="put_secret")
     first = await bus.raw("put_secret", *put)
     assert first == put_reply(1)
     seq = await bus.last_seq()
     assert await bus.raw("put_secret", *put) == first
     assert await bus.last_seq() == seq
 
-    add = bus.seal(mapping_body(["s"], **stamp()), transit)
+    add = bus.seal(mapping_body(["s"], **stamp()), transit, bound_to=f"add_mapping.{entity}")
     assert await bus.raw(f"add_mapping.{entity}", *add) == OK
     seq = await bus.last_seq()
     assert await bus.raw(f"add_mapping.{entity}", *add) == OK
@@ -499,11 +516,13 @@ async def test_writes_without_a_reply_subject_are_dropped(bus: Bus) -> None:
     entity = Identity().entity_key
     await bus.nc.publish(
         bus.names.subject("put_secret"),
-        *_args(bus.seal(put_body("s", "v", **stamp()), bus.transit)),
+        *_args(bus.seal(put_body("s", "v", **stamp()), bus.transit, bound_to="put_secret")),
     )
     await bus.nc.publish(
         bus.names.subject(f"add_mapping.{entity}"),
-        *_args(bus.seal(mapping_body(["s"], **stamp()), bus.transit)),
+        *_args(
+            bus.seal(mapping_body(["s"], **stamp()), bus.transit, bound_to=f"add_mapping.{entity}")
+        ),
     )
     await bus.nc.flush()
     deadline = time.monotonic() + 5
@@ -578,7 +597,7 @@ async def test_insecure_mode_keeps_admin_requests_authenticated(insecure: Bus) -
     assert await admin.put_secret("s", "v") == 1
     await admin.add_mapping(identity.entity_key, ["s"])
     assert await bus.can_get(identity, "s")
-    put = bus.seal(put_body("s", "again", **stamp()), bus.transit)
+    put = bus.seal(put_body("s", "again", **stamp()), bus.transit, bound_to="put_secret")
     assert await bus.raw("put_secret", *put) == put_reply(2)
     assert await bus.raw("put_secret", *put) == put_reply(2)  # applied once
     stale = put_body("s", "stale", **stamp(-1000))
@@ -628,7 +647,7 @@ async def test_forged_mapping_events_grant_nothing(bus: Bus) -> None:
         )
     )
     subject = bus.event_subject(f"mapping.{entity}")
-    stranger_tags = EventAuthenticator.for_key(XKey.generate())
+    stranger_tags = Barrier(XKey.generate())
     next_seq = await bus.last_seq() + 1
     await publish_forged(bus, subject, forged, {})
     await publish_forged(bus, subject, forged, {TAG_HEADER: "0" * 64})
@@ -647,11 +666,17 @@ async def test_forged_mapping_events_grant_nothing(bus: Bus) -> None:
     secret = await bus.clients.get(other, "s")
     assert (secret.version, secret.string_secret) == ("2", "v2")
     assert not await bus.can_get(identity, "s")
-    # Control: the same forged bytes, tagged with the real key for where they land, are
-    # folded. So the refusals above came from the tags, not from a publish that missed.
-    real_tags = EventAuthenticator.for_key(bus.clients.keys.encryption)
-    seq = await bus.last_seq() + 1
-    assert await publish_forged(bus, subject, forged, {TAG_HEADER: real_tags.tag(seq, forged)})
+    # Control: the same forged bytes, tagged and linked with the real key for where they
+    # land, are folded. So the refusals above came from the tags, not a publish that missed.
+    real = EventLog(
+        bus.nc, backend_name=bus.names.name, barrier=Barrier(bus.clients.keys.encryption)
+    )
+    entries = await real.read_all()
+    link = next(entry.link for entry in reversed(entries) if entry.link)
+    encoded = EventCodec(Barrier(bus.clients.keys.encryption)).encode_body(
+        forged, entries[-1].seq + 1, link
+    )
+    assert await publish_forged(bus, subject, forged, encoded.headers)
     assert await bus.can_get(identity, "s")
 
 

@@ -145,6 +145,7 @@ class Load:
                 string_secret=value,
                 request_id=uuid.uuid4().hex,
                 issued_at=int(time.time()),
+                operation="put_secret",
             )
         )
         sealed = admin.admin_key.seal(body, self.keys.transit.public_key)

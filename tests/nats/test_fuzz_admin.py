@@ -37,6 +37,7 @@ from support.fuzz import (
     fuzz_environment,
     other_role_keys,
 )
+from support.harness import bind_request
 from support.leakcheck import remember
 
 
@@ -63,7 +64,7 @@ def admin_case(
     return Case(
         kind,
         operation,
-        key.seal(json.dumps(doc).encode(), env.keys.transit),
+        key.seal(bind_request(operation, json.dumps(doc).encode()), env.keys.transit),
         {HOST_XKEY_HEADER: key.public_key},
         "Unauthorized" if stranger else expected,
         note=how,

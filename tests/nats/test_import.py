@@ -19,12 +19,12 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from events.types import OriginalImported
 from projections.kv import BUCKET_AHEAD
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
@@ -137,7 +137,7 @@ def one_line(result: subprocess.CompletedProcess[bytes]) -> str:
 
 
 async def log_exists(nc: NATS, names: BackendNames) -> bool:
-    return await EventLog(nc, backend_name=names.name, authenticator=None).exists()
+    return await EventLog(nc, backend_name=names.name, barrier=None).exists()
 
 
 @pytest.fixture
@@ -341,7 +341,7 @@ async def test_a_write_the_log_does_not_explain_is_an_incident_that_stops_writes
         log_ = EventLog(
             nc,
             backend_name=built.names.name,
-            authenticator=EventAuthenticator.for_key(built.keys.encryption),
+            barrier=Barrier(built.keys.encryption),
         )
         head = await log_.head()
         with pytest.raises(UpstreamError):  # refused up front: nothing appended
@@ -370,9 +370,7 @@ async def test_an_import_killed_twice_part_way_finishes_with_nothing_lost_or_dou
     await original.set_mapping(reader.entity_key, sorted(expected))
     args = ["--nats-address", module_nats_server.url, "--name", names.name, "-b",
             names.secrets_bucket]  # fmt: skip
-    log_ = EventLog(
-        nc, backend_name=names.name, authenticator=EventAuthenticator.for_key(keys.encryption)
-    )
+    log_ = EventLog(nc, backend_name=names.name, barrier=Barrier(keys.encryption))
 
     # A real SIGKILL, sent once 700 of its appends have been seen on the log's subjects.
     seen, enough = 0, anyio.Event()
@@ -411,6 +409,10 @@ async def test_an_import_killed_twice_part_way_finishes_with_nothing_lost_or_dou
     assert done.stdout.decode().startswith("finished the import of 1500 secrets (1500 versions")
     assert await log_.head() == 1502  # nothing doubled
     assert len({e.seq for e in await log_.read_all()}) == 1502
+    # Appended across three runs, the chain carried from run to run: the log verifies.
+    verified = run_cli("verify", *args, env=cli_env(keys), timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    assert "event log verified: 1502 entries to #1502" in verified.stdout.decode()
 
     async with running_backend(module_nats_server.url, keys, names=names) as clients:
         for name, (revision, value) in expected.items():
@@ -489,7 +491,7 @@ async def test_killed_at_any_point_then_run_again_the_import_is_whole(
     entries = await EventLog(
         nc,
         backend_name=built.names.name,
-        authenticator=EventAuthenticator.for_key(built.keys.encryption),
+        barrier=Barrier(built.keys.encryption),
     ).read_all()
     record = entries[0].event
     assert isinstance(record, OriginalImported)
@@ -562,7 +564,7 @@ async def test_after_a_foreign_write_a_rebuild_repairs_the_bucket_and_writes_res
         assert BUCKET_AHEAD in health.incidents
         rebuilt = run_cli("rebuild", *built.args(url), env=cli_env(built.keys), timeout=60)
         assert rebuilt.returncode == 0, rebuilt.stderr
-        head = await EventLog(nc, backend_name=built.names.name, authenticator=None).head()
+        head = await EventLog(nc, backend_name=built.names.name, barrier=None).head()
         writer = clients.backend.writer
         assert writer is not None
         with anyio.fail_after(20):

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from events.integrity import EventAuthenticator
 from events.log import EventLog
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.xkeys import XKey
@@ -31,7 +31,7 @@ async def test_jetstream_log_conforms(nats_server: NatsServer, check: str) -> No
         log = EventLog(
             nc,
             backend_name=f"conform{next(_names)}",
-            authenticator=EventAuthenticator.for_key(XKey.generate()),
+            barrier=Barrier(XKey.generate()),
         )
         await log.ensure()
         await CHECKS[check](log)

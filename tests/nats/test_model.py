@@ -38,7 +38,6 @@ from hypothesis.stateful import (
 from nats.aio.client import Client as NATS
 
 from actors.backend import Backend
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
@@ -46,6 +45,7 @@ from projections.state import ViewState, fold
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import KIND_HEADER, BackendConfig, BackendNames, NatsOptions
 from secrets_nats_kv.errors import ProtocolError
 from secrets_nats_kv.nats.connection import connect
@@ -415,7 +415,7 @@ class BackendMachine(RuleBasedStateMachine):
                 nc,
                 backend_name=self.names.name,
                 layout=layout,
-                authenticator=EventAuthenticator.for_key(self.keys.encryption),
+                barrier=Barrier(self.keys.encryption),
             )
         )
         self.kv_views_match_the_model()
@@ -516,7 +516,7 @@ class BackendMachine(RuleBasedStateMachine):
         log = EventLog(
             self.nc,
             backend_name=self.names.name,
-            authenticator=EventAuthenticator.for_key(self.keys.encryption),
+            barrier=Barrier(self.keys.encryption),
         )
         head = await log.head()
         views, last_seqs = [], []

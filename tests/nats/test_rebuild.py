@@ -16,12 +16,12 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
-from events.integrity import EventAuthenticator
 from events.log import EventLog
 from projections.kv import KvBuckets, KvLayout, KvWriter
 from projections.rebuild import RebuildReport, rebuild_views, refold_views
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.errors import SecretNotFound
 from secrets_nats_kv.nats.connection import connect
@@ -151,7 +151,7 @@ async def rebuild(url: str, keys: Keys) -> RebuildReport:
             nc,
             backend_name="nats-kv",
             layout=LAYOUT,
-            authenticator=EventAuthenticator.for_key(keys.encryption),
+            barrier=Barrier(keys.encryption),
         )
     finally:
         await nc.close()
@@ -199,13 +199,13 @@ async def test_a_refold_that_finds_revisions_taken_keeps_them_and_writes_the_res
         before = await snapshot(clients.admin.nc)
     nc = await connect(NatsOptions(servers=(nats_server.url,)), name="t", persistent=False)
     try:
-        auth = EventAuthenticator.for_key(keys.encryption)
-        event_log = EventLog(nc, backend_name="nats-kv", authenticator=auth)
+        auth = Barrier(keys.encryption)
+        event_log = EventLog(nc, backend_name="nats-kv", barrier=auth)
         views = KvBuckets(nc, LAYOUT)
         await views.drop()
         await views.ensure()
         # The competing writer: the first entries of the log, as a backend writes them.
-        competitor = KvWriter(views)
+        competitor = KvWriter(views, barrier=auth)
         state = ViewState()
         async for entry in event_log.entries():
             for effect in fold(state, entry.seq, entry.event):

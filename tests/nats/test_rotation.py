@@ -25,7 +25,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from actors.rotation import STATE_KEY, RotationRefused, rotate_key, staging_stream_name
-from events.integrity import TAG_HEADER, EventAuthenticator
+from events.chain import WrongKey
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import (
     KeyRotated,
@@ -37,6 +37,8 @@ from events.types import (
 )
 from projections.audit import AuditRecord, audit_records
 from projections.kv import KvLayout
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized
 from secrets_nats_kv.nats.connection import connect
@@ -171,11 +173,16 @@ async def serves_everything(url: str, encryption: XKey, model: Model) -> None:
         assert await clients.admin.mappings() == model.mappings
 
 
-async def serves_nothing(url: str, encryption: XKey, model: Model) -> None:
-    """With a key that is not the log's, no event authenticates: not even a mapping."""
-    async with running_backend(url, Keys(encryption=encryption)) as clients:
-        with pytest.raises(Unauthorized):
-            await clients.get(model.reader, "app-01")
+async def refuses_to_start(url: str, encryption: XKey) -> None:
+    """With a key that is not the log's, no event authenticates: the backend refuses to start
+    (it would otherwise answer `Unauthorized` to everything and accept writes that are lost)."""
+    refused = False
+    try:
+        async with running_backend(url, Keys(encryption=encryption)):
+            pytest.fail("a backend started with a key that does not open the log's tags")
+    except* WrongKey:
+        refused = True
+    assert refused
 
 
 # --- looking at the streams directly ------------------------------------------------------
@@ -218,7 +225,7 @@ async def snapshot(nc: NATS) -> dict[str, Any]:
 
 
 async def audit(nc: NATS, key: XKey) -> list[AuditRecord]:
-    log = EventLog(nc, backend_name=NAMES.name, authenticator=EventAuthenticator.for_key(key))
+    log = EventLog(nc, backend_name=NAMES.name, barrier=Barrier(key))
     return [record async for record in audit_records(log)]
 
 
@@ -232,8 +239,8 @@ def comparable(records: list[AuditRecord]) -> list[AuditRecord]:
 async def sealed_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
     """Every event is tagged for `new` only; every sealed blob opens with `new`, none with
     an old key. Returns how many blobs were checked."""
-    new_auth, new_box = EventAuthenticator.for_key(new), SealBox(new, new)
-    olds = [(EventAuthenticator.for_key(k), SealBox(k, k)) for k in old_keys]
+    new_auth, new_box = Barrier(new), SealBox(new, new)
+    olds = [(Barrier(k), SealBox(k, k)) for k in old_keys]
     assert staging_stream_name(NAMES.name) not in await streams(nc)
     blobs: list[bytes] = []
     last: object = None
@@ -336,7 +343,7 @@ async def test_rotation_keeps_every_version_and_nothing_opens_with_the_old_key(
     assert "nothing to do" in again.summary()
 
     await serves_everything(url, new, model)
-    await serves_nothing(url, keys.encryption, model)
+    await refuses_to_start(url, keys.encryption)
 
 
 async def test_dry_run_changes_nothing_and_predicts_the_real_run(nats_server: NatsServer) -> None:
@@ -370,7 +377,11 @@ async def test_refuses_same_key_wrong_key_and_running_backends(nats_server: Nats
             with pytest.raises(RotationRefused, match="--force"):
                 await rotate(nc, keys.encryption, new)
             assert await snapshot(nc) == before  # nothing staged, nothing changed
-            forced = await rotate(nc, keys.encryption, new, force=True)
+            # Not even with --force: writes the backend acknowledged meanwhile would be lost.
+            with pytest.raises(RotationRefused, match="does not override"):
+                await rotate(nc, keys.encryption, new, force=True)
+            assert await snapshot(nc) == before
+        forced = await rotate(nc, keys.encryption, new, force=True)
         assert forced.outcome == "rotated"
         await sealed_only_with(nc, new, [keys.encryption])
     await serves_everything(url, new, model)

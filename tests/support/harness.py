@@ -9,6 +9,7 @@ wasmCloud host would present.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,21 @@ async def wait_until_answering(
                 await anyio.sleep(0.05)  # poll a condition with a deadline, not a fixed wait
     finally:
         await nc.close()
+
+
+def bind_request(operation: str, body: bytes) -> bytes:
+    """An admin body bound to its subject, as `AdminClient` sends it: an authenticated JSON
+    object (one with a `request_id`) without `operation` gets the subject's operation and,
+    for `add_mapping.X` / `remove_mapping.X`, `entity` X. Anything else is left as it is
+    (the original's forms, and bodies a test breaks on purpose)."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body
+    if not isinstance(document, dict) or "request_id" not in document or "operation" in document:
+        return body
+    name, _, argument = operation.partition(".")
+    document["operation"] = name
+    if argument and name in ("add_mapping", "remove_mapping"):
+        document.setdefault("entity", argument)
+    return json.dumps(document).encode()

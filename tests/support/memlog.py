@@ -3,7 +3,8 @@
 `MemoryEventLog` is what `events.log.EventLog` is to the actors (positional appends with
 an expected last sequence, deduplication by message id, ordered reads with gaps where
 `erase` took an entry, a followable tail, the head), with each event encoded to its
-stored bytes and decoded back on read. `MemoryBackend` wires the real admin actors, the
+stored bytes and headers by the real `EventCodec` and read back through the real
+`ChainReader`, so the chain is checked here too. `MemoryBackend` wires the real admin actors, the
 live view, the shredder and the get responder over it, exactly as `actors.backend`
 does minus the KV buckets, and answers requests through the real pool's dispatch, so
 the real clients (`AdminClient`, `HostClient`) talk to it in-process. The unit tier
@@ -29,36 +30,46 @@ from actors.responder import GetResponder
 from actors.shredder import Shredder
 from actors.store import StoreActor
 from actors.transit import TransitKeys
+from events.chain import ChainReader, Raw, Verified
+from events.codec import EventCodec
 from events.log import Appended, ConcurrentAppend, LogEntry
-from events.types import Event, Rejected, UndecodableEvent, decode_event, encode_event
+from events.types import Event, Rejected, UndecodableEvent, decode_event
 from projections.live import LiveView
+from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.limits import DEFAULT_MAX_PAYLOAD
 from secrets_nats_kv.xkeys import XKey
 
 
 class MemoryEventLog:
-    """Stored event bytes by position; None where `erase` removed an entry."""
+    """Stored entries (body, headers) by position; None where `erase` removed an entry."""
 
-    def __init__(self) -> None:
-        self.stored: list[bytes | None] = []
+    def __init__(self, barrier: Barrier | None = None) -> None:
+        self.codec = EventCodec(barrier or Barrier(XKey.generate()))
+        self.stored: list[tuple[bytes, dict[str, str]] | None] = []
         self._msg_ids: dict[str, int] = {}
         self._grown = anyio.Event()
 
     async def append(
-        self, event: Event, *, expected_last_seq: int, msg_id: str | None = None
+        self,
+        event: Event,
+        *,
+        expected_last_seq: int,
+        previous: str,
+        msg_id: str | None = None,
     ) -> Appended:
         if msg_id and msg_id in self._msg_ids:
             return Appended(seq=self._msg_ids[msg_id], duplicate=True)
         if expected_last_seq != len(self.stored):
             raise ConcurrentAppend(f"expected {expected_last_seq}, head {len(self.stored)}")
-        self.stored.append(encode_event(event))
+        encoded = self.codec.encode(event, expected_last_seq + 1, previous)
+        self.stored.append((encoded.body, encoded.headers))
         seq = len(self.stored)
         if msg_id:
             self._msg_ids[msg_id] = seq
         self._grown.set()
         self._grown = anyio.Event()
-        return Appended(seq=seq, duplicate=False)
+        return Appended(seq=seq, duplicate=False, link=encoded.link)
 
     async def head(self) -> int:
         return len(self.stored)
@@ -72,20 +83,32 @@ class MemoryEventLog:
             self.stored[seq - 1] = None
 
     def read(self, seq: int) -> Event | Rejected | None:
-        body = self.stored[seq - 1]
-        if body is None:
+        """The event stored at `seq`, decoded without checking the chain."""
+        stored = self.stored[seq - 1]
+        if stored is None:
             return None
         try:
-            return decode_event(body)
+            return decode_event(stored[0])
         except UndecodableEvent:
             return Rejected(reason="not an event")
 
-    async def entries(self, *, from_seq: int = 1, follow: bool = False) -> AsyncIterator[LogEntry]:
+    def _raw(self, seq: int) -> Raw:
+        stored = self.stored[seq - 1]
+        return Raw(seq, time.time(), None) if stored is None else Raw(seq, time.time(), *stored)
+
+    async def entries(
+        self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
+    ) -> AsyncIterator[LogEntry]:
+        reader = ChainReader(self.codec, after=from_seq - 1, link=link)
         seq = from_seq
         while True:
+            released: list[Verified] = []
             while seq <= len(self.stored):
-                yield LogEntry(seq, time.time(), self.read(seq))
+                released += reader.push(self._raw(seq))
                 seq += 1
+            released += reader.at_head()
+            for v in released:
+                yield LogEntry(v.seq, v.time, v.event, v.digest, v.link)
             if not follow:
                 return
             await self._grown.wait()
@@ -131,12 +154,13 @@ class MemoryBackend:
         self.view = LiveView(self.log, on_effects=self.shredder.submit)  # type: ignore[arg-type]
         gate = AdminGate(self.transit, frozenset({self.transit.public_key}))
         decider = Decider(self.log, self.view, (self.shredder.applied,))  # type: ignore[arg-type]
-        store = StoreActor(decider, gate, encryption=self.encryption)
+        barrier = Barrier(self.encryption)
+        store = StoreActor(decider, gate, barrier=barrier)
         lifecycle = LifecycleActor(decider, gate)
         responder = GetResponder(
             self.view,
             transit=TransitKeys(self.transit),
-            encryption=self.encryption,
+            barrier=barrier,
             trusted_issuers=self.trusted_issuers,
         )
         handlers = operation_handlers(responder, store, lifecycle)

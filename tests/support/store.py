@@ -14,8 +14,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import RawStreamMsg
 
-from events.integrity import EventAuthenticator
 from events.log import EventLog, LogEntry
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.nats.jetstream import stream_state
 from support.harness import Keys
 
@@ -79,9 +79,7 @@ async def sealed_at(nc: NATS, revision: int) -> bytes:
 
 
 def event_log(nc: NATS, keys: Keys) -> EventLog:
-    return EventLog(
-        nc, backend_name="nats-kv", authenticator=EventAuthenticator.for_key(keys.encryption)
-    )
+    return EventLog(nc, backend_name="nats-kv", barrier=Barrier(keys.encryption))
 
 
 async def log_entries(nc: NATS, keys: Keys) -> list[LogEntry]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import anyio
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from events.chain import ChainBroken, WrongKey
 from events.log import LogEntry
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.client import AdminClient
@@ -135,7 +137,7 @@ class Run:
         assert not diff, "fold of the erased log != live view:\n" + "\n".join(diff)
 
 
-async def run_history(history: list[Operation]) -> None:
+async def run_history(history: list[Operation]) -> MemoryEventLog:
     log = MemoryEventLog()
     async with MemoryBackend(log, KEYS.transit, KEYS.encryption) as backend:
         run = Run(backend)
@@ -153,6 +155,7 @@ async def run_history(history: list[Operation]) -> None:
         await restarted.view.wait_applied(await log.head())
         diff = Projection.of(restarted.view.state, AT_REST).differences(run.model.projection())
         assert not diff, "restarted view != model:\n" + "\n".join(diff)
+    return log
 
 
 @settings(
@@ -164,3 +167,67 @@ async def run_history(history: list[Operation]) -> None:
 @given(HISTORIES)
 def test_the_actors_answer_what_the_model_says(history: list[Operation]) -> None:
     anyio.run(run_history, history)
+
+
+# --- tampering, as anyone on the bus could ------------------------------------------------------
+
+
+def tampered(log: MemoryEventLog, how: str, data: st.DataObject) -> MemoryEventLog:
+    """A copy of `log` with one thing done to it that needs no key."""
+    copy = MemoryEventLog()
+    copy.codec = log.codec
+    copy.stored = list(log.stored)
+    present = [i for i, entry in enumerate(copy.stored) if entry is not None]
+    i = data.draw(st.sampled_from(present), label="entry")
+    if how == "delete":
+        copy.stored[i] = None
+    elif how == "swap":
+        j = data.draw(st.sampled_from(present), label="other")
+        copy.stored[i], copy.stored[j] = copy.stored[j], copy.stored[i]
+    elif how == "truncate":
+        del copy.stored[i:]
+    else:  # a forgery appended: an event's bytes with headers made up
+        stored = copy.stored[i]
+        assert stored is not None
+        copy.stored.append((stored[0], {**stored[1], "Secrets-Event-Tag": "0" * 64}))
+    return copy
+
+
+async def served_or_refused(log: MemoryEventLog) -> ViewState | None:
+    """The view a backend started on `log` serves, or None if it refused to start."""
+    refused = False
+    try:
+        async with MemoryBackend(log, KEYS.transit, KEYS.encryption) as backend:
+            await backend.view.wait_applied(await log.head())
+            return backend.view.state
+    except* (ChainBroken, WrongKey):
+        refused = True
+    assert refused
+    return None
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(HISTORIES, st.sampled_from(["delete", "swap", "truncate", "forge"]), st.data())
+def test_a_tampered_log_is_refused_or_serves_a_genuine_prefix(
+    history: list[Operation], how: str, data: st.DataObject
+) -> None:
+    """Deleting any entry is always refused; otherwise what a restarted backend serves is
+    the fold of an untouched prefix of the log (a cut tail is the anchor's to catch)."""
+    log = anyio.run(run_history, history)
+    changed = tampered(log, how, data)
+    state = anyio.run(served_or_refused, changed)
+    if how == "delete":
+        assert state is None, "a log missing an entry was served"
+        return
+    if state is None:
+        return
+    # The untouched prefix: up to the first position the tampering changed.
+    same = 0
+    while same < min(len(log.stored), len(changed.stored)) and (
+        log.stored[same] == changed.stored[same]
+    ):
+        same += 1
+    prefix = ViewState()
+    for seq in range(1, same + 1):
+        fold(prefix, seq, log.read(seq))
+    assert Projection.of(state, AT_REST).differences(Projection.of(prefix, AT_REST)) == []

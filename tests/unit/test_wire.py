@@ -185,7 +185,12 @@ def test_encoders_produce_the_vectors_from_scratch(vectors: dict[str, Any]) -> N
 
 def test_authenticated_put_extends_the_original_body(vectors: dict[str, Any]) -> None:
     for name in ("put_secret_request_string", "put_secret_request_binary"):
-        body = {**vectors[name], "request_id": "req-1", "issued_at": 1_795_891_079}
+        body = {
+            **vectors[name],
+            "request_id": "req-1",
+            "issued_at": 1_795_891_079,
+            "operation": "put_secret",
+        }
         data = compact(body)
         req = wire.decode_put_request(data, authenticated=True)
         assert type(req) is AdminPutSecretRequest
@@ -198,9 +203,18 @@ def test_authenticated_put_extends_the_original_body(vectors: dict[str, Any]) ->
 
 def test_authenticated_mapping_payload_shape(vectors: dict[str, Any]) -> None:
     names = vectors["add_mapping_payload"]
-    data = compact({"secrets": names, "request_id": "req-2", "issued_at": 1_795_891_079})
+    entity = "M" + "A" * 55
+    data = compact(
+        {
+            "secrets": names,
+            "request_id": "req-2",
+            "issued_at": 1_795_891_079,
+            "operation": "add_mapping",
+            "entity": entity,
+        }
+    )
     req = wire.decode_mapping_request(data, authenticated=True)
-    assert req == MappingRequest(names, "req-2", 1_795_891_079)
+    assert req == MappingRequest(names, "req-2", 1_795_891_079, "add_mapping", entity)
     assert wire.encode_mapping_request(req) == data
     with pytest.raises(errors.InvalidRequest):
         wire.decode_mapping_request(compact(names), authenticated=True)

@@ -1,0 +1,168 @@
+"""The anchor: where the log's chain stood, kept outside the log.
+
+The chain proves each entry follows the one before; it cannot show that entries were
+cut from the *end*, or that the whole stream was replaced by an earlier part of itself.
+So after every append a backend records (position, link) in a stream of its own,
+`SECRETS_{name}_anchor` (one message kept, no deletes or purges), tagged by the barrier
+over (stream, subject, the message's own sequence, value): an old anchor published
+again sits at another sequence and does not verify. A backend refuses to start on a log
+that ends before its anchor or differs from it at the anchored position; each running
+backend's memory is a second anchor (`LiveView`).
+
+What this does not stop: someone able to delete *both* streams and restore an earlier,
+consistent copy of each, while no backend is running. Signed audit checkpoints kept
+elsewhere are the answer to that; NATS permissions are the first wall.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
+from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.nats.jetstream import (
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    WRONG_LAST_SEQUENCE,
+    ensure_stream,
+    stream_state,
+)
+from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+
+log = logging.getLogger(__name__)
+
+_ATTEMPTS = 10
+_ELECTION_S = 20.0
+
+
+def anchor_stream_name(backend_name: str) -> str:
+    return f"SECRETS_{backend_name}_anchor"
+
+
+def anchor_subject(backend_name: str) -> str:
+    return f"wasmcloud_secrets_anchor.{backend_name}"
+
+
+class Anchored(msgspec.Struct, frozen=True):
+    """The log's last anchored position and the chain link there."""
+
+    seq: int
+    link: str
+    at: float = 0.0
+
+
+_decoder = msgspec.json.Decoder(Anchored)
+
+
+class AnchorForged(StorageError):
+    def __init__(self) -> None:
+        super().__init__(
+            "event log anchor",
+            "the anchor is not tagged by this ENCRYPTION_XKEY_SEED (forged, or a wrong key)",
+        )
+
+
+class Anchor:
+    """Read and move forward the anchor of one backend's log."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        backend_name: str,
+        barrier: Barrier,
+        replicas: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=timeout)
+        self._barrier = barrier
+        self._timeout = timeout
+        self.stream = anchor_stream_name(backend_name)
+        self.subject = anchor_subject(backend_name)
+        self.replicas = replicas
+
+    async def ensure(self) -> None:
+        config = api.StreamConfig(
+            name=self.stream,
+            description="secrets-nats-kv: where the event log's chain stood",
+            subjects=[self.subject],
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            max_msgs_per_subject=1,
+            deny_delete=True,
+            deny_purge=True,
+            allow_direct=True,
+        )
+        await ensure_stream(self._nc, config, self._timeout)
+
+    async def read(self) -> Anchored | None:
+        """The anchor, verified; None if there is none yet; `AnchorForged` if not ours.
+
+        A stream just created on a cluster has no leader for a moment: reads that time
+        out then are tried again, for up to `_ELECTION_S` seconds.
+        """
+        delay, deadline = 0.1, time.monotonic() + _ELECTION_S
+        while True:
+            try:
+                msg = await self._js.get_last_msg(self.stream, self.subject)
+                break
+            except nats.js.errors.NotFoundError:
+                return None
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if time.monotonic() > deadline:
+                    raise convert("read anchor", exc) from None
+            except nats.errors.Error as exc:
+                raise convert("read anchor", exc) from None
+            await anyio.sleep(delay)  # waiting out a leader election, bounded
+            delay = min(delay * 2, 1.0)
+        data = msg.data or b""
+        tag = (msg.headers or {}).get(KV_TAG_HEADER)
+        if not self._barrier.verify_kv(self.stream, self.subject, msg.seq or 0, data, tag):
+            raise AnchorForged()
+        try:
+            return _decoder.decode(data)
+        except msgspec.DecodeError:
+            raise AnchorForged() from None
+
+    async def advance(self, seq: int, link: str) -> None:
+        """Record (seq, link) unless the anchor is already at or past `seq`."""
+        for _ in range(_ATTEMPTS):
+            current = await self.read()
+            if current is not None and current.seq >= seq:
+                return
+            if await self._write(seq, link):
+                return
+        raise StorageError("anchor", "kept changing under this write")
+
+    async def reset(self, seq: int, link: str) -> None:
+        """Record (seq, link) whatever is there (a rewritten log: rotate-key, repair)."""
+        for _ in range(_ATTEMPTS):
+            if await self._write(seq, link):
+                return
+        raise StorageError("anchor", "kept changing under this write")
+
+    async def _write(self, seq: int, link: str) -> bool:
+        """One pinned write; False if another writer took the position first."""
+        last = (await stream_state(self._nc, self.stream, self._timeout)).last_seq
+        value = msgspec.json.encode(Anchored(seq=seq, link=link, at=time.time()))
+        headers = {
+            KV_TAG_HEADER: self._barrier.kv_tag(self.stream, self.subject, last + 1, value),
+            EXPECTED_LAST_SEQUENCE_HEADER: str(last),
+        }
+        try:
+            await self._js.publish(self.subject, value, stream=self.stream, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                return False
+            raise convert("write anchor", exc) from None
+        except nats.errors.Error as exc:
+            raise convert("write anchor", exc) from None
+        return True
