@@ -64,6 +64,14 @@ def access_subject(names: BackendNames) -> str:
     return f"wasmcloud_secrets_access.{names.name}"
 
 
+def anchor_stream(names: BackendNames) -> str:
+    return f"SECRETS_{names.name}_anchor"
+
+
+def anchor_subject(names: BackendNames) -> str:
+    return f"wasmcloud_secrets_anchor.{names.name}"
+
+
 def staging_stream(names: BackendNames) -> str:
     return f"SECRETS_{names.name}_events_rotating"
 
@@ -125,6 +133,8 @@ def _backend(names: BackendNames) -> Permissions:
         # MSG.GET: the start-up and peer-write checks read what a revision holds
         *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *_api(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
+        anchor_subject(names),  # where the chain stood after each append
+        *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
     ]
     subscribe = [
         f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group
@@ -158,6 +168,9 @@ def _admin(names: BackendNames) -> Permissions:
         # get reads the bucket; rotate-key erases destroyed versions from it
         *_api(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),
         *_api(state_kv, "INFO", "CREATE", "DELETE"),
+        # verify, rebuild and rotate-key read the anchor; rotate-key and repair move it
+        anchor_subject(names),
+        *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
     ]
     subscribe = [inbox, lock]
     return Permissions(NatsRole.ADMIN, tuple(publish), tuple(subscribe), allow_responses=True)

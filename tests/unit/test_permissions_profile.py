@@ -24,6 +24,7 @@ from actors.rotation.lock import lock_subject
 from actors.service import SERVICE_NAME
 from events.access import access_stream_name
 from events.access import access_subject as rooms_access_subject
+from events.anchor import anchor_stream_name, anchor_subject
 from events.log import stream_name, subject_prefix
 from secrets_nats_kv import permissions as p
 from secrets_nats_kv.app import permissions as rendering
@@ -94,6 +95,8 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *verbs(access, "INFO", "CREATE", "UPDATE"),
         *verbs(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *verbs(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
+        f"wasmcloud_secrets_anchor.{n}",
+        *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
     ]
     backend_sub = [
         f"{prefix}.>",  # (queue group only: checked separately)
@@ -121,6 +124,8 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"{api}.DIRECT.GET.{staging}",
         *verbs(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),
         *verbs(state_kv, "INFO", "CREATE", "DELETE"),
+        f"wasmcloud_secrets_anchor.{n}",
+        *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
     ]
     admin_sub = [f"_INBOX_SNKV.{n}.admin.>", f"wasmcloud_secrets_rotation_lock.{n}"]
     host_pub = [f"{prefix}.server_xkey", f"{prefix}.get"]
@@ -150,6 +155,7 @@ def _streams(names: BackendNames) -> list[str]:
         f"SECRETS_{n}_events",
         f"SECRETS_{n}_access",
         f"SECRETS_{n}_events_rotating",
+        f"SECRETS_{n}_anchor",
         f"KV_{names.secrets_bucket}",
         f"KV_SECRETS_{n}_state",
     ]
@@ -301,6 +307,8 @@ def test_names_agree_with_the_rooms_that_own_them() -> None:
     assert p.staging_stream(names) == staging_stream_name(names.name)
     assert p.staging_subjects(names) == f"{staging_subject_prefix(names.name)}.>"
     assert p.rotation_lock_subject(names) == lock_subject(names.name)
+    assert p.anchor_stream(names) == anchor_stream_name(names.name)
+    assert p.anchor_subject(names) == anchor_subject(names.name)
     assert p.SERVICE_NAME == SERVICE_NAME
 
 
