@@ -32,10 +32,10 @@ from nats.js import api
 
 from actors.backend import BUCKET_RECREATED, FORGED_API_ANSWERS, REJECTED_ENTRIES
 from events.access import AccessRecord, access_stream_name, access_subject, decode_access
-from events.integrity import EventAuthenticator
 from events.log import EventLog, stream_messages, stream_name, subject_prefix
 from events.types import SecretPut
 from secrets_nats_kv import limits, wire
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import SecretTooLarge, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
@@ -217,7 +217,11 @@ async def unchecked_put(clients: Clients, name: str, value: str) -> int:
     """put_secret as a client that skips the size check (sealed like the real one)."""
     admin = clients.admin
     request = wire.AdminPutSecretRequest(
-        key=name, string_secret=value, request_id=uuid.uuid4().hex, issued_at=int(time.time())
+        key=name,
+        string_secret=value,
+        request_id=uuid.uuid4().hex,
+        issued_at=int(time.time()),
+        operation="put_secret",  # bound to its subject, as every admin body is
     )
     data = await admin._sealed_request("put_secret", wire.encode_put_request(request))
     return wire.decode_put_response(data).result()
@@ -387,11 +391,9 @@ async def test_a_forged_low_head_is_caught_and_never_hides_a_write(
         assert await clients.admin.put_secret("s", "v1") == 1
         await clients.admin.add_mapping(identity.entity_key, ["s"])
         log = EventLog(
-            clients.host.nc,
-            backend_name=names.name,
-            authenticator=EventAuthenticator.for_key(clients.keys.encryption),
+            clients.host.nc, backend_name=names.name, barrier=Barrier(clients.keys.encryption)
         )
-        head = await log.head()  # read before the forger starts: it would fool us too
+        head, link = await log.tail()  # read before the forger starts: it would fool us too
         async with forging_stream_info(url, stream_name(names.name), 0) as answered:
             assert (await clients.get(identity, "s")).string_secret == "v1"
             assert answered  # the forger answered (before or after JetStream did)
@@ -403,7 +405,8 @@ async def test_a_forged_low_head_is_caught_and_never_hides_a_write(
             box = SealBox(clients.keys.encryption, clients.keys.encryption)
             for value in (b"v2", b"v3", b"v4"):
                 event = SecretPut(at=time.time(), name="s", sealed=box.seal(value))
-                head = (await log.append(event, expected_last_seq=head)).seq
+                appended = await log.append(event, expected_last_seq=head, previous=link)
+                head, link = appended.seq, appended.link
                 got = await clients.get(identity, "s")
                 assert got.string_secret == value.decode()
 
