@@ -12,7 +12,7 @@ an event, entries not tagged by our key as `Rejected`, and a broken chain raises
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import nats.errors
@@ -52,7 +52,7 @@ from secrets_nats_kv.nats.jetstream import (
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nats.positioned import PositionedPublisher
-from secrets_nats_kv.nats.reader import stream_messages
+from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +294,8 @@ class EventLog:
         async for message in stream_messages(
             self._nc, self.stream, f"{self.prefix}.>", from_seq=from_seq, until=head
         ):
-            for gap in range(expected, message.seq):
-                for verified in reader.push(Raw(gap, message.time, None)):
-                    yield _entry(verified)
-            raw = Raw(message.seq, message.time, message.data, message.headers)
-            for verified in reader.push(raw):
-                yield _entry(verified)
+            for entry in _released_by(reader, message, expected):
+                yield entry
             expected = message.seq + 1
         for gap in range(expected, head + 1):  # a tail that is gone: at_head judges it
             for verified in reader.push(Raw(gap, 0.0, None)):
@@ -312,12 +308,8 @@ class EventLog:
         async for message in stream_messages(
             self._nc, self.stream, f"{self.prefix}.>", from_seq=expected, follow=True
         ):
-            for gap in range(expected, message.seq):
-                for verified in reader.push(Raw(gap, message.time, None)):
-                    yield _entry(verified)
-            raw = Raw(message.seq, message.time, message.data, message.headers)
-            for verified in reader.push(raw):
-                yield _entry(verified)
+            for entry in _released_by(reader, message, expected):
+                yield entry
             if message.pending == 0:
                 for verified in reader.at_head():
                     yield _entry(verified)
@@ -378,3 +370,13 @@ class EventLog:
 
 def _entry(verified: Verified) -> LogEntry:
     return LogEntry(verified.seq, verified.time, verified.event, verified.digest, verified.link)
+
+
+def _released_by(reader: ChainReader, message: StoredMessage, expected: int) -> Iterator[LogEntry]:
+    """The entries `message` lets the chain reader release: the gaps before it (positions
+    from `expected` on that were erased or never written), then the message itself."""
+    for gap in range(expected, message.seq):
+        for verified in reader.push(Raw(gap, message.time, None)):
+            yield _entry(verified)
+    for verified in reader.push(Raw(message.seq, message.time, message.data, message.headers)):
+        yield _entry(verified)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import nats.errors
@@ -45,6 +46,9 @@ from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 from secrets_nats_kv.xkeys import XKey
+
+if TYPE_CHECKING:
+    from projections.kv import KvLayout
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,19 @@ def previous_transit_keys(args: argparse.Namespace) -> tuple[XKey, ...]:
         except InvalidKey as exc:
             raise ConfigError(f"previous transit key ({where}): {exc}") from None
     return tuple(keys)
+
+
+def rewrite_layout(args: argparse.Namespace) -> KvLayout:
+    """The buckets `rebuild` and `repair` recreate, with the run's settings from `args`."""
+    from projections.kv import KvLayout
+
+    names = backend_names(args)
+    return KvLayout(
+        secrets_bucket=names.secrets_bucket,
+        state_bucket=names.state_bucket,
+        max_history=args.max_secret_history,
+        replicas=args.replicas,
+    )
 
 
 def _say(line: str) -> None:
@@ -540,7 +557,6 @@ async def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
-    from projections.kv import KvLayout
     from projections.rebuild import rebuild_views
     from secrets_nats_kv.barrier import Barrier
 
@@ -551,12 +567,7 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
         report = await rebuild_views(
             nc,
             backend_name=names.name,
-            layout=KvLayout(
-                secrets_bucket=names.secrets_bucket,
-                state_bucket=names.state_bucket,
-                max_history=args.max_secret_history,
-                replicas=args.replicas,
-            ),
+            layout=rewrite_layout(args),
             barrier=Barrier(encryption),
             progress=progress_printer("rebuild"),
         )

@@ -18,13 +18,13 @@ import anyio
 from events.log import EventLog
 from events.repair import repair_log, verify_log
 from projections.checkpoints import verify_export
-from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
 from secrets_nats_kv import config
 from secrets_nats_kv.app.commands import (
     backend_names,
     nats_options,
     progress_printer,
+    rewrite_layout,
     seed_from_env,
 )
 from secrets_nats_kv.barrier import Barrier
@@ -139,12 +139,7 @@ async def cmd_repair(args: argparse.Namespace) -> int:
         report = await rebuild_views(
             nc,
             backend_name=names.name,
-            layout=KvLayout(
-                secrets_bucket=names.secrets_bucket,
-                state_bucket=names.state_bucket,
-                max_history=args.max_secret_history,
-                replicas=args.replicas,
-            ),
+            layout=rewrite_layout(args),
             barrier=barrier,
             progress=progress_printer("rebuild"),
         )
