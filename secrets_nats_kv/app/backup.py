@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,10 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from secrets_nats_kv import __version__, config
-from secrets_nats_kv.app.commands import (
-    _close,
-    backend_names,
-    nats_options,
-    plural,
-    progress_printer,
-)
+from secrets_nats_kv.app.arguments import backend_names, nats_options
+from secrets_nats_kv.app.session import close as _close
+from secrets_nats_kv.app.terminal import plural, progress_printer
+from secrets_nats_kv.app.terminal import say as _say
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import ConfigError, StorageError
 from secrets_nats_kv.nats import snapshot
@@ -287,8 +283,3 @@ async def _restore_one(nc: NATS, folder: Path, entry: dict[str, Any], replicas: 
                 f"restore {entry['stream']}",
                 f"{key} is {state.get(key)} after restore, {want.get(key)} in the backup",
             )
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()

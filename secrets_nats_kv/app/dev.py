@@ -257,7 +257,7 @@ async def rotate_dev_key(data_dir: str, address: str) -> int:
     """
     from actors.rotation import rotate_key
     from projections.kv import KvLayout
-    from secrets_nats_kv.app.commands import progress_printer
+    from secrets_nats_kv.app.terminal import progress_printer
 
     host, port = _claim_address(data_dir, address)
     folder, _, old = prepare_folder(data_dir)

@@ -33,13 +33,9 @@ def add_parser(commands: argparse._SubParsersAction[_P]) -> _P:
 async def cmd_import(args: argparse.Namespace) -> int:
     from actors.takeover.importer import import_original
     from projections.kv import KvLayout
-    from secrets_nats_kv.app.commands import (
-        _say,
-        backend_names,
-        nats_options,
-        progress_printer,
-        seed_from_env,
-    )
+    from secrets_nats_kv.app.arguments import backend_names, nats_options
+    from secrets_nats_kv.app.commands import seed_from_env
+    from secrets_nats_kv.app.terminal import progress_printer, say
     from secrets_nats_kv.nats.connection import connect
 
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
@@ -64,5 +60,5 @@ async def cmd_import(args: argparse.Namespace) -> int:
         )
     finally:
         await nc.close()
-    _say(report.summary())
+    say(report.summary())
     return 0

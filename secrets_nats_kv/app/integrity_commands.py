@@ -10,7 +10,6 @@ Backends that stopped at the break are restarted afterwards.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -20,13 +19,10 @@ from events.repair import repair_log, verify_log
 from projections.checkpoints import verify_export
 from projections.rebuild import rebuild_views
 from secrets_nats_kv import config
-from secrets_nats_kv.app.commands import (
-    backend_names,
-    nats_options,
-    progress_printer,
-    rewrite_layout,
-    seed_from_env,
-)
+from secrets_nats_kv.app.arguments import backend_names, nats_options, rewrite_layout
+from secrets_nats_kv.app.commands import seed_from_env
+from secrets_nats_kv.app.terminal import progress_printer
+from secrets_nats_kv.app.terminal import say as _say
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import ConfigError, InvalidKey
 from secrets_nats_kv.nats.connection import connect
@@ -150,11 +146,6 @@ async def cmd_repair(args: argparse.Namespace) -> int:
         f"{report.events} events: restart the backends, then re-check mappings and secrets"
     )
     return 0
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {

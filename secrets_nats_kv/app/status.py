@@ -31,7 +31,9 @@ from actors.service import (
     STATS_PREVIOUS_TRANSIT,
     STATS_VIEW_SEQ,
 )
-from secrets_nats_kv.app.commands import _close, backend_names, nats_options, plural
+from secrets_nats_kv.app.arguments import backend_names, nats_options
+from secrets_nats_kv.app.session import close
+from secrets_nats_kv.app.terminal import plural
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import ConfigError, StorageError
 from secrets_nats_kv.nats.connection import connect
@@ -150,7 +152,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
             raise ConfigError(f"status: {exc}; is -n {names.name} right?") from None
         instances = await gather(nc, names, args.timeout)
     finally:
-        await _close(nc)
+        await close(nc)
     for instance in instances:
         sys.stdout.write(instance.line(log_seq) + "\n")
     sys.stdout.flush()

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secrets_nats_kv.app import cli
+from secrets_nats_kv.app.parsers.options import version_number
 
 MAX = 2**64 - 1
 
@@ -16,20 +17,20 @@ MAX = 2**64 - 1
 @given(st.integers(min_value=-(2**70), max_value=2**70))
 def test_a_version_is_accepted_exactly_when_it_is_1_to_2_64_minus_1(number: int) -> None:
     if 1 <= number <= MAX:
-        assert cli.version_number(str(number)) == number
+        assert version_number(str(number)) == number
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="1 to 18446744073709551615"):
-            cli.version_number(str(number))
+            version_number(str(number))
 
 
 @given(st.text(max_size=12))
 def test_a_version_that_is_not_a_whole_number_is_refused_in_our_words(text: str) -> None:
     stripped = text.strip()
     if stripped.isascii() and stripped.isdigit() and 1 <= int(stripped) <= MAX:
-        assert cli.version_number(text) == int(stripped)
+        assert version_number(text) == int(stripped)
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="whole number"):
-            cli.version_number(text)
+            version_number(text)
 
 
 def help_of(*command: str) -> str:
