@@ -1,27 +1,47 @@
-"""The JSON messages of the secrets protocol (PROTOCOL.md §3, §5) as msgspec structs.
+"""The secrets protocol on the wire: its two headers, and its messages to and from bytes.
 
-Field order is the order of the JSON the original sends, so that encoding what we decoded
-gives back the same bytes.  Decoding is on every request's hot path, hence msgspec and
-module-level encoder/decoder instances.  Every decoder turns a malformed message into the
-project's own error class (never a msgspec or json exception), so a responder can answer
-with the wire error that class stands for.
+The messages themselves are `secrets_nats_kv.messages` (re-exported here, so the rest
+of the code imports the protocol from one place). Decoding is on every request's hot
+path, hence msgspec and module-level encoder/decoder instances. Every decoder turns a
+malformed message into the project's own error class (never a msgspec or json
+exception), so a responder can answer with the wire error that class stands for.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeAlias, TypeVar, overload
+from typing import Literal, TypeVar, overload
 
 import msgspec
 
 from secrets_nats_kv.decoding import DECODE_FAILURES, why_undecodable
 from secrets_nats_kv.errors import (
-    TEXT_VARIANTS,
     InvalidPayload,
     InvalidRequest,
     NoSecretProvided,
     ProtocolError,
-    SecretTooLarge,
     protocol_error_from_wire,
+)
+from secrets_nats_kv.messages import (
+    AdminPutSecretRequest,
+    AdminRequest,
+    Application,
+    Byte,
+    ChangeReply,
+    Context,
+    LifecycleReply,
+    ListReply,
+    MappingRequest,
+    MappingsReply,
+    PutSecretRequest,
+    PutSecretResponse,
+    RequestId,
+    Secret,
+    SecretListing,
+    SecretRequest,
+    SecretResponse,
+    UInt,
+    WireError,
+    put_error_from_wire,
 )
 
 __all__ = [
@@ -31,6 +51,7 @@ __all__ = [
     "Byte",
     "ChangeReply",
     "Context",
+    "LifecycleReply",
     "ListReply",
     "MappingRequest",
     "MappingsReply",
@@ -61,227 +82,10 @@ __all__ = [
     "put_error_from_wire",
 ]
 
-Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
-"""One element of a `binary_secret`: the original sends bytes as a JSON array of 0..255."""
-
-WireError: TypeAlias = str | dict[str, str]
-"""serde's external tagging of `GetSecretError`: a bare string or a one-key object."""
-
-RequestId = Annotated[str, msgspec.Meta(min_length=1)]
-"""Becomes the `Nats-Msg-Id` of an append; an empty one would defeat deduplication."""
-
-_U64_MAX = 2**64 - 1
-UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-"""Revisions and timestamps: `u64` in the original, capped at `i64::MAX` here because
-msgspec cannot bound beyond int64 (no revision or timestamp comes near it)."""
-
-_REDACTED = "<redacted>"
-
 HOST_XKEY_HEADER = "WasmCloud-Host-Xkey"
 """The header carrying the xkey a host (or admin) sealed its request with."""
 RESPONSE_XKEY_HEADER = "Server-Response-Xkey"
 """The header carrying the one-off xkey the backend sealed its reply with."""
-
-
-# --- get ----------------------------------------------------------------------------------
-
-
-class Application(msgspec.Struct, frozen=True, gc=False):
-    """The application a secret is read for; `policy` is JSON text or ""."""
-
-    name: str | None = None
-    policy: str = ""
-
-
-class Context(msgspec.Struct, frozen=True, gc=False):
-    """Who asks: the entity's and the host's JWTs, checked by the responder, not here."""
-
-    entity_jwt: str
-    host_jwt: str
-    application: Application = msgspec.field(default_factory=Application)
-
-    def __repr__(self) -> str:
-        # JWTs are bearer credentials for the protocol: keep them out of logs.
-        return (
-            f"Context(entity_jwt={_REDACTED}, host_jwt={_REDACTED}, "
-            f"application={self.application!r})"
-        )
-
-
-class SecretRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """The sealed body of a `get`.  `version` stays text: PROTOCOL §3 checks it late."""
-
-    key: str
-    field: str | None = None
-    version: str | None = None
-    context: Context
-
-    def requested_revision(self) -> int | None:
-        """The revision `version` names (None: latest), parsed as Rust's `u64::from_str`.
-
-        Raises `InvalidRequest` if it is not an unsigned 64-bit integer.  A method rather
-        than a decode-time check because the original checks it only after the JWTs and
-        the mapping (PROTOCOL.md §3), and the order decides which error the host sees.
-        """
-        if self.version is None:
-            return None
-        text = self.version
-        digits = text[1:] if text.startswith("+") else text
-        if not (digits.isascii() and digits.isdigit()):
-            raise InvalidRequest("version is not an unsigned integer")
-        significant = digits.lstrip("0")
-        # Length first: int() of a very long digit string is slow (and refused past 4300).
-        if len(significant) > 20 or int(significant or "0") > _U64_MAX:
-            raise InvalidRequest("version is larger than an unsigned 64-bit integer")
-        return int(significant or "0")
-
-
-class Secret(msgspec.Struct, frozen=True, gc=False):
-    """A secret value at a version; exactly one of the two value fields is set."""
-
-    version: str
-    string_secret: str | None = None
-    binary_secret: list[Byte] | None = None
-
-    def __post_init__(self) -> None:
-        # Runs on decode too, where msgspec turns the ValueError into a ValidationError.
-        if (self.string_secret is None) == (self.binary_secret is None):
-            raise ValueError("exactly one of string_secret and binary_secret must be set")
-
-    @classmethod
-    def of_bytes(cls, version: str, data: bytes) -> Secret:
-        """A binary secret (sent as a JSON array of byte values)."""
-        return cls(version, binary_secret=list(data))
-
-    @classmethod
-    def of_string(cls, version: str, text: str) -> Secret:
-        """A string secret."""
-        return cls(version, string_secret=text)
-
-    def value_bytes(self) -> bytes:
-        """The value as bytes, whichever form it has (strings as UTF-8)."""
-        if self.binary_secret is not None:
-            return bytes(self.binary_secret)
-        assert self.string_secret is not None  # guaranteed by __post_init__
-        return self.string_secret.encode()
-
-    def __repr__(self) -> str:
-        kind = "string" if self.string_secret is not None else "binary"
-        return f"Secret(version={self.version!r}, {kind}_secret={_REDACTED})"
-
-
-class SecretResponse(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
-    """The reply to a `get`: `{"secret": {...}}` on success, `{"error": E}` on failure."""
-
-    secret: Secret | None = None
-    error: WireError | None = None
-
-
-# --- put_secret ---------------------------------------------------------------------------
-
-
-class PutSecretRequest(msgspec.Struct, frozen=True):
-    """The original's unauthenticated `put_secret` body; all four keys are always sent."""
-
-    key: str
-    version: str = ""
-    string_secret: str | None = None
-    binary_secret: list[Byte] | None = None
-
-    def value_bytes(self) -> bytes:
-        """The value as bytes, whichever form it has (strings as UTF-8)."""
-        if self.binary_secret is not None:
-            return bytes(self.binary_secret)
-        if self.string_secret is not None:
-            return self.string_secret.encode()
-        raise NoSecretProvided()
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(key={self.key!r}, version={self.version!r}, "
-            f"string_secret={_redact(self.string_secret)}, "
-            f"binary_secret={_redact(self.binary_secret)})"
-        )
-
-
-class AdminPutSecretRequest(PutSecretRequest, frozen=True, kw_only=True):
-    """`put_secret` as sealed by an admin key: the original's body plus replay protection,
-    and the operation it is for (inside the seal, so a copy cannot be re-aimed)."""
-
-    request_id: RequestId
-    issued_at: UInt
-    operation: str = ""
-
-
-class PutSecretResponse(msgspec.Struct, frozen=True):
-    """The plain reply to `put_secret`: `{"revision":N,"error":null}` or revision 0 + error."""
-
-    revision: UInt
-    error: str | None = None
-
-    def result(self) -> int:
-        """The revision written, or raise the error the reply carries."""
-        if self.error is not None:
-            raise put_error_from_wire(self.error)
-        return self.revision
-
-
-# --- mappings and other admin operations ------------------------------------------------
-
-
-class MappingRequest(msgspec.Struct, frozen=True):
-    """The authenticated `add_mapping`/`remove_mapping` body (the original's is a bare list)."""
-
-    secrets: list[str]
-    request_id: RequestId
-    issued_at: UInt
-    # What the subject says, sealed: a body for remove_mapping.<victim> cannot be sent
-    # again as add_mapping.<attacker>.
-    operation: str = ""
-    entity: str = ""
-
-
-class AdminRequest(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A generic authenticated lifecycle request (list, mappings, delete, undelete, destroy).
-
-    Our own format, not the original's, so unset fields are left out of the JSON.
-    """
-
-    request_id: RequestId
-    issued_at: UInt
-    name: str | None = None
-    version: UInt | None = None
-    all: bool = False
-    entity: str | None = None
-    operation: str = ""  # the operation it is for, sealed (see MappingRequest)
-
-
-class SecretListing(msgspec.Struct, frozen=True):
-    """One secret in a `list` reply: never its value."""
-
-    name: str
-    version: int  # the latest readable version, 0 if none is left
-    versions: int  # how many versions are readable
-    updated_at: float
-    deleted: bool = False
-
-
-class ListReply(msgspec.Struct, frozen=True):
-    secrets: list[SecretListing]
-
-
-class MappingsReply(msgspec.Struct, frozen=True):
-    mappings: dict[str, list[str]]
-
-
-class ChangeReply(msgspec.Struct, frozen=True):
-    """The reply to delete, undelete and destroy: the revision written or versions shredded."""
-
-    revision: int = 0
-    destroyed: list[int] = msgspec.field(default_factory=list)
-
-
-LifecycleReply = TypeVar("LifecycleReply", ListReply, MappingsReply, ChangeReply)
 
 
 def encode_reply(reply: ListReply | MappingsReply | ChangeReply) -> bytes:
@@ -328,10 +132,6 @@ _put_response_decoder = msgspec.json.Decoder(PutSecretResponse)
 _mapping_request_decoder = msgspec.json.Decoder(MappingRequest)
 _mapping_list_decoder = msgspec.json.Decoder(list[str])
 _admin_request_decoder = msgspec.json.Decoder(AdminRequest)
-
-
-def _redact(value: object) -> str:
-    return "None" if value is None else _REDACTED
 
 
 def encode_secret_request(req: SecretRequest) -> bytes:
@@ -406,17 +206,6 @@ def encode_put_response(revision: int, error: ProtocolError | None = None) -> by
 def decode_put_response(data: bytes) -> PutSecretResponse:
     """Parse a `put_secret` reply; one that is not a PutSecretResponse is `InvalidPayload`."""
     return _decode(_put_response_decoder, data, InvalidPayload, "a PutSecretResponse")
-
-
-def put_error_from_wire(value: str) -> ProtocolError:
-    """The exception a `put_secret` reply's `error` string stands for (PROTOCOL.md §5)."""
-    if value == NoSecretProvided.variant:
-        return NoSecretProvided()
-    if value == SecretTooLarge.variant:
-        return SecretTooLarge()
-    if value in TEXT_VARIANTS:  # a put reply names the variant only, without its text
-        return TEXT_VARIANTS[value](value)
-    return protocol_error_from_wire(value)
 
 
 def encode_mapping_request(req: MappingRequest | list[str]) -> bytes:
