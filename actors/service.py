@@ -19,11 +19,11 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointStats, Service
 
 from actors.pool import ResponderPool
-from secrets_nats_kv import __version__
+from secrets_nats_kv import __version__, streams
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.nats.connection import round_trip
 
-SERVICE_NAME = "secrets-nats-kv"
+SERVICE_NAME = streams.SERVICE_NAME
 # What an instance adds to its endpoint's stats data, for `secrets-nats-kv status`.
 STATS_VIEW_SEQ = "view_seq"  # the last log sequence its view has applied
 STATS_INCIDENTS = "incidents"  # Health.snapshot()

@@ -48,6 +48,7 @@ from secrets_nats_kv.errors import SecretsBackendError
 from secrets_nats_kv.jwt import MAX_TOKEN_LENGTH
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.streams import events_subject_prefix
 from secrets_nats_kv.xkeys import XKey
 from tests.support.host import HostClient
 from tests.support.tokens import encode_jwt, mint_component_jwt, mint_host_jwt
@@ -234,7 +235,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         async def flood(client: NATS) -> None:
             nonlocal published
             await anyio.sleep(flood_start - time.perf_counter())
-            subject = f"wasmcloud_secrets_events.{names.name}.junk"
+            subject = f"{events_subject_prefix(names.name)}.junk"
             while time.perf_counter() < flood_end:
                 for _ in range(500):
                     await client.publish(subject, b"junk")

@@ -38,11 +38,12 @@ from nats.aio.client import Client as NATS
 from actors.takeover.importer import import_original
 from projections.kv import KvLayout
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
-from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.streams import kv_stream, kv_subject_prefix
 from secrets_nats_kv.xkeys import SealBox, XKey
 from tests.support.original import ORIGINAL_HISTORY, original_stream_config
 
@@ -58,7 +59,7 @@ async def fill(nc: NATS, entries: int, over: int, key: XKey) -> dict[str, int]:
     await js.add_stream(original_stream_config(NAMES.secrets_bucket, ORIGINAL_HISTORY))
     await js.add_stream(original_stream_config(NAMES.state_bucket, 1))
     box = SealBox(key, key)
-    prefix = f"$KV.{NAMES.secrets_bucket}."
+    prefix = kv_subject_prefix(NAMES.secrets_bucket)
     written = 0
     over_writes = ORIGINAL_HISTORY + 36  # each keeps 64, 36 revisions skipped
     plain = max(0, (entries - over * ORIGINAL_HISTORY) // VERSIONS)
@@ -71,7 +72,7 @@ async def fill(nc: NATS, entries: int, over: int, key: XKey) -> dict[str, int]:
                     value = f"value {i} v{version}".encode()
                     await publisher.publish(written, f"{prefix}app-{i:05d}", box.seal(value))
         await publisher.drain()
-    state_prefix = f"$KV.{NAMES.state_bucket}."
+    state_prefix = kv_subject_prefix(NAMES.state_bucket)
     mappings = 0
     for i in range(0, plain + over, 10):
         entity = SigningKey.generate(Role.MODULE).public_key

@@ -48,12 +48,13 @@ from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
 from secrets_nats_kv.barrier import GENESIS, Barrier, digest
-from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import erase_message, stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import get_message, read_stream, read_stream_ordered
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 NAMES = BackendNames()

@@ -25,10 +25,11 @@ from events.types import Event, MappingAdded, SecretPut
 from projections.kv import KvBuckets, KvLayout
 from secrets_nats_kv import wire
 from secrets_nats_kv.barrier import GENESIS, KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import KIND_HEADER, BackendNames, kv_stream
+from secrets_nats_kv.config import KIND_HEADER, BackendNames
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.streams import kv_stream, kv_subject
 from secrets_nats_kv.xkeys import SealBox, XKey
 from tests.support.tokens import mint_component_jwt, mint_host_jwt
 
@@ -223,7 +224,7 @@ async def write_log(
             # Pinned like the KV writer's writes (which do not name the stream).
             async with PositionedPublisher(nc, bucket, window=2048, expect_stream=False) as kv:
                 for rev, put in enumerate(puts, start=last + 1):
-                    subject = f"$KV.{names.secrets_bucket}.{put.name}"
+                    subject = kv_subject(names.secrets_bucket, put.name)
                     tag = barrier.kv_tag(names.secrets_bucket, put.name, rev, put.sealed)
                     headers = {KIND_HEADER: put.kind, KV_TAG_HEADER: tag}  # as the writer tags
                     await kv.publish(rev, subject, put.sealed, headers)

@@ -13,16 +13,13 @@ from collections.abc import Sequence
 
 import msgspec
 
+from secrets_nats_kv import streams
 from secrets_nats_kv.decoding import DECODE_FAILURES, why_undecodable
 from secrets_nats_kv.errors import SecretsBackendError
 
-
-def access_stream_name(backend_name: str) -> str:
-    return f"SECRETS_{backend_name}_access"
-
-
-def access_subject(backend_name: str) -> str:
-    return f"wasmcloud_secrets_access.{backend_name}"
+# The access log's names as its importers spell them; built in `secrets_nats_kv.streams`.
+access_stream_name = streams.access_stream
+access_subject = streams.access_subject
 
 
 class AccessRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="get"):

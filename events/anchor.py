@@ -26,6 +26,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import api
 
+from secrets_nats_kv import streams
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import (
@@ -42,12 +43,9 @@ _ATTEMPTS = 10
 _ELECTION_S = 20.0
 
 
-def anchor_stream_name(backend_name: str) -> str:
-    return f"SECRETS_{backend_name}_anchor"
-
-
-def anchor_subject(backend_name: str) -> str:
-    return f"wasmcloud_secrets_anchor.{backend_name}"
+# The anchor's names as its importers spell them; built in `secrets_nats_kv.streams`.
+anchor_stream_name = streams.anchor_stream
+anchor_subject = streams.anchor_subject
 
 
 class Anchored(msgspec.Struct, frozen=True):

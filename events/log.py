@@ -34,6 +34,7 @@ from events.types import (
     UndecodableEvent,
     decode_event,
 )
+from secrets_nats_kv import streams
 from secrets_nats_kv.barrier import GENESIS, Barrier, digest
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.limits import max_event_size
@@ -59,12 +60,9 @@ log = logging.getLogger(__name__)
 DUPLICATE_WINDOW_S = 300.0  # covers a request id's whole +-120 s acceptance window, twice
 
 
-def stream_name(backend_name: str) -> str:
-    return f"SECRETS_{backend_name}_events"
-
-
-def subject_prefix(backend_name: str) -> str:
-    return f"wasmcloud_secrets_events.{backend_name}"
+# The log's names as its importers spell them; built in `secrets_nats_kv.streams`.
+stream_name = streams.events_stream
+subject_prefix = streams.events_subject_prefix
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from projections.state import ViewState
-from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import SecretsBackendError, StorageError
 from secrets_nats_kv.nats.jetstream import to_backend_error
+from secrets_nats_kv.streams import kv_stream, kv_subject_prefix
 
 IMPORT_MARKER = "secrets-nats-kv-import"  # stream metadata key while `import` replaces it
 IMPORT_REPLACING = "replacing"
@@ -190,7 +190,7 @@ async def check_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
     if any(found.last_seq in versions for versions in state.destroyed.values()):
         return  # destroyed by the log; its erasure may not have happened yet
     expected = expected_at(state, found.last_seq)
-    key = (message.subject or "").removeprefix(f"$KV.{found.bucket}.")
+    key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     operation = (message.headers or {}).get("KV-Operation")
     if expected is None:
         same = not message.data and operation is None  # an erased entry's placeholder
@@ -220,7 +220,7 @@ async def check_state_tail(nc: NATS, found: BucketFound, state: ViewState) -> No
         return
     except nats.errors.Error as exc:
         raise to_backend_error(f"read {found.stream} #{found.last_seq}", exc) from None
-    key = (message.subject or "").removeprefix(f"$KV.{found.bucket}.")
+    key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     if state.last_mapping:
         names = sorted(state.mappings.get(state.last_mapping, ()))
         same = key == state.last_mapping and (message.data or b"") == msgspec.json.encode(names)

@@ -36,7 +36,7 @@ from projections.state import (
 )
 from projections.watermark import Watermark
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import KIND_HEADER, kv_stream
+from secrets_nats_kv.config import KIND_HEADER
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import (
     EXPECTED_LAST_SEQUENCE_HEADER,
@@ -53,6 +53,7 @@ from secrets_nats_kv.nats.jetstream import (
     stream_state,
     update_stream,
 )
+from secrets_nats_kv.streams import kv_stream, kv_subject, kv_subjects
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class KvBuckets:
         config = api.StreamConfig(
             name=kv_stream(bucket),
             description=description,
-            subjects=[f"$KV.{bucket}.>"],
+            subjects=[kv_subjects(bucket)],
             storage=api.StorageType.FILE,
             num_replicas=self.layout.replicas,
             max_msgs_per_subject=history,
@@ -157,7 +158,7 @@ class KvBuckets:
     ) -> bool:
         """Write `value` as revision `revision` of `bucket`; False if it was already written."""
         headers = {**headers, EXPECTED_LAST_SEQUENCE_HEADER: str(revision - 1)}
-        reply = await api_request(self._nc, f"$KV.{bucket}.{key}", value, self._timeout, headers)
+        reply = await api_request(self._nc, kv_subject(bucket, key), value, self._timeout, headers)
         answer = pub_ack_decoder.decode(reply)
         if answer.error is None:
             if answer.seq != revision:
@@ -366,7 +367,7 @@ class PositionedWrite:
 
     @property
     def subject(self) -> str:
-        return f"$KV.{self.bucket}.{self.key}"
+        return kv_subject(self.bucket, self.key)
 
 
 def positioned_write(

@@ -30,9 +30,9 @@ from projections.foreign import check_explained, check_layout, inspect_views
 from projections.kv import KvBuckets, KvLayout, KvWriter, erases, positioned_write
 from projections.state import Effect, ViewState, fold
 from secrets_nats_kv.barrier import Barrier
-from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.positioned import PositionConflict, PositionedPublisher
+from secrets_nats_kv.streams import kv_stream
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """Configuration of the backend and of its NATS connection, with the original's names.
 
 Flags and environment variables keep the names of the original `secrets-nats-kv`
-(PROTOCOL.md §6); everything derived from them (subjects, queue group, bucket and stream
-names) is computed here once so every room agrees on it.
+(PROTOCOL.md §6); the protocol's subjects and queue group are derived here once, and the
+stream and bucket names in `secrets_nats_kv.streams`, so every room agrees on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from secrets_nats_kv import limits
+from secrets_nats_kv import limits, streams
 from secrets_nats_kv.errors import ConfigError
 from secrets_nats_kv.xkeys import XKey
 
@@ -22,11 +22,6 @@ DEFAULT_MAX_SECRET_HISTORY = 64
 DEFAULT_QUEUE_BASE = "wasmcloud_secrets"
 REQUEST_CLOCK_SKEW_S = 120
 KIND_HEADER = "Secret-Kind"  # on KV entries: how the operator stored the value
-
-
-def kv_stream(bucket: str) -> str:
-    """The JetStream stream behind a KV bucket (NATS's naming)."""
-    return f"KV_{bucket}"
 
 
 def server_urls(address: str) -> tuple[str, ...]:
@@ -85,7 +80,7 @@ class BackendNames:
 
     @property
     def state_bucket(self) -> str:
-        return f"SECRETS_{self.name}_state"
+        return streams.state_bucket(self.name)
 
 
 @dataclass(frozen=True)

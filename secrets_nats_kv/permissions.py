@@ -11,9 +11,8 @@ own replies can then neither read the backend's JetStream answers (and forge its
 the log's head) nor the admin's. Replies to requests are sent with `allow_responses`,
 never with a publish allowance on someone else's inbox.
 
-The stream and subject names below are the rooms' own (`events.log`, `events.access`,
-`actors.rotation.context`, `actors.rotation.lock`); the kernel cannot import them, so a unit
-test checks that both spell them alike.
+The stream and subject names are `secrets_nats_kv.streams`', the same builders the rooms
+that use those streams call.
 """
 
 from __future__ import annotations
@@ -21,9 +20,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from secrets_nats_kv.config import BackendNames, kv_stream
+from secrets_nats_kv import streams
+from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.streams import kv_stream
 
-SERVICE_NAME = "secrets-nats-kv"  # the micro service name (actors.service)
+SERVICE_NAME = streams.SERVICE_NAME  # the micro service name (actors.service)
 INBOX_BASE = "_INBOX_SNKV"
 HOST_INBOXES = "_INBOX.>"  # a wasmCloud host's default reply inboxes
 JS_API = "$JS.API"
@@ -49,39 +50,39 @@ class Permissions:
 
 
 def events_stream(names: BackendNames) -> str:
-    return f"SECRETS_{names.name}_events"
+    return streams.events_stream(names.name)
 
 
 def events_subjects(names: BackendNames) -> str:
-    return f"wasmcloud_secrets_events.{names.name}.>"
+    return streams.events_subjects(names.name)
 
 
 def access_stream(names: BackendNames) -> str:
-    return f"SECRETS_{names.name}_access"
+    return streams.access_stream(names.name)
 
 
 def access_subject(names: BackendNames) -> str:
-    return f"wasmcloud_secrets_access.{names.name}"
+    return streams.access_subject(names.name)
 
 
 def anchor_stream(names: BackendNames) -> str:
-    return f"SECRETS_{names.name}_anchor"
+    return streams.anchor_stream(names.name)
 
 
 def anchor_subject(names: BackendNames) -> str:
-    return f"wasmcloud_secrets_anchor.{names.name}"
+    return streams.anchor_subject(names.name)
 
 
 def staging_stream(names: BackendNames) -> str:
-    return f"SECRETS_{names.name}_events_rotating"
+    return streams.staging_stream(names.name)
 
 
 def staging_subjects(names: BackendNames) -> str:
-    return f"wasmcloud_secrets_rotating.{names.name}.>"
+    return streams.staging_subjects(names.name)
 
 
 def rotation_lock_subject(names: BackendNames) -> str:
-    return f"wasmcloud_secrets_rotation_lock.{names.name}"
+    return streams.rotation_lock_subject(names.name)
 
 
 def inbox_prefix(names: BackendNames, role: NatsRole) -> str | None:
@@ -89,10 +90,6 @@ def inbox_prefix(names: BackendNames, role: NatsRole) -> str | None:
     if role is NatsRole.HOST:
         return None
     return f"{INBOX_BASE}.{names.name}.{role.value}"
-
-
-def _kv_subjects(bucket: str) -> str:
-    return f"$KV.{bucket}.>"
 
 
 # JetStream API calls, by verb. Ordered consumers (the log's readers) are created with
@@ -125,8 +122,8 @@ def _backend(names: BackendNames) -> Permissions:
         inbox,  # its own round trips (a message to itself proves the server saw a SUB)
         events_subjects(names),  # appends
         access_subject(names),  # get decisions
-        _kv_subjects(names.secrets_bucket),
-        _kv_subjects(names.state_bucket),
+        streams.kv_subjects(names.secrets_bucket),
+        streams.kv_subjects(names.state_bucket),
         *_reading(events),
         *_api(events, "CREATE", "UPDATE", "MSG.DELETE"),  # ensure, limits; destroy erases
         *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
@@ -159,8 +156,8 @@ def _admin(names: BackendNames) -> Permissions:
         # rotate-key rewrites the log and the views; rebuild rewrites the views.
         events_subjects(names),
         staging_subjects(names),
-        _kv_subjects(names.secrets_bucket),
-        _kv_subjects(names.state_bucket),
+        streams.kv_subjects(names.secrets_bucket),
+        streams.kv_subjects(names.state_bucket),
         *_reading(events),  # audit export, rotate-key
         *_api(events, "CREATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
         *_reading(access),  # audit export --access

@@ -18,6 +18,7 @@ from actors.crashpoints import CrashPoints
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import KeyRotated, UndecodableEvent, decode_event
 from projections.kv import KvLayout
+from secrets_nats_kv import streams
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames
@@ -33,12 +34,8 @@ STAGING, COMMITTED = "staging", "committed"
 API_TIMEOUT = 5.0
 
 
-def staging_stream_name(backend_name: str) -> str:
-    return f"SECRETS_{backend_name}_events_rotating"
-
-
-def staging_subject_prefix(backend_name: str) -> str:
-    return f"wasmcloud_secrets_rotating.{backend_name}"
+staging_stream_name = streams.staging_stream  # the names: secrets_nats_kv.streams
+staging_subject_prefix = streams.staging_subject_prefix
 
 
 @dataclass(frozen=True)

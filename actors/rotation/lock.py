@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from secrets_nats_kv import streams
 from secrets_nats_kv.errors import SecretsBackendError, StorageError
 from secrets_nats_kv.nats.jetstream import to_backend_error
 
@@ -47,8 +48,7 @@ class _Holder(msgspec.Struct, frozen=True):
     since: float
 
 
-def lock_subject(backend_name: str) -> str:
-    return f"wasmcloud_secrets_rotation_lock.{backend_name}"
+lock_subject = streams.rotation_lock_subject  # the names: secrets_nats_kv.streams
 
 
 class RotationLock:

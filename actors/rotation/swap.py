@@ -23,11 +23,11 @@ from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
-from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_config, stream_info, update_stream
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
+from secrets_nats_kv.streams import kv_stream
 
 
 async def commit(run: RotationRun) -> None:

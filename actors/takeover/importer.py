@@ -63,10 +63,10 @@ from projections.import_plan import (
 from projections.kv import KvBuckets, KvLayout
 from projections.rebuild import refold_views
 from secrets_nats_kv.barrier import GENESIS, Barrier
-from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import DecryptionError
 from secrets_nats_kv.nats.jetstream import to_backend_error
 from secrets_nats_kv.nats.positioned import PositionConflict
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 
 _API_TIMEOUT = 10.0

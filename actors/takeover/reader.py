@@ -15,9 +15,9 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_state, to_backend_error
+from secrets_nats_kv.streams import kv_stream, kv_subject_prefix
 
 KV_OPERATION = "KV-Operation"
 _API_TIMEOUT = 10.0
@@ -51,7 +51,7 @@ async def read_bucket(nc: NATS, bucket: str) -> BucketRead:
     messages: list[BucketMessage] = []
     if state.messages == 0:
         return BucketRead(bucket, state.last_seq, messages)
-    prefix = f"$KV.{bucket}."
+    prefix = kv_subject_prefix(bucket)
     js = nc.jetstream(timeout=_API_TIMEOUT)
     try:
         sub = await js.subscribe(

@@ -35,7 +35,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from secrets_nats_kv import __version__, config
+from secrets_nats_kv import __version__, config, streams
 from secrets_nats_kv.app.arguments import backend_names, nats_options
 from secrets_nats_kv.app.session import close as _close
 from secrets_nats_kv.app.terminal import plural, progress_printer
@@ -70,8 +70,8 @@ def parts(names: BackendNames) -> list[Part]:
     from events.log import stream_name
 
     return [
-        Part("secrets-view", config.kv_stream(names.secrets_bucket), required=False),
-        Part("state-view", config.kv_stream(names.state_bucket), required=False),
+        Part("secrets-view", streams.kv_stream(names.secrets_bucket), required=False),
+        Part("state-view", streams.kv_stream(names.state_bucket), required=False),
         Part("events", stream_name(names.name), required=True),
         Part("access", access_stream_name(names.name), required=False),
     ]

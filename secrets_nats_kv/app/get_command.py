@@ -13,7 +13,7 @@ import anyio
 import nats.errors
 import nats.js.errors
 
-from secrets_nats_kv import config
+from secrets_nats_kv import config, streams
 from secrets_nats_kv.app.arguments import backend_names, nats_options, secret_name
 from secrets_nats_kv.app.commands import seed_from_env
 from secrets_nats_kv.app.session import close
@@ -42,8 +42,8 @@ async def cmd_get(args: argparse.Namespace) -> int:
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
     names = backend_names(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv cli", persistent=False)
-    stream = config.kv_stream(names.secrets_bucket)
-    subject = f"$KV.{names.secrets_bucket}.{name}"
+    stream = streams.kv_stream(names.secrets_bucket)
+    subject = streams.kv_subject(names.secrets_bucket, name)
     try:
         js = nc.jetstream(timeout=5)
         try:

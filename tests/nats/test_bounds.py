@@ -36,11 +36,12 @@ from events.log import EventLog, stream_messages, stream_name, subject_prefix
 from events.types import SecretPut
 from secrets_nats_kv import limits, wire
 from secrets_nats_kv.barrier import Barrier
-from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretTooLarge, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nkeys import SigningKey
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
 from support.harness import (

@@ -30,10 +30,11 @@ from projections.kv import KV_FOREIGN_REVISION
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend

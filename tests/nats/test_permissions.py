@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.app.permissions import render_conf, user_name
-from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.permissions import (
@@ -36,6 +36,7 @@ from secrets_nats_kv.permissions import (
     inbox_prefix,
     rotation_lock_subject,
 )
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.xkeys import XKey
 from support.harness import Identity, Keys, cli_env, run_cli, spawn_run, wait_until_answering
 from support.host import HostClient

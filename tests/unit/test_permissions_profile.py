@@ -19,13 +19,6 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.rotation.context import staging_stream_name, staging_subject_prefix
-from actors.rotation.lock import lock_subject
-from actors.service import SERVICE_NAME
-from events.access import access_stream_name
-from events.access import access_subject as rooms_access_subject
-from events.anchor import anchor_stream_name, anchor_subject
-from events.log import stream_name, subject_prefix
 from secrets_nats_kv import permissions as p
 from secrets_nats_kv.app import permissions as rendering
 from secrets_nats_kv.config import BackendNames
@@ -296,20 +289,6 @@ def test_the_table_is_no_wider_than_the_profile() -> None:
         assert sorted(documented[role][0]) == sorted(granted.publish), role
         plain = sorted(entry.partition(" ")[0] for entry in granted.subscribe)
         assert sorted(documented[role][1]) == plain, role
-
-
-def test_names_agree_with_the_rooms_that_own_them() -> None:
-    names = BackendNames(name="some-backend")
-    assert p.events_stream(names) == stream_name(names.name)
-    assert p.events_subjects(names) == f"{subject_prefix(names.name)}.>"
-    assert p.access_stream(names) == access_stream_name(names.name)
-    assert p.access_subject(names) == rooms_access_subject(names.name)
-    assert p.staging_stream(names) == staging_stream_name(names.name)
-    assert p.staging_subjects(names) == f"{staging_subject_prefix(names.name)}.>"
-    assert p.rotation_lock_subject(names) == lock_subject(names.name)
-    assert p.anchor_stream(names) == anchor_stream_name(names.name)
-    assert p.anchor_subject(names) == anchor_subject(names.name)
-    assert p.SERVICE_NAME == SERVICE_NAME
 
 
 def _fenced(language: str, after: str) -> str:
