@@ -23,23 +23,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
-import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 from nats.aio.client import Client as NATS
 
 from actors.takeover.importer import import_original
+from bench.single_server import rate_table, report, run_on_a_fresh_server
 from projections.kv import KvLayout
-from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
-from secrets_nats_kv.config import BackendNames, NatsOptions
-from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nkeys import Role, SigningKey
@@ -134,19 +127,6 @@ async def measure(nc: NATS, entries: int, over: int) -> dict[str, Any]:
     }
 
 
-async def run(entries: int, over: int, workdir: Path) -> dict[str, Any]:
-    server = NatsServer(NatsServerConfig.in_dir(workdir / "nats", server_name="bench-import"))
-    server.start()
-    try:
-        nc = await connect(NatsOptions(servers=(server.url,)), name="bench", persistent=False)
-        try:
-            return await measure(nc, entries, over)
-        finally:
-            await nc.close()
-    finally:
-        server.stop()
-
-
 def table(results: dict[str, Any]) -> str:
     rows = [
         ("fill the original's buckets (set-up)", "fill"),
@@ -155,16 +135,12 @@ def table(results: dict[str, Any]) -> str:
         ("import: replace the buckets", "replace"),
         ("import, end to end", "import"),
     ]
-    lines = [
+    heading = (
         f"{results['entries']} entries, {results['secrets']} secrets, {results['mappings']} "
-        f"mappings, {results['skipped_revisions']} revisions skipped",
-        f"{'step':<40}{'seconds':>10}{'entries/s':>12}",
-    ]
-    for label, key in rows:
-        row = results[key]
-        lines.append(f"{label:<40}{row['seconds']:>10.2f}{row['entries_per_s']:>12,.0f}")
-    lines.append(f"budget {results['budget_s']:.0f} s: used {results['fraction_of_budget']:.0%}")
-    return "\n".join(lines)
+        f"mappings, {results['skipped_revisions']} revisions skipped"
+    )
+    budget = f"budget {results['budget_s']:.0f} s: used {results['fraction_of_budget']:.0%}"
+    return rate_table(heading, rows, results, "entries", 40) + "\n" + budget
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,21 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.entries < 1 or args.over < 0:
         parser.error("--entries must be positive, --over not negative")
-    # SIGTERM unwinds like Ctrl-C, so the nats-server this started is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="bench-import-") as workdir:
-        results = anyio.run(run, args.entries, args.over, Path(workdir))
-    results["machine"] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
-    print(table(results))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {output}")
+    results = run_on_a_fresh_server("bench-import", lambda nc: measure(nc, args.entries, args.over))
+    report(results, table(results), Path(args.output))
     return 0
 
 

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
-import signal
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 from nats.aio.client import Client as NATS
 
 from actors.rotation import rotate_key
+from bench.single_server import rate_table, report, run_on_a_fresh_server
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import (
     Event,
@@ -46,10 +41,8 @@ from events.types import (
 )
 from projections.kv import KvLayout
 from projections.rebuild import rebuild_views
-from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
 from secrets_nats_kv.barrier import GENESIS, Barrier, digest
-from secrets_nats_kv.config import BackendNames, NatsOptions
-from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.nats.jetstream import erase_message, stream_state
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import get_message, read_stream, read_stream_ordered
@@ -132,19 +125,6 @@ class Passes:
         return [b - a for a, b in itertools.pairwise(marks)]
 
 
-async def run(count: int, workdir: Path) -> dict[str, Any]:
-    server = NatsServer(NatsServerConfig.in_dir(workdir / "nats", server_name="bench-replay"))
-    server.start()
-    try:
-        nc = await connect(NatsOptions(servers=(server.url,)), name="bench", persistent=False)
-        try:
-            return await measure(nc, count)
-        finally:
-            await nc.close()
-    finally:
-        server.stop()
-
-
 async def measure(nc: NATS, count: int) -> dict[str, Any]:
     old, new = XKey.generate(), XKey.generate()
     fill_s, gaps = await fill(nc, count, old)
@@ -211,15 +191,11 @@ def table(results: dict[str, Any]) -> str:
         ("  pass 2: copy back to the live log", "rotate_key_copy_back"),
         ("  pass 3: rebuild the KV views", "rotate_key_rebuild"),
     ]
-    lines = [
+    heading = (
         f"{results['events']} events ({results['erased_entries']} erased, "
-        f"{results['resealed_values']} values re-sealed)",
-        f"{'step':<38}{'seconds':>10}{'events/s':>12}",
-    ]
-    for label, key in rows:
-        row = results[key]
-        lines.append(f"{label:<38}{row['seconds']:>10.2f}{row['events_per_s']:>12,.0f}")
-    return "\n".join(lines)
+        f"{results['resealed_values']} values re-sealed)"
+    )
+    return rate_table(heading, rows, results, "events", 38)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,21 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.events < 1:
         parser.error("--events must be positive")
-    # SIGTERM unwinds like Ctrl-C, so the nats-server this started is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="bench-replay-") as workdir:
-        results = anyio.run(run, args.events, Path(workdir))
-    results["machine"] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
-    print(table(results))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {output}")
+    results = run_on_a_fresh_server("bench-replay", lambda nc: measure(nc, args.events))
+    report(results, table(results), Path(args.output))
     return 0
 
 

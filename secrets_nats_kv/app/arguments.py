@@ -51,7 +51,7 @@ def backend_names(args: argparse.Namespace) -> BackendNames:
 
 
 def rewrite_layout(args: argparse.Namespace) -> KvLayout:
-    """The buckets `rebuild` and `repair` recreate, with the run's settings from `args`."""
+    """The buckets `rebuild`, `repair` and `import` (re)create, with the run's settings."""
     from projections.kv import KvLayout
 
     names = backend_names(args)

@@ -17,7 +17,7 @@ _P = TypeVar("_P", bound=argparse.ArgumentParser)
 
 
 def add_parser(commands: argparse._SubParsersAction[_P]) -> _P:
-    """Register `import`; `cli.build_parser` adds the connection and name flags to it."""
+    """Register `import`; `parsers.operator` adds the connection and name flags to it."""
     parser = commands.add_parser(
         "import",
         help="take over the buckets of the original secrets-nats-kv (stop its instances first)",
@@ -32,8 +32,7 @@ def add_parser(commands: argparse._SubParsersAction[_P]) -> _P:
 
 async def cmd_import(args: argparse.Namespace) -> int:
     from actors.takeover.importer import import_original
-    from projections.kv import KvLayout
-    from secrets_nats_kv.app.arguments import backend_names, nats_options
+    from secrets_nats_kv.app.arguments import backend_names, nats_options, rewrite_layout
     from secrets_nats_kv.app.commands import seed_from_env
     from secrets_nats_kv.app.terminal import progress_printer, say
     from secrets_nats_kv.nats.connection import connect
@@ -41,12 +40,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
     admin = seed_from_env("ADMIN_XKEY_SEED", "TRANSIT_XKEY_SEED")
     names = backend_names(args)
-    layout = KvLayout(
-        secrets_bucket=names.secrets_bucket,
-        state_bucket=names.state_bucket,
-        max_history=args.max_secret_history,
-        replicas=args.replicas,
-    )
+    layout = rewrite_layout(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv import", persistent=False)
     try:
         report = await import_original(
