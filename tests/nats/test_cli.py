@@ -14,22 +14,20 @@ import secrets
 import socket
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
 
 from secrets_nats_kv import __version__
-from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
+from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import Unauthorized
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.xkeys import XKey
-from support.harness import Identity, Keys, cli_env, run_cli, spawn_run, wait_until_answering
+from support.cliproc import CliBackend, cli_backend, ok, one_line_error
+from support.harness import Identity, cli_env, run_cli, spawn_run, wait_until_answering
 from support.host import HostClient
-
-PREFIX = "secrets-nats-kv: error:"
 
 # Every value this module stores, and every seed it hands a CLI process: none may appear
 # in any CLI output except `get`'s stdout (and `keys gen`, whose job is to print a seed).
@@ -68,55 +66,12 @@ def cli(
     return result
 
 
-def ok(result: subprocess.CompletedProcess[bytes]) -> str:
-    """The stdout of a successful run (as text), after checking it succeeded quietly."""
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    assert result.stderr == b""
-    return result.stdout.decode()
-
-
-def one_line_error(result: subprocess.CompletedProcess[bytes], *words: str) -> str:
-    """The single error line of a failed run; it must name each of `words`."""
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode != 0, stderr
-    assert result.stdout == b"", "a failure printed on stdout"
-    assert "Traceback" not in stderr
-    assert stderr.endswith("\n")
-    lines = stderr.splitlines()
-    assert len(lines) == 1, stderr
-    (line,) = lines
-    assert line.startswith(PREFIX + " "), line
-    for word in words:
-        assert word.lower() in line.lower(), f"{word!r} not in {line!r}"
-    return line
-
-
-@dataclass
-class CliBackend:
-    server: NatsServer
-    keys: Keys
-    env: dict[str, str]
-    directory: Path
-
-
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliBackend]:
     """One server and one real `run` process for the whole module (each test uses its own
     secret names), so the CLI runs, not the setup, dominate the module's time."""
-    directory = tmp_path_factory.mktemp("cli")
-    server = NatsServer(NatsServerConfig.in_dir(directory / "nats", server_name="cli")).start()
-    try:
-        keys = Keys()
-        env = cli_env(keys, NATS_ADDRESS=server.url.removeprefix("nats://"))
-        proc = spawn_run(server.url, env, log=directory / "run.log")
-        try:
-            anyio.run(wait_until_answering, server.url)
-            yield CliBackend(server, keys, env, directory)
-        finally:
-            proc.terminate()
-            proc.wait(15)
-    finally:
-        server.stop()
+    with cli_backend(tmp_path_factory.mktemp("cli")) as backend:
+        yield backend
 
 
 # --- happy paths ---------------------------------------------------------------------------

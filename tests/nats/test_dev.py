@@ -11,11 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,74 +20,11 @@ from secrets_nats_kv.app.natsserver import free_port, port_in_use
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.xkeys import XKey
-from support.harness import CLI, REPO, Identity, cli_env, run_cli, wait_until_answering
+from support.devproc import Devs, alive
+from support.harness import Identity, cli_env, run_cli, wait_until_answering
 from support.host import HostClient
 
-BANNER_END = "# NATS with JetStream at "
 EXPORTS = ("TRANSIT_XKEY_SEED", "ENCRYPTION_XKEY_SEED", "NATS_ADDRESS")
-
-
-@dataclass
-class DevProcess:
-    """A running `dev` command; stdout is read by a thread so it can never fill up."""
-
-    proc: subprocess.Popen[bytes]
-    stderr: Path
-    lines: list[str] = field(default_factory=list)
-    banner: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            for raw in self.proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                if line.startswith(BANNER_END):
-                    self.banner.set()
-        self.banner.set()  # EOF: the process ended; exports() reports what it said
-
-    def exports(self, deadline: float = 30.0) -> dict[str, str]:
-        """The `export NAME=VALUE` lines, once the banner is complete."""
-        assert self.banner.wait(deadline), "dev printed no banner in time"
-        assert any(line.startswith(BANNER_END) for line in self.lines), (
-            f"dev ended early: {self.lines} {self.stderr.read_text()}"
-        )
-        exported = {}
-        for line in self.lines:
-            if line.startswith("export "):
-                name, _, value = line.removeprefix("export ").partition("=")
-                exported[name] = value
-        return exported
-
-    def interrupt(self, deadline: float = 10.0) -> tuple[int, float]:
-        """Ctrl-C: the exit code and how long it took."""
-        began = time.monotonic()
-        self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(deadline)
-        return code, time.monotonic() - began
-
-
-@dataclass
-class Devs:
-    directory: Path
-    started: list[DevProcess] = field(default_factory=list)
-
-    def start(self, data_dir: Path, address: str) -> DevProcess:
-        stderr = self.directory / f"dev-{len(self.started)}.err"
-        with stderr.open("wb") as err:
-            proc = subprocess.Popen(
-                [*CLI, "dev", "--data-dir", str(data_dir), "--nats-address", address],
-                env=cli_env(),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                cwd=REPO,
-            )
-        dev = DevProcess(proc, stderr)
-        self.started.append(dev)
-        return dev
 
 
 def nats_server_pid(data_dir: Path) -> int:
@@ -102,14 +35,6 @@ def nats_server_pid(data_dir: Path) -> int:
     return int(starts[-1])
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture
 def devs(tmp_path: Path) -> Iterator[Devs]:
     devs = Devs(tmp_path)
@@ -117,10 +42,7 @@ def devs(tmp_path: Path) -> Iterator[Devs]:
     try:
         yield devs
     finally:
-        for dev in devs.started:
-            if dev.proc.poll() is None:
-                dev.proc.kill()
-                dev.proc.wait(15)
+        devs.kill_all()
         for data_dir in tmp_path.glob("*/nats/nats-server.log"):
             servers.append(nats_server_pid(data_dir.parent.parent))
         for pid in servers:  # a nats-server `dev` failed to stop (the test has failed)

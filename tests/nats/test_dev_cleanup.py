@@ -9,10 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,77 +18,20 @@ import pytest
 from secrets_nats_kv.app import dev
 from secrets_nats_kv.app.natsserver import NatsServer, free_port
 from secrets_nats_kv.xkeys import XKey
-from support.harness import CLI, REPO, Identity, cli_env, run_cli
+from support.devproc import DevProcess, Devs, alive
+from support.harness import Identity, cli_env, run_cli
 from support.leakcheck import remembered
-
-BANNER_END = "# NATS with JetStream at "
-
-
-@dataclass
-class Dev:
-    proc: subprocess.Popen[bytes]
-    stderr: Path
-    lines: list[str] = field(default_factory=list)
-    banner: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            for raw in self.proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                if line.startswith(BANNER_END):
-                    self.banner.set()
-        self.banner.set()
-
-    def exports(self) -> dict[str, str]:
-        assert self.banner.wait(30), "no banner"
-        assert any(line.startswith(BANNER_END) for line in self.lines), self.stderr.read_text()
-        return {
-            name: value
-            for line in self.lines
-            if line.startswith("export ")
-            for name, _, value in [line.removeprefix("export ").partition("=")]
-        }
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[object]:
-    started: list[Dev] = []
-
-    def launch(data: Path, address: str, **env: str) -> Dev:
-        err = tmp_path / f"dev-{len(started)}.err"
-        with err.open("wb") as out:
-            proc = subprocess.Popen(
-                [*CLI, "dev", "--data-dir", str(data), "--nats-address", address],
-                env=cli_env(None, **env),
-                stdout=subprocess.PIPE,
-                stderr=out,
-                cwd=REPO,
-            )
-        started.append(Dev(proc, err))
-        return started[-1]
-
-    yield launch
-    for one in started:
-        if one.proc.poll() is None:
-            one.proc.kill()
-            one.proc.wait(15)
+def start(tmp_path: Path) -> Iterator[Callable[..., DevProcess]]:
+    devs = Devs(tmp_path)
+    yield devs.start
+    devs.kill_all()
 
 
 def server_pid(data: Path) -> int:
     return int((data / "nats" / dev.PID_FILE).read_text().strip())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def wait_gone(pid: int, deadline: float = 15.0) -> None:
@@ -114,7 +55,7 @@ def test_kill_9_of_dev_takes_its_nats_server_with_it_and_dev_starts_again(
     tmp_path: Path, start: object
 ) -> None:
     data, address = tmp_path / "data", f"127.0.0.1:{free_port()}"
-    first = start(data, address)  # type: ignore[operator]
+    first = start(data, address)
     exports = first.exports()
     value = put_and_get(exports, "kept")
     pid = server_pid(data)
@@ -123,7 +64,7 @@ def test_kill_9_of_dev_takes_its_nats_server_with_it_and_dev_starts_again(
     first.proc.wait(10)
     wait_gone(pid)
 
-    second = start(data, address)  # type: ignore[operator]
+    second = start(data, address)
     assert second.exports() == exports
     got = run_cli("get", "kept", env=cli_env(None, **exports))
     assert got.stdout == value.encode() + b"\n"
@@ -140,7 +81,7 @@ def test_a_later_dev_stops_the_orphan_its_pid_file_names_and_nothing_else(
         orphan_pid = orphan.pid
         assert orphan_pid is not None
         assert server_pid(data) == orphan_pid
-        fresh = start(data, f"{host}:{port}")  # type: ignore[operator]
+        fresh = start(data, f"{host}:{port}")
         fresh.exports()
         assert f"stopped nats-server {orphan_pid}" in fresh.stderr.read_text()
         assert not orphan.running
@@ -156,7 +97,7 @@ def test_a_stale_pid_file_naming_another_process_is_left_alone(
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         (data / "nats" / dev.PID_FILE).write_text(f"{bystander.pid}\n")
-        started = start(data, address)  # type: ignore[operator]
+        started = start(data, address)
         started.exports()
         assert bystander.poll() is None, "dev stopped a process that was not its nats-server"
         assert "stopped nats-server" not in started.stderr.read_text()
@@ -167,7 +108,7 @@ def test_a_stale_pid_file_naming_another_process_is_left_alone(
 
 def test_seeds_in_the_environment_win_over_the_stored_ones(tmp_path: Path, start: object) -> None:
     data, address = tmp_path / "data", f"127.0.0.1:{free_port()}"
-    first = start(data, address)  # type: ignore[operator]
+    first = start(data, address)
     stored = first.exports()
     first.proc.send_signal(signal.SIGINT)
     assert first.proc.wait(15) == 0
@@ -177,7 +118,7 @@ def test_seeds_in_the_environment_win_over_the_stored_ones(tmp_path: Path, start
         "ENCRYPTION_XKEY_SEED": remembered(XKey.generate().seed, "seed"),
     }
     other = tmp_path / "other"
-    second = start(other, address, **chosen)  # type: ignore[operator]
+    second = start(other, address, **chosen)
     exports = second.exports()
     assert {k: exports[k] for k in chosen} == chosen
     put_and_get(exports, "from-env")
@@ -187,7 +128,7 @@ def test_seeds_in_the_environment_win_over_the_stored_ones(tmp_path: Path, start
 
 def test_dev_rotate_key_rotates_the_store_in_one_command(tmp_path: Path, start: object) -> None:
     data, address = tmp_path / "data", f"127.0.0.1:{free_port()}"
-    first = start(data, address)  # type: ignore[operator]
+    first = start(data, address)
     old = first.exports()
     value = put_and_get(old, "rotated")
     who = Identity()
@@ -208,7 +149,7 @@ def test_dev_rotate_key_rotates_the_store_in_one_command(tmp_path: Path, start: 
     assert (data / "encryption.seed.previous").read_text().strip() == old["ENCRYPTION_XKEY_SEED"]
     assert not (data / "encryption.seed.next").exists()
 
-    second = start(data, address)  # type: ignore[operator]
+    second = start(data, address)
     new = second.exports()
     assert new["ENCRYPTION_XKEY_SEED"] == new_seed
     got = run_cli("get", "rotated", env=cli_env(None, **new))
@@ -221,7 +162,7 @@ def test_dev_rotate_key_rotates_the_store_in_one_command(tmp_path: Path, start: 
 
 def test_dev_rotate_key_refuses_while_dev_runs(tmp_path: Path, start: object) -> None:
     data, address = tmp_path / "data", f"127.0.0.1:{free_port()}"
-    running = start(data, address)  # type: ignore[operator]
+    running = start(data, address)
     running.exports()
     refused = run_cli(
         "dev", "rotate-key", "--data-dir", str(data), "--nats-address", address, env=cli_env()

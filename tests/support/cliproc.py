@@ -62,6 +62,7 @@ def one_line_error(result: subprocess.CompletedProcess[bytes], *words: str) -> s
     assert result.returncode != 0, stderr
     assert result.stdout == b"", "a failure printed on stdout"
     assert "Traceback" not in stderr
+    assert stderr.endswith("\n")
     lines = stderr.splitlines()
     assert len(lines) == 1, stderr
     (line,) = lines
