@@ -3,7 +3,8 @@
 `run` builds the backend's configuration from the flags and the environment's seeds and
 serves until a signal, then drains; `dev` does the same on a bundled nats-server. The
 seeds are read here (`seed_from_env`, `previous_transit_keys`) for every command.
-Which function runs which command is `secrets_nats_kv.app.dispatch`.
+Which function runs which command is `secrets_nats_kv.app.dispatch`; the client
+commands are `admin_commands`, `get_command` and `operator_commands`.
 """
 
 from __future__ import annotations
