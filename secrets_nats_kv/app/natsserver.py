@@ -3,7 +3,8 @@
 Used by the product's `dev` command and by every test that needs NATS, so both run the
 same binary the same way: a rendered config file (not a pile of flags), output captured
 in a log file, readiness decided by events the server itself reports (its `/healthz`
-endpoint and the INFO line on its client port), never by sleeping.
+endpoint and the INFO line on its client port), never by sleeping. What it is started
+with (the binary, ports, the config file) is `natsserver_config`.
 """
 
 from __future__ import annotations

@@ -125,6 +125,13 @@ async def bounds(nc: NATS, names: BackendNames) -> tuple[object, ...]:
     return tuple([await stream_state(nc, s, 5) for s in streams])
 
 
+async def imported(nc: NATS, url: str) -> Built:
+    """An original's buckets, built and then taken over by `import` (which must succeed)."""
+    built = await build_original(nc)
+    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    return built
+
+
 def one_line(result: subprocess.CompletedProcess[bytes]) -> str:
     """The failure's one line (`run` may log warnings before it); never a traceback."""
     err = result.stderr.decode()
@@ -325,9 +332,8 @@ def _value(secret: wire.Secret) -> bytes:
 async def test_a_write_the_log_does_not_explain_is_an_incident_that_stops_writes(
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
-    built = await build_original(nc)
     url = module_nats_server.url
-    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    built = await imported(nc, url)
     async with running_backend(url, built.keys, names=built.names) as clients:
         # An old instance still running writes the bucket behind the log's back.
         kv = await nc.jetstream().key_value(built.names.secrets_bucket)
@@ -457,9 +463,8 @@ async def test_a_write_by_an_old_instance_before_the_replace_is_read_again_not_l
 async def test_import_refuses_a_log_it_did_not_write_and_a_log_under_another_key(
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
-    built = await build_original(nc)
     url = module_nats_server.url
-    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    built = await imported(nc, url)
     wrong = cli_env(built.keys, ENCRYPTION_XKEY_SEED=Keys().encryption.seed)
     assert "does not verify" in one_line(run_cli("import", *built.args(url), env=wrong))
     # A backend that already ran (its own log) is not imported into.
@@ -508,9 +513,8 @@ async def test_killed_at_any_point_then_run_again_the_import_is_whole(
 async def test_an_imported_deployment_rotates_its_key_keeping_every_number(
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
-    built = await build_original(nc)
     url = module_nats_server.url
-    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    built = await imported(nc, url)
     new = Keys(transit=built.keys.transit)
     env = cli_env(built.keys, NEW_ENCRYPTION_XKEY_SEED=new.encryption.seed)
     rotated = run_cli("rotate-key", *built.args(url), env=env, timeout=120)
@@ -534,9 +538,8 @@ async def test_an_imported_deployment_rotates_its_key_keeping_every_number(
 async def test_a_mapping_written_behind_the_logs_back_stops_writes_and_a_restart(
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
-    built = await build_original(nc)
     url = module_nats_server.url
-    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    built = await imported(nc, url)
     first = built.readers[0]
     async with running_backend(url, built.keys, names=built.names) as clients:
         kv = await nc.jetstream().key_value(built.names.state_bucket)
@@ -551,9 +554,8 @@ async def test_a_mapping_written_behind_the_logs_back_stops_writes_and_a_restart
 async def test_after_a_foreign_write_a_rebuild_repairs_the_bucket_and_writes_resume(
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
-    built = await build_original(nc)
     url = module_nats_server.url
-    assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
+    built = await imported(nc, url)
     async with running_backend(url, built.keys, names=built.names) as clients:
         kv = await nc.jetstream().key_value(built.names.secrets_bucket)
         await kv.put("api-token", b"sealed-by-someone-else")
