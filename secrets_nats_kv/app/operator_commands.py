@@ -1,5 +1,6 @@
-"""Commands an operator runs on the store itself, with no backend in between: `rebuild`
-(refold the KV views from the log), `audit export`, `keys gen` and `nats-permissions`.
+"""The operator's commands that need no backend: `rebuild` (refold the KV views from the
+log) and `audit export` read the streams themselves; `keys gen` and `nats-permissions`
+print what an operator sets up with (fresh seeds, each role's allow-lists).
 """
 
 from __future__ import annotations
