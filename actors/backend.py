@@ -144,7 +144,13 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
-            anchor = Anchor(nc, backend_name=names.name, barrier=barrier, replicas=config.replicas)
+            anchor = Anchor(
+                nc,
+                backend_name=names.name,
+                barrier=barrier,
+                replicas=config.replicas,
+                signer=config.audit_signing_key,  # each anchor a signed backend checkpoint
+            )
             await anchor.ensure()
             anchored: Anchored | StorageError | None
             try:

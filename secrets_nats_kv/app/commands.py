@@ -169,6 +169,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         insecure_unauthenticated_admin=args.insecure_unauthenticated_admin,
         trusted_issuers=tuple(args.trusted_issuer),
         access_log=not args.no_access_log,
+        audit_signing_key=audit_signer(),
     )
 
 
@@ -645,14 +646,24 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def audit_signer() -> SigningKey | None:
-    """AUDIT_SIGNING_SEED (an account seed, SA…) signs the export's checkpoints, if set."""
-    text = os.environ.get("AUDIT_SIGNING_SEED")
+    """AUDIT_SIGNING_SEED (an account seed, SA…), or the file AUDIT_SIGNING_SEED_FILE
+    names: signs the export's checkpoints (`audit export`) and each anchor (`run`)."""
+    source, text = "AUDIT_SIGNING_SEED", os.environ.get("AUDIT_SIGNING_SEED")
+    path = os.environ.get("AUDIT_SIGNING_SEED_FILE")
+    if not text and path:
+        source = "AUDIT_SIGNING_SEED_FILE"
+        try:
+            with open(path, encoding="ascii") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a seed"
+            raise ConfigError(f"{source}: cannot read {path}: {reason}") from None
     if not text:
         return None
     try:
         return SigningKey.from_seed(text.strip(), Role.ACCOUNT)
     except InvalidKey as exc:
-        raise ConfigError(f"AUDIT_SIGNING_SEED: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 async def cmd_rotate_key(args: argparse.Namespace) -> int:
