@@ -310,7 +310,9 @@ async def export_audit(
     """Write the audit log as JSON Lines to `out`; return how many records were written.
 
     With `signer` (AUDIT_SIGNING_SEED) the records are followed by signed checkpoints
-    (`projections.checkpoints`) that `audit verify` checks offline.
+    (`projections.checkpoints`) that `audit verify` checks offline. With `encryption`
+    (and not following), the backend's own signed anchors come after the records, each
+    with the link this log holds at its position now.
     """
     barrier = Barrier(encryption) if encryption is not None else None
     event_log = EventLog(nc, backend_name=backend_name, barrier=barrier)
@@ -344,6 +346,7 @@ async def export_audit(
             BackendCheckpoint.of(backend_name, anchored, links[anchored.seq], barrier_key(barrier))
         )
         out.write(b"".join(checkpoints.record(line)) if checkpoints else line)
+        out.flush()
         count += 1
     if checkpoints is not None:
         out.write(checkpoints.final())

@@ -16,6 +16,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 
 from events.anchor import Anchor
@@ -26,8 +27,17 @@ from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
-from support.harness import Identity, Keys, cli_env, run_cli, running_backend
-from support.leakcheck import remember, remembered
+from support.cliproc import ok, one_line_error
+from support.harness import (
+    Identity,
+    Keys,
+    cli_env,
+    run_cli,
+    running_backend,
+    spawn_run,
+    wait_until_answering,
+)
+from support.leakcheck import exempt, remember, remembered
 from support.store import log_entries
 
 pytestmark = pytest.mark.anyio
@@ -144,3 +154,46 @@ async def test_a_deleted_revocation_accepted_by_repair_is_caught_by_the_audit(
     assert refused.returncode == 1
     (line,) = refused.stderr.decode().splitlines()
     assert f"backend checkpoint at log entry #{revoked}" in line
+
+
+def test_run_signs_with_the_seed_from_a_file_and_never_writes_it(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`run` takes the audit seed from AUDIT_SIGNING_SEED_FILE (kept apart from the curve
+    seeds); `audit verify` then sees its checkpoints; the seed appears in no log or store
+    (the session's leak scan searches every file the test's server and backend wrote)."""
+    url, keys, signer = nats_server.url, Keys(), audit_key()
+    seed_file = tmp_path / "audit.seed"
+    seed_file.write_text(signer.seed + "\n")
+    seed_file.chmod(0o600)
+    exempt(seed_file)  # the one file that is meant to hold it
+    env = cli_env(keys, AUDIT_SIGNING_SEED_FILE=str(seed_file))
+    proc = spawn_run(url, env, log=tmp_path / "run.log")
+    try:
+        anyio.run(wait_until_answering, url)
+        ok(
+            run_cli(
+                "put",
+                "filed",
+                "--string",
+                remembered("filed-value", "value"),
+                "--nats-address",
+                url,
+                env=env,
+            )
+        )
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    lines = export(url, keys, signer, tmp_path / "audit.jsonl")
+    assert [line["seq"] for line in lines if line["type"] == "backend_checkpoint"] == [1]
+    good = verify(tmp_path / "audit.jsonl", signer)
+    assert good.returncode == 0, good.stderr
+    assert "1 backend checkpoints match the log" in good.stdout.decode()
+    assert signer.seed not in (tmp_path / "run.log").read_text()
+
+    broken = tmp_path / "broken.seed"
+    broken.write_text("SAnot-a-seed\n")
+    env = cli_env(Keys(), AUDIT_SIGNING_SEED_FILE=str(broken))
+    refused = run_cli("run", "--nats-address", url, env=env)
+    one_line_error(refused, "AUDIT_SIGNING_SEED_FILE")
