@@ -34,18 +34,19 @@ from nats.aio.client import Client as NATS
 
 from events.anchor import anchor_subject
 from events.log import stream_name
-from events.types import SecretPut
+from events.types import SecretPut, decode_event
 from secrets_nats_kv import wire
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions
-from secrets_nats_kv.errors import BackendNotAnswering
+from secrets_nats_kv.errors import BackendNotAnswering, NatsUnavailable, StorageError
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
+from support.cliproc import ok
 from support.cluster import NatsCluster
-from support.harness import Keys, cli_env, spawn_run, wait_until_answering
+from support.harness import Keys, cli_env, run_cli, spawn_run, wait_until_answering
 from support.leakcheck import remembered
-from support.store import encodings, files_holding, log_entries, sealed_at
+from support.store import encodings, files_holding, log_entries, messages_in, sealed_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -187,13 +188,22 @@ def sealed_put(
 
 
 async def puts_holding(nc: NATS, keys: Keys, name: str) -> list[str]:
-    """The values of every `SecretPut` of `name` in the log (opened with the key)."""
+    """The values of every `SecretPut` of `name` stored in the log, message by message
+    (`STREAM.MSG.GET`, answered by the stream's leader; retried while a node that just
+    rejoined unsettles the cluster), opened with the key."""
     barrier = Barrier(keys.encryption)
-    entries = await log_entries(nc, keys)
+    with anyio.fail_after(ELECTION_DEADLINE):
+        while True:
+            try:
+                stored = await messages_in(nc, EVENTS)
+                break
+            except (NatsUnavailable, StorageError, nats.errors.Error):
+                await anyio.sleep(0.2)  # no event says the cluster settled: poll
+    events = [decode_event(m.data or b"") for m in stored]
     return [
-        barrier.open(e.event.sealed).decode()
-        for e in entries
-        if isinstance(e.event, SecretPut) and e.event.name == name
+        barrier.open(e.sealed).decode()
+        for e in events
+        if isinstance(e, SecretPut) and e.name == name
     ]
 
 
@@ -261,6 +271,22 @@ async def test_a_put_retried_across_a_leader_failover_lands_once(
         assert len(set(attempts)) == 1  # the very same sealed request each time
         await all_current(nc, EVENTS, len(nats_cluster))  # the old leader rejoined, caught up
         assert await puts_holding(nc, keys, "failover") == [first, second]
+
+        # 3. What a user sees: `put` on the CLI (its client's defaults: three attempts of
+        # 5 s) while the leader is frozen succeeds, with the next version, stored once.
+        frozen = await lead_elsewhere(nc, nats_cluster, EVENTS, spared)
+        third = remembered(f"failover-three-{secrets.token_hex(8)}", "secret value")
+        pid = nats_cluster.servers[frozen].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        env = cli_env(keys)
+        put = ["put", "failover", "--string", third, "--nats-address", url]
+        done = await anyio.to_thread.run_sync(lambda: run_cli(*put, env=env, timeout=60))
+        os.kill(pid, signal.SIGCONT)
+        frozen = None
+        assert ok(done).strip() == "stored failover as version 4"
+        await all_current(nc, EVENTS, len(nats_cluster))
+        assert await puts_holding(nc, keys, "failover") == [first, second, third]
         assert await puts_holding(nc, keys, "warm-up") == ["warm-up-value"]
     finally:
         if frozen is not None:
