@@ -29,7 +29,6 @@ there now, and `audit verify` names the mismatch (`projections/checkpoints.py`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -194,8 +193,10 @@ class Anchor:
                 return
         raise StorageError("anchor", "kept changing under this write")
 
-    async def history(self) -> list[Anchored]:
-        """Every kept anchor this backend's key tagged, oldest first (for `audit export`)."""
+    async def history(self, signed_by: str | None = None) -> list[Anchored]:
+        """Every kept anchor this backend's key tagged, or (`signed_by`) that this audit
+        key signed: those of a chain before a `rotate-key` carry the old key's tag.
+        Oldest first (for `audit export`)."""
         state = await stream_state(self._nc, self.stream, self._timeout)
         found: list[Anchored] = []
         for position in range(state.first_seq, state.last_seq + 1) if state.messages else ():
@@ -204,10 +205,14 @@ class Anchor:
                 continue
             data = msg.data or b""
             tag = (msg.headers or {}).get(KV_TAG_HEADER)
-            if not self._barrier.verify_kv(self.stream, self.subject, position, data, tag):
-                continue  # not ours: a forged signature would not verify anyway
-            with contextlib.suppress(msgspec.DecodeError):
-                found.append(_decoder.decode(data))
+            try:
+                anchored = _decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if self._barrier.verify_kv(self.stream, self.subject, position, data, tag) or (
+                signed_by is not None and verify_checkpoint(self._backend, anchored, signed_by)
+            ):
+                found.append(anchored)  # anything else is a stranger's: left out
         return found
 
     def _anchored(self, seq: int, link: str) -> Anchored:

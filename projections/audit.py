@@ -321,7 +321,8 @@ async def export_audit(
     signed: list[Anchored] = []
     if barrier is not None and not follow:  # the links are only known through the key
         anchor = Anchor(nc, backend_name=backend_name, barrier=barrier)
-        signed = [a for a in await _anchor_history(anchor) if a.signature]
+        found = await _anchor_history(anchor, signer.public_key if signer else None)
+        signed = [a for a in found if a.signature]
     links = {a.seq: "" for a in signed}
 
     def emit(record: Record) -> None:
@@ -390,9 +391,9 @@ def barrier_key(barrier: Barrier | None) -> str:
     return barrier.public_key if barrier is not None else ""
 
 
-async def _anchor_history(anchor: Anchor) -> list[Anchored]:
+async def _anchor_history(anchor: Anchor, signed_by: str | None) -> list[Anchored]:
     """The kept anchors; none if there is no anchor stream (a log older than anchors)."""
     try:
-        return await anchor.history()
+        return await anchor.history(signed_by)
     except StorageError:
         return []

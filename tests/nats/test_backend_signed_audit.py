@@ -27,6 +27,7 @@ from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.xkeys import XKey
 from support.cliproc import ok, one_line_error
 from support.harness import (
     Identity,
@@ -197,3 +198,30 @@ def test_run_signs_with_the_seed_from_a_file_and_never_writes_it(
     env = cli_env(Keys(), AUDIT_SIGNING_SEED_FILE=str(broken))
     refused = run_cli("run", "--nats-address", url, env=env)
     one_line_error(refused, "AUDIT_SIGNING_SEED_FILE")
+
+
+async def test_checkpoints_of_the_chain_before_a_rotation_are_not_comparable(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`rotate-key` re-chains the log under the new key on purpose (its `key_rotated`
+    record is in the export): the older checkpoints are counted, not failed."""
+    url, keys, signer = nats_server.url, Keys(), audit_key()
+    await signed_history(url, keys, signer)
+    new = XKey.generate()
+    remember(new.seed, "new encryption seed")
+    rotate = run_cli(
+        "rotate-key",
+        "--nats-address",
+        url,
+        env=cli_env(keys, NEW_ENCRYPTION_XKEY_SEED=new.seed),
+        timeout=120,
+    )
+    assert rotate.returncode == 0, rotate.stderr
+    rotated = Keys(transit=keys.transit, encryption=new)
+    lines = export(url, rotated, signer, tmp_path / "rotated.jsonl")
+    backend = [line for line in lines if line["type"] == "backend_checkpoint"]
+    assert [c["seq"] for c in backend] == [1, 2, 3, 4]
+    assert {c["key"] for c in backend} == {keys.encryption.public_key}
+    good = verify(tmp_path / "rotated.jsonl", signer)
+    assert good.returncode == 0, good.stderr
+    assert "(4 before a key rotation, not comparable)" in good.stdout.decode()
