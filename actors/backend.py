@@ -144,7 +144,13 @@ class Backend:
             for bucket in found:
                 check_layout(bucket)
             await event_log.ensure()
-            anchor = Anchor(nc, backend_name=names.name, barrier=barrier, replicas=config.replicas)
+            anchor = Anchor(
+                nc,
+                backend_name=names.name,
+                barrier=barrier,
+                replicas=config.replicas,
+                signer=config.audit_signing_key,  # each anchor a signed backend checkpoint
+            )
             await anchor.ensure()
             anchored: Anchored | StorageError | None
             try:
@@ -224,7 +230,7 @@ class Backend:
                 # The view catches up first (its writes queue in the writer): the buckets
                 # are checked against the log it read after them, before any is written.
                 await tg.start(view.run)
-                await self._check_buckets(nc, found, view)
+                await self._check_buckets(nc, found, view, barrier)
                 await views.ensure()
                 await tg.start(writer.run)
                 await tg.start(shredder.run)
@@ -250,7 +256,9 @@ class Backend:
             with anyio.move_on_after(5, shield=True), contextlib.suppress(OSError):
                 await nc.close()
 
-    async def _check_buckets(self, nc: NATS, found: list[BucketFound], view: LiveView) -> None:
+    async def _check_buckets(
+        self, nc: NATS, found: list[BucketFound], view: LiveView, barrier: Barrier
+    ) -> None:
         """Refuse to start on buckets the log does not explain (projections/foreign.py).
 
         Only a log this process could read whole explains anything: entries it rejected
@@ -264,5 +272,5 @@ class Backend:
             )
             return
         check_views(found[0], found[1], view.state)
-        await check_tail(nc, found[0], view.state)
-        await check_state_tail(nc, found[1], view.state)
+        await check_tail(nc, found[0], view.state, barrier)  # ours (KV tag) and the log's
+        await check_state_tail(nc, found[1], view.state, barrier)

@@ -12,6 +12,19 @@ backend's memory is a second anchor (`LiveView`).
 What this does not stop: someone able to delete *both* streams and restore an earlier,
 consistent copy of each, while no backend is running. Signed audit checkpoints kept
 elsewhere are the answer to that; NATS permissions are the first wall.
+
+**Backend checkpoints.** Given AUDIT_SIGNING_SEED (an account seed, `SA…`, apart from
+the encryption key), a backend signs every anchor it writes: Ed25519 over (backend,
+position, chain link, the encryption key's public key, time). It signs with each anchor
+update, i.e. once per admin write: writes are admin-rate, a signature costs well under a
+millisecond, it rides the anchor message already written (no extra message, no other
+subject to permit), and each one names the exact head after a write, so nothing later
+can rewrite any entry up to it unseen. The stream keeps the last `ANCHOR_HISTORY`
+anchors (not only the newest) and denies deletes and purges, so the signed ones survive
+a later, unsigned anchor written by someone holding only the encryption key. Someone
+with that key can re-chain a log and write a fresh anchor; they cannot sign one, so
+`audit export` shows the earlier signed (position, link) beside the link the log has
+there now, and `audit verify` names the mismatch (`projections/checkpoints.py`).
 """
 
 from __future__ import annotations
@@ -33,14 +46,18 @@ from secrets_nats_kv.nats.jetstream import (
     EXPECTED_LAST_SEQUENCE_HEADER,
     WRONG_LAST_SEQUENCE,
     ensure_stream,
+    stored_message,
     stream_state,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nkeys import SigningKey, verify
 
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 10
 _ELECTION_S = 20.0
+ANCHOR_HISTORY = 4096  # anchors kept: the newest is the anchor, the rest signed history
+_CHECKPOINT_V1 = "secrets-nats-kv backend checkpoint v1"
 
 
 # The anchor's names as its importers spell them; built in `secrets_nats_kv.streams`.
@@ -48,12 +65,36 @@ anchor_stream_name = streams.anchor_stream
 anchor_subject = streams.anchor_subject
 
 
-class Anchored(msgspec.Struct, frozen=True):
-    """The log's last anchored position and the chain link there."""
+class Anchored(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The log's last anchored position and the chain link there; with a signer, signed.
+
+    `key` is the encryption key's public key (the chain's links are keyed by it: after
+    `rotate-key` a checkpoint of the old chain is not comparable with the new one).
+    """
 
     seq: int
     link: str
     at: float = 0.0
+    key: str = ""
+    signer: str = ""  # the AUDIT_SIGNING_SEED's public key (A…), if signed
+    signature: str = ""  # hex Ed25519 over `checkpoint_message`
+
+
+def checkpoint_message(backend: str, seq: int, link: str, key: str, at: float) -> bytes:
+    """What a backend checkpoint's signature covers (also checked by `audit verify`)."""
+    return f"{_CHECKPOINT_V1}\n{backend}\n{seq}\n{link}\n{key}\n{at:.6f}".encode()
+
+
+def verify_checkpoint(backend: str, anchored: Anchored, public_key: str) -> bool:
+    """Whether `anchored` is signed by `public_key` (bad key text raises `InvalidKey`)."""
+    if anchored.signer != public_key or not anchored.signature:
+        return False
+    try:
+        signature = bytes.fromhex(anchored.signature)
+    except ValueError:
+        return False
+    message = checkpoint_message(backend, anchored.seq, anchored.link, anchored.key, anchored.at)
+    return verify(public_key, message, signature)
 
 
 _decoder = msgspec.json.Decoder(Anchored)
@@ -78,8 +119,11 @@ class Anchor:
         barrier: Barrier,
         replicas: int = 1,
         timeout: float = 5.0,
+        signer: SigningKey | None = None,
     ) -> None:
         self._nc = nc
+        self._signer = signer
+        self._backend = backend_name
         self._js = nc.jetstream(timeout=timeout)
         self._barrier = barrier
         self._timeout = timeout
@@ -94,7 +138,7 @@ class Anchor:
             subjects=[self.subject],
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,
-            max_msgs_per_subject=1,
+            max_msgs_per_subject=ANCHOR_HISTORY,
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
@@ -147,10 +191,47 @@ class Anchor:
                 return
         raise StorageError("anchor", "kept changing under this write")
 
+    async def history(self, signed_by: str | None = None) -> list[Anchored]:
+        """Every kept anchor this backend's key tagged, or (`signed_by`) that this audit
+        key signed: those of a chain before a `rotate-key` carry the old key's tag.
+        Oldest first (for `audit export`)."""
+        state = await stream_state(self._nc, self.stream, self._timeout)
+        found: list[Anchored] = []
+        for position in range(state.first_seq, state.last_seq + 1) if state.messages else ():
+            msg = await stored_message(self._nc, self.stream, position, self._timeout)
+            if msg is None or msg.subject != self.subject:
+                continue
+            data = msg.data or b""
+            tag = (msg.headers or {}).get(KV_TAG_HEADER)
+            try:
+                anchored = _decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if self._barrier.verify_kv(self.stream, self.subject, position, data, tag) or (
+                signed_by is not None and verify_checkpoint(self._backend, anchored, signed_by)
+            ):
+                found.append(anchored)  # anything else is a stranger's: left out
+        return found
+
+    def _anchored(self, seq: int, link: str) -> Anchored:
+        at = time.time()
+        key = self._barrier.public_key
+        if self._signer is None:
+            return Anchored(seq=seq, link=link, at=at, key=key)
+        message = checkpoint_message(self._backend, seq, link, key, at)
+        return Anchored(
+            seq=seq,
+            link=link,
+            at=at,
+            key=key,
+            signer=self._signer.public_key,
+            signature=self._signer.sign(message).hex(),
+        )
+
     async def _write(self, seq: int, link: str) -> bool:
         """One pinned write; False if another writer took the position first."""
         last = (await stream_state(self._nc, self.stream, self._timeout)).last_seq
-        value = msgspec.json.encode(Anchored(seq=seq, link=link, at=time.time()))
+        value = msgspec.json.encode(self._anchored(seq, link))
         headers = {
             KV_TAG_HEADER: self._barrier.kv_tag(self.stream, self.subject, last + 1, value),
             EXPECTED_LAST_SEQUENCE_HEADER: str(last),

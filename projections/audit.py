@@ -25,6 +25,7 @@ from events.access import (
     access_subject,
     decode_access,
 )
+from events.anchor import Anchor, Anchored
 from events.log import EventLog, LogEntry
 from events.types import (
     KeyRotated,
@@ -40,7 +41,7 @@ from events.types import (
     SecretUndeleted,
     event_type,
 )
-from projections.checkpoints import CheckpointWriter
+from projections.checkpoints import BackendCheckpoint, CheckpointWriter, backend_checkpoint_line
 from projections.state import ViewState, fold
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.errors import ConfigError, StorageError
@@ -195,10 +196,17 @@ async def audit_records(
     since: Bound | None = None,
     until: Bound | None = None,
     follow: bool = False,
+    links: dict[int, str] | None = None,
 ) -> AsyncIterator[AuditRecord]:
-    """The records of the log inside the window (folding from 0 to know revisions)."""
+    """The records of the log inside the window (folding from 0 to know revisions).
+
+    `links`: positions whose chain link to note as the log is read (whatever the window),
+    for comparing backend checkpoints with the log.
+    """
     state = ViewState()
     async for entry in log_.entries(follow=follow):
+        if links is not None and entry.seq in links:
+            links[entry.seq] = entry.link
         fold(state, entry.seq, entry.event)
         at = _moment(entry)
         if since is not None and since.before(entry.seq, at):
@@ -302,12 +310,20 @@ async def export_audit(
     """Write the audit log as JSON Lines to `out`; return how many records were written.
 
     With `signer` (AUDIT_SIGNING_SEED) the records are followed by signed checkpoints
-    (`projections.checkpoints`) that `audit verify` checks offline.
+    (`projections.checkpoints`) that `audit verify` checks offline. With `encryption`
+    (and not following), the backend's own signed anchors come after the records, each
+    with the link this log holds at its position now.
     """
     barrier = Barrier(encryption) if encryption is not None else None
     event_log = EventLog(nc, backend_name=backend_name, barrier=barrier)
     checkpoints = CheckpointWriter(signer, every=checkpoint_every) if signer else None
     count = 0
+    signed: list[Anchored] = []
+    if barrier is not None and not follow:  # the links are only known through the key
+        anchor = Anchor(nc, backend_name=backend_name, barrier=barrier)
+        found = await _anchor_history(anchor, signer.public_key if signer else None)
+        signed = [a for a in found if a.signature]
+    links = {a.seq: "" for a in signed}
 
     def emit(record: Record) -> None:
         nonlocal count
@@ -325,7 +341,14 @@ async def export_audit(
         barrier=barrier,
         counts=counts,
     )
-    await _export(event_log, gets if include_access else None, emit, since, until, follow)
+    await _export(event_log, gets if include_access else None, emit, since, until, follow, links)
+    for anchored in signed:  # after the records: each with what the log holds there now
+        line = backend_checkpoint_line(
+            BackendCheckpoint.of(backend_name, anchored, links[anchored.seq], barrier_key(barrier))
+        )
+        out.write(b"".join(checkpoints.record(line)) if checkpoints else line)
+        out.flush()
+        count += 1
     if checkpoints is not None:
         out.write(checkpoints.final())
         out.flush()
@@ -339,8 +362,9 @@ async def _export(
     since: Bound | None,
     until: Bound | None,
     follow: bool,
+    links: dict[int, str] | None = None,
 ) -> None:
-    events = audit_records(event_log, since=since, until=until, follow=follow)
+    events = audit_records(event_log, since=since, until=until, follow=follow, links=links)
     if gets is None:
         async for record in events:
             emit(record)
@@ -361,3 +385,15 @@ async def _export(
     decisions: list[Record] = [record async for record in gets]
     for item in heapq.merge(history, decisions, key=_record_time):
         emit(item)
+
+
+def barrier_key(barrier: Barrier | None) -> str:
+    return barrier.public_key if barrier is not None else ""
+
+
+async def _anchor_history(anchor: Anchor, signed_by: str | None) -> list[Anchored]:
+    """The kept anchors; none if there is no anchor stream (a log older than anchors)."""
+    try:
+        return await anchor.history(signed_by)
+    except StorageError:
+        return []

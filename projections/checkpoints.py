@@ -14,6 +14,21 @@ record is named by position (exactly with one checkpoint per record, the default
 by the window of records between two checkpoints); a file cut short ends without its
 final checkpoint and is "verified up to checkpoint K". Vault's audit HMAC, which needs
 the server's key to check, is not this.
+
+**Backend checkpoints.** A backend given the same AUDIT_SIGNING_SEED signs each anchor it
+writes (`events/anchor.py`): (backend, log position, chain link, encryption key, time).
+The export carries every kept one as a record of its own, together with the link the
+exporter found at that position in the log it read (`log_link`, under `log_key`):
+
+    {"type":"backend_checkpoint","backend":"nats-kv","seq":S,"link":"…","key":"X…",
+     "at":T,"public_key":"A…","signature":"…","log_link":"…","log_key":"X…"}
+
+`audit verify` checks each signature and that the log still holds, at S, the entry the
+backend signed: someone holding the encryption key who later rewrites history (a
+forged re-chain, an unwarranted `repair` dropping entries) cannot re-sign it, so the
+rewrite shows as a mismatch at a named position. A checkpoint of a chain under another
+encryption key (before a `rotate-key`, whose `key_rotated` record is in the export) is
+counted as not comparable, not as a failure.
 """
 
 from __future__ import annotations
@@ -24,10 +39,12 @@ from dataclasses import dataclass
 
 import msgspec
 
+from events.anchor import Anchored, verify_checkpoint
 from secrets_nats_kv.errors import InvalidKey
 from secrets_nats_kv.nkeys import SigningKey, verify
 
 CHECKPOINT_TYPE = "checkpoint"
+BACKEND_CHECKPOINT_TYPE = "backend_checkpoint"
 _START = hashlib.sha256(b"secrets-nats-kv/audit-chain/v1").hexdigest()
 
 
@@ -41,8 +58,52 @@ class Checkpoint(msgspec.Struct, frozen=True):
     signature: str
 
 
+class BackendCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A backend's signed anchor, and what the exporter's log holds at its position."""
+
+    type: str = BACKEND_CHECKPOINT_TYPE
+    backend: str
+    seq: int
+    link: str
+    key: str
+    at: float
+    public_key: str
+    signature: str
+    log_link: str  # the log's link at `seq` ("" if the log does not reach it)
+    log_key: str  # the encryption key the exporter read the log with
+
+    @classmethod
+    def of(cls, backend: str, anchored: Anchored, log_link: str, log_key: str) -> BackendCheckpoint:
+        return cls(
+            backend=backend,
+            seq=anchored.seq,
+            link=anchored.link,
+            key=anchored.key,
+            at=anchored.at,
+            public_key=anchored.signer,
+            signature=anchored.signature,
+            log_link=log_link,
+            log_key=log_key,
+        )
+
+    def anchored(self) -> Anchored:
+        return Anchored(
+            seq=self.seq,
+            link=self.link,
+            at=self.at,
+            key=self.key,
+            signer=self.public_key,
+            signature=self.signature,
+        )
+
+
 _decoder = msgspec.json.Decoder(Checkpoint)
+_backend_decoder = msgspec.json.Decoder(BackendCheckpoint)
 _encoder = msgspec.json.Encoder()
+
+
+def backend_checkpoint_line(checkpoint: BackendCheckpoint) -> bytes:
+    return _encoder.encode(checkpoint) + b"\n"
 
 
 def _link(digest: str, line: bytes) -> str:
@@ -100,12 +161,19 @@ class Verdict:
     records: int  # records covered by the last good checkpoint
     checkpoint: int  # the last good checkpoint (0: none)
     problem: str | None
+    backend_matched: int = 0  # backend checkpoints the log still agrees with
+    backend_rekeyed: int = 0  # backend checkpoints of a chain under an earlier key
 
     def summary(self) -> str:
         if self.ok:
+            backend = ""
+            if self.backend_matched or self.backend_rekeyed:
+                backend = f", {self.backend_matched} backend checkpoints match the log"
+                if self.backend_rekeyed:
+                    backend += f" ({self.backend_rekeyed} before a key rotation, not comparable)"
             return (
                 f"audit export verified: {self.records} records, "
-                f"{self.checkpoint} signed checkpoints"
+                f"{self.checkpoint} signed checkpoints{backend}"
             )
         return (
             f"{self.problem}; verified up to checkpoint {self.checkpoint} ({self.records} records)"
@@ -117,11 +185,21 @@ def verify_export(lines: Iterable[bytes], public_key: str) -> Verdict:
     digest, records, good, good_records = _START, 0, 0, 0
     since = 0  # first record after the last good checkpoint
     final_seen = False
+    matched = rekeyed = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         checkpoint = _checkpoint_of(line)
         if checkpoint is None:
+            backend = _backend_checkpoint_of(line)
+            if backend is not None:
+                problem = _check_backend(backend, public_key)
+                if problem is not None:
+                    return Verdict(False, good_records, good, f"{problem} (line {number})")
+                if backend.key == backend.log_key:
+                    matched += 1
+                else:
+                    rekeyed += 1
             if final_seen:
                 return Verdict(
                     False,
@@ -151,7 +229,38 @@ def verify_export(lines: Iterable[bytes], public_key: str) -> Verdict:
         return Verdict(
             False, good_records, good, "the export ends without its final checkpoint: cut short"
         )
-    return Verdict(True, good_records, good, None)
+    return Verdict(True, good_records, good, None, matched, rekeyed)
+
+
+def _backend_checkpoint_of(line: bytes) -> BackendCheckpoint | None:
+    if BACKEND_CHECKPOINT_TYPE.encode() not in line:
+        return None
+    try:
+        found = _backend_decoder.decode(line)
+    except msgspec.DecodeError:
+        return None
+    return found if found.type == BACKEND_CHECKPOINT_TYPE else None
+
+
+def _check_backend(checkpoint: BackendCheckpoint, public_key: str) -> str | None:
+    """Why a backend checkpoint fails: not signed by `public_key`, or the log differs."""
+    where = f"backend checkpoint at log entry #{checkpoint.seq}"
+    try:
+        signed = verify_checkpoint(checkpoint.backend, checkpoint.anchored(), public_key)
+    except InvalidKey:
+        signed = False
+    if not signed:
+        return f"{where} is not signed by {public_key}"
+    if checkpoint.key != checkpoint.log_key:
+        return None  # a chain under an earlier key (rotate-key): not comparable
+    if not checkpoint.log_link:
+        return f"{where}: the log no longer reaches that entry (history cut after it was signed)"
+    if checkpoint.log_link != checkpoint.link:
+        return (
+            f"{where}: the log holds another entry there than the one the backend signed "
+            "(history rewritten after it was signed)"
+        )
+    return None
 
 
 def _checkpoint_of(line: bytes) -> Checkpoint | None:

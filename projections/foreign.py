@@ -12,6 +12,12 @@ implies. Three findings mean something else wrote them, and every writer refuses
 
 A peer backend's write is never one of them: it appends to the log before it writes the
 bucket, so a head read after the bucket read always explains it.
+
+A fourth finding is an entry the backend did not write: every entry a backend writes
+carries its KV tag (`barrier.kv_tag` over bucket, key, revision, value), so the newest
+entry of either bucket, read at start-up, must carry it. Someone without the key can
+copy a value the log implies (sealed bytes, a mapping's names) into the revision a
+crashed backend had not written yet; its content alone would pass, its tag does not.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.js.api import RawStreamMsg
 
 from projections.state import ViewState
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.errors import SecretsBackendError, StorageError
 from secrets_nats_kv.nats.jetstream import to_backend_error
 from secrets_nats_kv.streams import kv_stream, kv_subject_prefix
@@ -172,8 +180,25 @@ def expected_at(state: ViewState, revision: int) -> tuple[str, bytes, str | None
     return None
 
 
-async def check_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
-    """Refuse if the secrets bucket's newest entry is not the one the log puts there.
+def check_tagged(found: BucketFound, message: RawStreamMsg, barrier: Barrier | None) -> None:
+    """Refuse an entry without this backend's KV tag for its bucket, key and revision."""
+    if barrier is None:
+        return
+    key = (message.subject or "").removeprefix(f"$KV.{found.bucket}.")
+    tag = (message.headers or {}).get(KV_TAG_HEADER)
+    if not barrier.verify_kv(found.bucket, key, message.seq or 0, message.data or b"", tag):
+        raise UnexplainedEntries(
+            f"{found.stream} revision {message.seq} holds an entry this backend did not write "
+            "(not tagged by this ENCRYPTION_XKEY_SEED): stop whatever wrote it, then run "
+            "`secrets-nats-kv rebuild`"
+        )
+
+
+async def check_tail(
+    nc: NATS, found: BucketFound, state: ViewState, barrier: Barrier | None = None
+) -> None:
+    """Refuse if the secrets bucket's newest entry is not the one the log puts there, or
+    (with `barrier`) not one a backend wrote.
 
     A foreign write at a revision the log also explains (an old instance wrote, then a
     command appended the event whose write then failed) would otherwise be skipped as
@@ -189,6 +214,7 @@ async def check_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
         raise to_backend_error(f"read {found.stream} #{found.last_seq}", exc) from None
     if any(found.last_seq in versions for versions in state.destroyed.values()):
         return  # destroyed by the log; its erasure may not have happened yet
+    check_tagged(found, message, barrier)
     expected = expected_at(state, found.last_seq)
     key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     operation = (message.headers or {}).get("KV-Operation")
@@ -206,8 +232,11 @@ async def check_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
         )
 
 
-async def check_state_tail(nc: NATS, found: BucketFound, state: ViewState) -> None:
-    """Refuse if the state bucket's newest entry is not the mapping the log wrote last.
+async def check_state_tail(
+    nc: NATS, found: BucketFound, state: ViewState, barrier: Barrier | None = None
+) -> None:
+    """Refuse if the state bucket's newest entry is not the mapping the log wrote last,
+    or (with `barrier`) not one a backend wrote.
 
     Only when the bucket is exactly where the log says (a writer behind has not written
     the newest yet, and an older revision's content is not kept by the fold).
@@ -220,6 +249,7 @@ async def check_state_tail(nc: NATS, found: BucketFound, state: ViewState) -> No
         return
     except nats.errors.Error as exc:
         raise to_backend_error(f"read {found.stream} #{found.last_seq}", exc) from None
+    check_tagged(found, message, barrier)
     key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     if state.last_mapping:
         names = sorted(state.mappings.get(state.last_mapping, ()))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from secrets_nats_kv import limits, streams
 from secrets_nats_kv.errors import ConfigError
+from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 DEFAULT_NATS_ADDRESS = "127.0.0.1:4222"
@@ -101,6 +102,9 @@ class BackendConfig:
     access_log_max_bytes: int = limits.ACCESS_LOG_MAX_BYTES
     access_log_max_age_days: int = limits.ACCESS_LOG_MAX_AGE_DAYS
     request_concurrency: int = 256
+    # AUDIT_SIGNING_SEED: signs each anchor as a backend checkpoint (events/anchor.py); kept
+    # apart from the curve keys, its repr shows only the public key.
+    audit_signing_key: SigningKey | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_secret_history <= 64:

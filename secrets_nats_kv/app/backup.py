@@ -1,7 +1,9 @@
 """`backup --output DIR` and `restore DIR`: everything a backend needs, and nothing secret.
 
-What is kept: the event log (the truth: every write, sealed values, tags), the access
-log (who was given what), and the two KV views, each as JetStream's own stream snapshot
+What is kept: the event log (the truth: every write, sealed values, tags), its anchor
+(where the chain stood, and the backend's signed audit checkpoints: without it a restored
+log could be cut back unnoticed, and `audit verify` would lose what the backend signed),
+the access log (who was given what), and the two KV views, each as JetStream's own stream snapshot
 (`secrets_nats_kv.nats.snapshot` says why a snapshot and not an export: sequence numbers
 must survive, gaps from destroyed entries included). Seeds are never written: they are
 not in any stream, and a backup is useless without the encryption key held elsewhere
@@ -14,8 +16,10 @@ that already holds any of these streams, restores the views before the log (so a
 never ahead of its log), checks each stream's restored state against the manifest, and
 removes what it restored if anything fails, so it can simply be re-run.
 
-The views are snapshotted before the log, so a backup taken while backends run has
-views at or behind its log; a backend started on the restore catches them up.
+The views and the anchor are snapshotted before the log, so a backup taken while
+backends run has views and an anchor at or behind its log (an anchor ahead of its log
+is what a cut-back log looks like, and a backend refuses it); a backend started on the
+restore catches the views up and moves the anchor on.
 """
 
 from __future__ import annotations
@@ -65,13 +69,16 @@ class Part:
 
 
 def parts(names: BackendNames) -> list[Part]:
-    """In snapshot (and restore) order: the views before the log they are folded from."""
+    """In snapshot (and restore) order: the views and the anchor before the log they
+    follow (each is then at or behind the log, never ahead)."""
     from events.access import access_stream_name
+    from events.anchor import anchor_stream_name
     from events.log import stream_name
 
     return [
         Part("secrets-view", streams.kv_stream(names.secrets_bucket), required=False),
         Part("state-view", streams.kv_stream(names.state_bucket), required=False),
+        Part("anchor", anchor_stream_name(names.name), required=False),
         Part("events", stream_name(names.name), required=True),
         Part("access", access_stream_name(names.name), required=False),
     ]

@@ -1,8 +1,12 @@
 """Clients of a running backend: the admin side, for the CLI (the host side: tests/support).
 
 `AdminClient` seals admin requests to the backend's transit key with an admin xkey, with
-a fresh `request_id` and `issued_at`, and retries a timed-out request with the same id
-(the backend applies it once).
+a fresh `request_id` and `issued_at`, and retries a request that timed out, or that the
+backend answered with `UpstreamError` (JetStream did not answer it in time: a leader
+election, views slow to catch up), with the very same sealed bytes. That is safe because
+the request id is inside the seal and bound to the operation: the backend applies it
+once and answers a retry of an applied write with the first result (its revision), at
+any instance. A user re-running the command would send a new id, and a second write.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+import anyio
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -24,11 +29,14 @@ from secrets_nats_kv.errors import (
     ProtocolError,
     SecretsBackendError,
     SecretTooLarge,
+    UpstreamError,
     protocol_error_from_wire,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
+
+_UPSTREAM_BACKOFF_S = 0.5
 
 
 class BackendClient:
@@ -114,10 +122,13 @@ class AdminClient(BackendClient):
         for attempt in range(self.retries + 1):
             try:
                 data, _ = await self.request(operation, sealed, headers)
-                return data
             except BackendNotAnswering:
                 if attempt == self.retries:
                     raise
+                continue
+            if attempt == self.retries or not upstream_failed(data):
+                return data
+            await anyio.sleep(_UPSTREAM_BACKOFF_S * (attempt + 1))  # let an election finish
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -223,6 +234,20 @@ class AdminClient(BackendClient):
             "destroy", wire.ChangeReply, name=name, version=version, all=all
         )
         return reply.destroyed
+
+
+def upstream_failed(data: bytes) -> bool:
+    """Whether a reply is the backend's `UpstreamError` (in a put's or another reply's form)."""
+    if UpstreamError.variant.encode() not in data:
+        return False
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return False
+    error = value.get("error") if isinstance(value, dict) else None
+    return error == UpstreamError.variant or (
+        isinstance(error, dict) and UpstreamError.variant in error
+    )
 
 
 def expect_ok(data: bytes) -> None:

@@ -27,6 +27,7 @@ from secrets_nats_kv.app.workers import stop_when_orphaned, supervise_children
 from secrets_nats_kv.config import BackendConfig
 from secrets_nats_kv.errors import ConfigError, InvalidKey
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,27 @@ def seed_from_env(*names: str) -> XKey:
             except InvalidKey as exc:
                 raise ConfigError(f"{name}: {exc}") from None
     raise ConfigError(f"set {' or '.join(names)} to a curve seed (SX…)")
+
+
+def audit_signer() -> SigningKey | None:
+    """AUDIT_SIGNING_SEED (an account seed, SA…), or the file AUDIT_SIGNING_SEED_FILE
+    names: signs the export's checkpoints (`audit export`) and each anchor (`run`)."""
+    source, text = "AUDIT_SIGNING_SEED", os.environ.get("AUDIT_SIGNING_SEED")
+    path = os.environ.get("AUDIT_SIGNING_SEED_FILE")
+    if not text and path:
+        source = "AUDIT_SIGNING_SEED_FILE"
+        try:
+            with open(path, encoding="ascii") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a seed"
+            raise ConfigError(f"{source}: cannot read {path}: {reason}") from None
+    if not text:
+        return None
+    try:
+        return SigningKey.from_seed(text.strip(), Role.ACCOUNT)
+    except InvalidKey as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def previous_transit_keys(args: argparse.Namespace) -> tuple[XKey, ...]:
@@ -99,6 +121,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         insecure_unauthenticated_admin=args.insecure_unauthenticated_admin,
         trusted_issuers=tuple(args.trusted_issuer),
         access_log=not args.no_access_log,
+        audit_signing_key=audit_signer(),
     )
 
 

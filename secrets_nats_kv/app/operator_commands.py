@@ -11,12 +11,11 @@ import re
 import sys
 
 from secrets_nats_kv.app.arguments import backend_names, nats_options, rewrite_layout
-from secrets_nats_kv.app.commands import seed_from_env
+from secrets_nats_kv.app.commands import audit_signer, seed_from_env
 from secrets_nats_kv.app.session import close
 from secrets_nats_kv.app.terminal import plural, progress_printer, say
-from secrets_nats_kv.errors import ConfigError, InvalidKey
+from secrets_nats_kv.errors import ConfigError
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -87,17 +86,6 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     if args.output:
         say(f"wrote {count} records to {args.output}")
     return 0
-
-
-def audit_signer() -> SigningKey | None:
-    """AUDIT_SIGNING_SEED (an account seed, SA…) signs the export's checkpoints, if set."""
-    text = os.environ.get("AUDIT_SIGNING_SEED")
-    if not text:
-        return None
-    try:
-        return SigningKey.from_seed(text.strip(), Role.ACCOUNT)
-    except InvalidKey as exc:
-        raise ConfigError(f"AUDIT_SIGNING_SEED: {exc}") from None
 
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

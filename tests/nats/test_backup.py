@@ -23,8 +23,10 @@ from typing import Any
 import anyio
 import pytest
 
+from events.anchor import Anchor, Anchored
 from secrets_nats_kv.app.backup import MANIFEST
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import ProtocolError
 from secrets_nats_kv.nats.connection import connect
@@ -36,6 +38,7 @@ from support.leakcheck import remembered
 NAMES = BackendNames()
 STREAMS = (
     "SECRETS_nats-kv_events",
+    "SECRETS_nats-kv_anchor",
     "SECRETS_nats-kv_access",
     "KV_WASMCLOUD_SECRETS",
     "KV_SECRETS_nats-kv_state",
@@ -93,6 +96,15 @@ async def stream_ranges(url: str) -> dict[str, tuple[int, int, int]]:
         await nc.close()
 
 
+async def anchored(url: str, keys: Keys) -> Anchored | None:
+    """The anchor a backend on `url` would start from (verified with the encryption key)."""
+    nc = await connect(NatsOptions(servers=(url,)), name="backup test", persistent=False)
+    try:
+        return await Anchor(nc, backend_name=NAMES.name, barrier=Barrier(keys.encryption)).read()
+    finally:
+        await nc.close()
+
+
 def gets_recorded(env: dict[str, str]) -> int:
     audit = ok(run_cli("audit", "export", "--access", env=env))
     return sum('"type":"get"' in line for line in audit.splitlines())
@@ -142,6 +154,9 @@ def test_backup_then_restore_into_a_fresh_server_after_the_original_is_gone(
     wait_for_access_log(env, len(host_before))  # the backup holds these decisions
     before = served(original, keys, top)
     ranges = anyio.run(stream_ranges, original.url)
+    anchor = anyio.run(anchored, original.url, keys)
+    assert anchor is not None
+    assert anchor.seq == ranges["SECRETS_nats-kv_events"][2]
     assert host_before["bk-a@2"] == "SecretNotFound"  # destroyed
     assert host_before["bk-a@1"][1] is not None
     assert host_before["bk-gone@None"] == "Unauthorized"  # never mapped
@@ -149,7 +164,7 @@ def test_backup_then_restore_into_a_fresh_server_after_the_original_is_gone(
 
     backup = tmp_path / "backup"
     out = ok(run_cli("backup", "--output", str(backup), env=env))
-    assert out.startswith(f"backed up nats-kv to {backup}: 4 streams")
+    assert out.startswith(f"backed up nats-kv to {backup}: 5 streams")
     for path in backup.iterdir():  # no seed, in any form, in any file
         data = path.read_bytes()
         for key in (keys.transit, keys.encryption):
@@ -161,8 +176,11 @@ def test_backup_then_restore_into_a_fresh_server_after_the_original_is_gone(
 
     fresh = make_nats_server()
     restored = run_cli("restore", str(backup), env=env_for(fresh, keys))
-    assert ok(restored).startswith(f"restored nats-kv from {backup}: 4 streams")
+    assert ok(restored).startswith(f"restored nats-kv from {backup}: 5 streams")
     assert anyio.run(stream_ranges, fresh.url) == ranges  # same sequences, gaps included
+    # The anchor came back too (its tag names its own sequence, which the restore keeps):
+    # a restored log cut back behind it is still refused.
+    assert anyio.run(anchored, fresh.url, keys) == anchor
     proc = running(fresh, keys, tmp_path / "run-2.log")
     try:
         assert served(fresh, keys, top) == before
