@@ -22,9 +22,10 @@ from events.log import EventLog
 from events.types import Event, MappingAdded, SecretPut
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import NatsOptions, kv_stream
+from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.streams import kv_stream
 from support.cliproc import ok, one_line_error
 from support.harness import Identity, Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remembered
