@@ -8,12 +8,17 @@ Starts its own nats-server and real `secrets-nats-kv run` processes, then:
    one (every token verifies and is cached: the cache's byte bound is what holds). It
    samples the backend's RSS (`/proc/PID/status`) idle, during and after; the bound is
    50 MiB above idle.
-2. **Junk flood.** A host gets a secret in a loop while a plain connection publishes
-   untagged junk on `wasmcloud_secrets_events.{name}.junk` as fast as it can for 5 s;
-   then the loop goes on for 10 s. Reported: the junk published, gets (ok / failed,
-   median and worst latency) before, during and after the flood, how long after the
-   flood the first fast get succeeded (the loop waits up to 120 s for it), the log size
-   before and after, and the cost of rejecting one entry (tag check plus fold) in µs.
+2. **Junk flood**, twice: a host gets a secret in a loop while a plain connection
+   publishes untagged junk as fast as it can for 5 s, then the loop goes on for 10 s.
+   Once on `wasmcloud_secrets_events.{name}.junk` (under the log's prefix, but a subject
+   the log does not keep), once on `wasmcloud_secrets_events.{name}.secret.junk` (a
+   subject the log keeps: every message is stored and rejected). Reported: the junk
+   published, the log's messages before and after, gets (ok / failed, median and worst
+   latency) before, during and after the flood, how long after the flood the first fast
+   get succeeded (the loop waits up to 120 s for it), that as a ratio to the flood's
+   length (the issue's bound: at most 1), the median get during the flood as a ratio to
+   the median before it (the floor), the backend's log size before and after, and the
+   cost of rejecting one entry (tag check plus fold) in µs.
 
 Timing figures depend on the machine: compare the phases of one run, not runs.
 It prints JSON and writes `bench/results/abuse.json` (`--output` to change).
@@ -38,6 +43,7 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from events.codec import EventCodec
+from events.log import stream_name
 from events.types import Rejected
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.client import AdminClient
@@ -47,6 +53,7 @@ from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretsBackendError
 from secrets_nats_kv.jwt import MAX_TOKEN_LENGTH
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
 from tests.support.host import HostClient
@@ -200,7 +207,7 @@ class Gets:
         }
 
 
-async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any]:
+async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> dict[str, Any]:
     backend = await start_backend(url, directory)
     names = backend.names
     account, entity = SigningKey.generate(Role.ACCOUNT), SigningKey.generate(Role.MODULE)
@@ -216,6 +223,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         await admin.add_mapping(entity.public_key, ["s"])
         host = HostClient(nc, names, timeout=10)
         log_before = backend.log.stat().st_size
+        messages_before = (await stream_state(nc, stream_name(names.name), 5)).messages
         origin = time.perf_counter()
         flood_start = origin + 2.0
         flood_end = flood_start + flood_s
@@ -234,7 +242,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         async def flood(client: NATS) -> None:
             nonlocal published
             await anyio.sleep(flood_start - time.perf_counter())
-            subject = f"wasmcloud_secrets_events.{names.name}.junk"
+            subject = f"wasmcloud_secrets_events.{names.name}.{suffix}"
             while time.perf_counter() < flood_end:
                 for _ in range(500):
                     await client.publish(subject, b"junk")
@@ -245,6 +253,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
             tg.start_soon(getter)
             tg.start_soon(flood, flooder)
         log_after = backend.log.stat().st_size
+        messages_after = (await stream_state(nc, stream_name(names.name), 5)).messages
         recovered = next(
             (
                 round(t - flood_end, 2)
@@ -258,15 +267,25 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         await flooder.close()
         await nc.close()
         stop(backend)
+    before = gets.window(origin, flood_start)
+    during = gets.window(flood_start, flood_end)
+    floor, flooded = before["median_ms"], during["median_ms"]
     return {
         "flood_s": flood_s,
+        "subject_suffix": suffix,
         "junk_published": published,
-        "before": gets.window(origin, flood_start),
-        "during": gets.window(flood_start, flood_end),
+        "log_messages_before": messages_before,
+        "log_messages_after": messages_after,
+        "before": before,
+        "during": during,
         "after_0_2s": gets.window(flood_end, flood_end + 2),
         "after_2_10s": gets.window(flood_end + 2, flood_end + 10),
         "after_10s": gets.window(flood_end + 10, until),
         "first_fast_get_after_flood_s": recovered,
+        "stall_after_to_flood_ratio": None if recovered is None else round(recovered / flood_s, 2),
+        "during_to_before_median_ratio": (
+            round(flooded / floor, 1) if floor and flooded is not None else None
+        ),
         "log_bytes_before": log_before,
         "log_bytes_after": log_after,
         "reject_one_entry_us": rejection_us,
@@ -302,7 +321,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if args.only in (None, "flood"):
                 flood_s = 1.0 if args.quick else 5.0
-                results["junk_flood"] = await junk_flood(server.url, directory, flood_s)
+                results["junk_flood_other_subject"] = await junk_flood(
+                    server.url, directory, flood_s, "junk"
+                )
+                results["junk_flood_event_subject"] = await junk_flood(
+                    server.url, directory, flood_s, "secret.junk"
+                )
             return results
         finally:
             server.stop()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
@@ -32,7 +33,13 @@ from nats.js import api
 
 from actors.backend import BUCKET_RECREATED, FORGED_API_ANSWERS, REJECTED_ENTRIES
 from events.access import AccessRecord, access_stream_name, access_subject, decode_access
-from events.log import EventLog, stream_messages, stream_name, subject_prefix
+from events.log import (
+    EventLog,
+    stream_messages,
+    stream_name,
+    stream_subjects,
+    subject_prefix,
+)
 from events.types import SecretPut
 from secrets_nats_kv import limits, wire
 from secrets_nats_kv.barrier import Barrier
@@ -65,7 +72,7 @@ pytestmark = pytest.mark.anyio
 async def test_junk_on_the_log_is_one_incident_with_a_count(
     module_nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """500 untagged messages on the log's subjects: counted, logged once, gets go on."""
+    """500 untagged messages on a subject the log keeps: counted, logged once, gets go on."""
     names = fresh_names()
     identity = Identity()
     caplog.set_level(logging.INFO)
@@ -74,7 +81,7 @@ async def test_junk_on_the_log_is_one_incident_with_a_count(
         await clients.admin.add_mapping(identity.entity_key, ["s"])
         nc = clients.host.nc
         for i in range(500):
-            await nc.publish(f"wasmcloud_secrets_events.{names.name}.junk", b"junk %d" % i)
+            await nc.publish(f"{subject_prefix(names.name)}.secret.s", b"junk %d" % i)
         await nc.flush()
         view = clients.backend.view
         assert view is not None
@@ -90,6 +97,40 @@ async def test_junk_on_the_log_is_one_incident_with_a_count(
     assert errors[0] == (
         f"incident {REJECTED_ENTRIES}: entries not tagged by our key skipped (latest #3)"
     ), errors
+
+
+async def test_junk_on_other_subjects_under_the_prefix_never_reaches_the_log(
+    module_nats_server: NatsServer,
+) -> None:
+    """The stream keeps only the subjects something of ours writes (events.log): an older
+    stream that kept the whole prefix is narrowed at start, and a flood elsewhere under
+    the prefix is not stored, moves no head and reaches no consumer."""
+    names = fresh_names()
+    prefix = subject_prefix(names.name)
+    older = api.StreamConfig(name=stream_name(names.name), subjects=[f"{prefix}.>"])
+    setup = await connect(
+        NatsOptions(servers=(module_nats_server.url,)), name="setup", persistent=False
+    )
+    try:
+        await setup.jetstream().add_stream(older)
+    finally:
+        await setup.close()
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        js = clients.host.nc.jetstream()
+        info = await js.stream_info(stream_name(names.name))
+        assert info.config.subjects == stream_subjects(names.name)
+        assert await clients.admin.put_secret("s", "v") == 1
+        nc = clients.host.nc
+        for i in range(500):
+            await nc.publish(f"{prefix}.junk", b"junk %d" % i)
+            await nc.publish(f"{prefix}.secret", b"junk %d" % i)  # `secret.>` needs a name
+        with pytest.raises(nats.js.errors.NoStreamResponseError):  # no stream keeps it
+            await js.publish(f"{prefix}.junk", b"junk")
+        assert (await stream_state(nc, stream_name(names.name), 5)).last_seq == 1
+        assert clients.backend.view is not None
+        assert clients.backend.view.foreign == 0
+        assert REJECTED_ENTRIES not in clients.backend.health.incidents
+        assert await clients.admin.put_secret("s", "v2") == 2
 
 
 # --- bounded streams --------------------------------------------------------------------------
@@ -148,7 +189,7 @@ async def test_the_event_stream_refuses_messages_over_its_size(
         assert info.config.max_msg_size == limits.max_event_size(nc.max_payload)
         before = info.state.last_seq
         with pytest.raises(nats.js.errors.APIError):
-            await js.publish(f"{subject_prefix(names.name)}.junk", b"j" * 400_000)
+            await js.publish(f"{subject_prefix(names.name)}.secret.big", b"j" * 400_000)
         assert (await js.stream_info(stream_name(names.name))).state.last_seq == before
         # The largest secret's event fits.
         value = b"\xff" * limits.max_secret_size(nc.max_payload)
