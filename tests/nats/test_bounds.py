@@ -6,6 +6,7 @@ has a maximum message size; the largest secret is one stated number, refused in 
 line by the CLI and the backend alike, and it follows the server's `max_payload`;
 deeply nested JSON anywhere is the protocol's error for that field; a bucket deleted
 under a running backend is recreated, and a write is never reported failed yet stored;
+a deleted event log is a write-blocking incident, never silently recreated;
 a forged `STREAM.INFO` answer from a stranger delays a get by at most the freshness
 timeout and never makes it serve stale data.
 """
@@ -41,12 +42,14 @@ from events.log import (
     subject_prefix,
 )
 from events.types import SecretPut
+from projections.foreign import UnexplainedEntries
+from projections.live import LOG_DELETED
 from secrets_nats_kv import limits, wire
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import SecretTooLarge, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.nats.jetstream import STREAM_NOT_FOUND, stream_state
 from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
 from secrets_nats_kv.xkeys import SealBox, XKey
@@ -399,16 +402,65 @@ async def test_a_bucket_deleted_under_a_running_backend_is_recreated_and_refille
         assert (await clients.get(other, "s")).string_secret == "v2"
 
 
+async def test_an_event_log_deleted_under_a_running_backend_is_an_incident_not_a_new_log(
+    module_nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One ERROR line and a write-blocking incident; gets and writes fail naming it; the
+    log is not recreated (an empty one would be taken as the truth), and a restart is
+    refused as the anchor refuses an emptied log."""
+    names = fresh_names()
+    identity = Identity()
+    caplog.set_level(logging.INFO)
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        keys = clients.keys
+        assert await clients.admin.put_secret("s", "v1") == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert (await clients.get(identity, "s")).string_secret == "v1"
+        js = clients.host.nc.jetstream()
+        assert await js.delete_stream(stream_name(names.name))
+        with pytest.raises(UpstreamError, match="was deleted under this backend"):
+            await clients.get(identity, "s")
+        with pytest.raises(UpstreamError):
+            await clients.admin.put_secret("s", "v2")
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.stream_info(stream_name(names.name))  # not recreated
+        incidents = clients.backend.health.snapshot()
+        assert [i["kind"] for i in incidents if i["blocks_writes"]] == [LOG_DELETED]
+        env = cli_env(None, NATS_ADDRESS=module_nats_server.url.removeprefix("nats://"))
+        status = await anyio.to_thread.run_sync(
+            lambda: run_cli("status", "-n", names.name, "--timeout", "2", env=env)
+        )
+        assert status.returncode == 1
+        assert f"incident {LOG_DELETED}: " in status.stdout.decode()
+        assert "was deleted under this backend" in status.stdout.decode()
+        assert "does not exist (deleted?)" in status.stderr.decode()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([e for e in errors if LOG_DELETED in e]) == 1, errors
+    with pytest.raises(BaseExceptionGroup) as refused:
+        async with running_backend(module_nats_server.url, keys, names=names):
+            pytest.fail("a backend started over a deleted event log")
+    assert refused.group_contains(UnexplainedEntries, match="the log was deleted or replaced")
+
+
 # --- JetStream API answers from strangers (an open bus) ---------------------------------------
 
 
 @contextlib.asynccontextmanager
-async def forging_stream_info(url: str, stream: str, last_seq: int) -> AsyncIterator[list[int]]:
-    """A second connection answering every STREAM.INFO of `stream` with a made-up head."""
+async def forging_stream_info(
+    url: str, stream: str, last_seq: int | None
+) -> AsyncIterator[list[int]]:
+    """A second connection answering every STREAM.INFO of `stream` with a made-up head
+    (None: with JetStream's "stream not found")."""
     answered: list[int] = []
     nc = await connect(NatsOptions(servers=(url,)), name="forger", persistent=False)
 
     async def answer(msg: Msg) -> None:
+        if last_seq is None:
+            error = {"code": 404, "err_code": STREAM_NOT_FOUND, "description": "stream not found"}
+            await nc.publish(msg.reply, msgspec.json.encode({"error": error}))
+            await nc.flush()
+            answered.append(-1)
+            return
         state = {"messages": last_seq, "first_seq": 1, "last_seq": last_seq}
         await nc.publish(msg.reply, msgspec.json.encode({"state": state}))
         await nc.flush()  # at the server before the test goes on
@@ -475,3 +527,22 @@ async def test_a_forged_high_head_delays_a_get_at_most_the_freshness_timeout(
             assert outcomes[-1] == behind  # the highest answer counts: it waits, then says so
             assert FORGED_API_ANSWERS in clients.backend.health.incidents
         assert (await clients.get(identity, "s")).string_secret == "v1"
+
+
+async def test_a_forged_stream_not_found_is_outvoted_by_jetstream(
+    module_nats_server: NatsServer,
+) -> None:
+    """A stranger claiming the log is gone does not make the backend report it deleted."""
+    names = fresh_names()
+    identity = Identity()
+    url = module_nats_server.url
+    async with running_backend(url, names=names) as clients:
+        assert await clients.admin.put_secret("s", "v1") == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        async with forging_stream_info(url, stream_name(names.name), None) as answered:
+            for _ in range(3):
+                assert (await clients.get(identity, "s")).string_secret == "v1"
+            assert answered
+        assert LOG_DELETED not in clients.backend.health.incidents
+        assert FORGED_API_ANSWERS in clients.backend.health.incidents
+        assert await clients.admin.put_secret("s", "v2") == 2
