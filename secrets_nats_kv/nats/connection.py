@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.errors import ConfigError, NatsUnavailable
 from secrets_nats_kv.nats.jetstream import to_backend_error
+from secrets_nats_kv.nats.refusals import refusals
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,16 @@ class _Watch:
         return self.nc is not None and (self.nc.is_closed or self.nc.is_draining)
 
     async def error(self, exc: Exception) -> None:
-        if not self._closing():
+        if self.nc is not None and refusals(self.nc).note(exc):
+            log.warning("NATS refused a permission", extra={"error": str(exc)})
+        elif not self._closing():
             log.warning("NATS connection error", extra={"error": _kind(exc)})
+
+    async def quiet_error(self, exc: Exception) -> None:
+        """CLI clients report failures as exceptions; nats-py need not print them too.
+        A permission violation is recorded: the request it dooms fails with it."""
+        if self.nc is not None:
+            refusals(self.nc).note(exc)
 
     async def disconnected(self) -> None:
         if not self._closing():
@@ -75,10 +84,6 @@ class _Watch:
 
     async def reconnected(self) -> None:
         log.info("reconnected to NATS")
-
-
-async def _silent_error(exc: Exception) -> None:
-    """CLI clients report failures as exceptions; nats-py need not print them too."""
 
 
 def _check_readable(options: NatsOptions) -> None:
@@ -120,7 +125,7 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
             reconnected_cb=watch.reconnected,
         )
     else:
-        kwargs.update(allow_reconnect=False, max_reconnect_attempts=1, error_cb=_silent_error)
+        kwargs.update(allow_reconnect=False, max_reconnect_attempts=1, error_cb=watch.quiet_error)
     if options.inbox_prefix:
         kwargs["inbox_prefix"] = options.inbox_prefix
     if options.creds_file:

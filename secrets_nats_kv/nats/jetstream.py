@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
+from secrets_nats_kv.nats import refusals
 
 # --- header names JetStream reads or writes -----------------------------------------------
 
@@ -177,7 +178,9 @@ async def api_request(
 ) -> bytes:
     """One request and its reply's bytes, NATS failures as the project's errors."""
     try:
-        msg = await nc.request(subject, payload, timeout=api_timeout, headers=headers)
+        msg = await refusals.request(
+            nc, subject, payload, reply_within=api_timeout, headers=headers
+        )
     except nats.errors.Error as exc:
         raise to_backend_error(subject, exc) from None
     return msg.data

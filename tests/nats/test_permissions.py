@@ -11,6 +11,7 @@ streams unchanged afterwards.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 import subprocess
@@ -292,3 +293,62 @@ async def test_attacks_from_the_host_role_are_refused_by_the_server(
     for _ in range(20):
         got = await host.get(SECRET, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt())
         assert got.string_secret == "v"
+
+
+# --- a refusal reads as one ---------------------------------------------------------------
+
+
+LIMITED_USER = "secrets-limited"
+NOTHING = "nothing.allowed"  # an empty allow-list would allow everything
+
+
+@pytest.mark.parametrize(
+    ("allowed", "refused"),
+    [
+        # May read its replies, may not ask the backend anything.
+        (
+            {"publish": [NOTHING], "subscribe": [f"{inbox_prefix(NAMES, NatsRole.ADMIN)}.>"]},
+            rf"publish to {re.escape(NAMES.subject_prefix)}\.\w+",
+        ),
+        # May ask, may not read the replies.
+        (
+            {"publish": [f"{NAMES.subject_prefix}.>"], "subscribe": [NOTHING]},
+            rf"subscribe to {re.escape(inbox_prefix(NAMES, NatsRole.ADMIN) or '')}\.>",
+        ),
+    ],
+    ids=["publish", "subscribe"],
+)
+def test_a_permission_refused_is_reported_as_such_not_as_a_timeout(
+    make_nats_server: MakeNatsServer, allowed: dict[str, list[str]], refused: str
+) -> None:
+    """A CLI user without the permission a command needs: one line naming the subject and
+    the profile, a non-zero exit, no traceback and no "timed out"."""
+    password = secrets.token_urlsafe(16)
+    rules = ", ".join(f"{verb}: {{ allow: {json.dumps(s)} }}" for verb, s in allowed.items())
+    conf = (
+        "authorization { users = [ "
+        f"{{ user: {json.dumps(LIMITED_USER)}, password: {json.dumps(password)}, "
+        f"permissions: {{ {rules} }} }} ] }}\n"
+    )
+    server = make_nats_server(extra_conf=conf)
+    keys = Keys()
+    result = run_cli(
+        "put",
+        SECRET,
+        "--string",
+        "v",
+        "--nats-address",
+        server.url,
+        "--nats-user",
+        LIMITED_USER,
+        env=cli_env(keys, NATS_PASSWORD=password),
+        timeout=60,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert result.stdout == b""
+    line = (
+        rf"secrets-nats-kv: error: NATS refused: permission denied to {refused} "
+        r"\(check this user's permissions: secrets-nats-kv nats-permissions\)\n"
+    )
+    assert re.fullmatch(line, stderr), stderr
