@@ -26,6 +26,7 @@ from secrets_nats_kv.nats.refusals import refusals
 log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT = 2.0
+COMMAND_NAME_PREFIX = "secrets-nats-kv "  # how the CLI's commands name their connections
 
 
 class _QuietSslEof(logging.Filter):
@@ -60,8 +61,9 @@ def _tls_context(options: NatsOptions) -> ssl.SSLContext | None:
 class _Watch:
     """Connection callbacks of a long-lived client; quiet once we close it ourselves."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: bool = False) -> None:
         self.nc: NATS | None = None
+        self.command = command  # a CLI command's connection (named `secrets-nats-kv …`)
 
     def _closing(self) -> bool:
         return self.nc is not None and (self.nc.is_closed or self.nc.is_draining)
@@ -74,9 +76,10 @@ class _Watch:
 
     async def quiet_error(self, exc: Exception) -> None:
         """CLI clients report failures as exceptions; nats-py need not print them too.
-        A permission violation is recorded: the request it dooms fails with it."""
+        A permission violation is recorded: the request it dooms fails with it (and, on
+        a CLI command's own connection, any timeout in the process: `refusals`)."""
         if self.nc is not None:
-            refusals(self.nc).note(exc)
+            refusals(self.nc).note(exc, short_lived=self.command)
 
     async def disconnected(self) -> None:
         if not self._closing():
@@ -99,7 +102,7 @@ def _check_readable(options: NatsOptions) -> None:
 async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
     """Connect; `persistent` clients (the backend) reconnect forever, others fail fast."""
     _check_readable(options)
-    watch = _Watch()
+    watch = _Watch(command=not persistent and name.startswith(COMMAND_NAME_PREFIX))
     refused: list[BaseException] = []
     give_up = anyio.Event()
 

@@ -98,7 +98,9 @@ def to_backend_error(what: str, exc: BaseException) -> StorageError | NatsUnavai
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
         return NatsUnavailable(f"{what}: JetStream is not available")
     if isinstance(exc, nats.errors.TimeoutError):
-        return StorageError(what, "timed out")
+        # In a CLI process, a request the server refused a permission for never gets
+        # its reply: the refusal is the news, not the timeout.
+        return refusals.refused_in_this_process() or StorageError(what, "timed out")
     if isinstance(exc, nats.js.errors.APIError) and exc.err_code:
         description = exc.description or str(exc)
         return api_error(what, ApiError(exc.code or 0, exc.err_code, description))

@@ -6,7 +6,10 @@ to the connection, which nats-py hands to the error callback (lower-cased), whil
 request itself waits for a reply that never comes and times out. An operator then reads
 "timed out" and looks for a dead backend. `connect` records each violation here, per
 connection, and `request` fails with `PermissionRefused` naming the subject as soon as
-the server has refused the request's subject or its reply inbox.
+the server has refused the request's subject or its reply inbox. Calls that go through
+nats-py alone (its consumers, its KV and stream helpers) still time out; in a CLI process
+(`connect(persistent=False)`) a timeout after a refusal is reported as that refusal
+(`to_backend_error`), with the subject as nats-py gives it: lower-cased.
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ class Violation:
     subject: str  # as the server named it, lower-cased by nats-py
 
 
+_IN_THIS_PROCESS: list[Violation] = []  # refusals on this process's short-lived clients
+
+
+def refused_in_this_process() -> PermissionRefused | None:
+    """The first refusal a short-lived (CLI) connection of this process was told of."""
+    if not _IN_THIS_PROCESS:
+        return None
+    first = _IN_THIS_PROCESS[0]
+    return PermissionRefused(first.action, first.subject)
+
+
 class Refusals:
     """The permission violations reported on one connection, and a wake-up for waiters."""
 
@@ -50,13 +64,16 @@ class Refusals:
         self.seen: list[Violation] = []
         self._changed = anyio.Event()
 
-    def note(self, exc: BaseException) -> bool:
-        """Record `exc` if it is a permission violation (True then)."""
+    def note(self, exc: BaseException, *, short_lived: bool = False) -> bool:
+        """Record `exc` if it is a permission violation (True then); `short_lived`: the
+        connection is a CLI command's, whose timeouts the refusal explains."""
         found = _VIOLATION.search(str(exc))
         if found is None:
             return False
         action = PUBLISH if found.group(1) == "publish" else SUBSCRIBE
         self.seen.append(Violation(action, found.group(2)))
+        if short_lived:
+            _IN_THIS_PROCESS.append(self.seen[-1])
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
         return True

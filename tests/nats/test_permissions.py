@@ -401,24 +401,41 @@ LIMITED_USER = "secrets-limited"
 NOTHING = "nothing.allowed"  # an empty allow-list would allow everything
 
 
+ADMIN_INBOXES = f"{inbox_prefix(NAMES, NatsRole.ADMIN)}.>"
+PUT = ("put", SECRET, "--string", "v")
+
+
 @pytest.mark.parametrize(
-    ("allowed", "refused"),
+    ("command", "allowed", "refused"),
     [
         # May read its replies, may not ask the backend anything.
         (
-            {"publish": [NOTHING], "subscribe": [f"{inbox_prefix(NAMES, NatsRole.ADMIN)}.>"]},
+            PUT,
+            {"publish": [NOTHING], "subscribe": [ADMIN_INBOXES]},
             rf"publish to {re.escape(NAMES.subject_prefix)}\.\w+",
         ),
         # May ask, may not read the replies.
         (
+            PUT,
             {"publish": [f"{NAMES.subject_prefix}.>"], "subscribe": [NOTHING]},
-            rf"subscribe to {re.escape(inbox_prefix(NAMES, NatsRole.ADMIN) or '')}\.>",
+            rf"subscribe to {re.escape(ADMIN_INBOXES)}",
+        ),
+        # A JetStream call made by nats-py itself (backup looks the streams up): its
+        # timeout is the refusal, the subject as nats-py reports it (lower-cased).
+        (
+            ("backup", "--output", "unwritten"),
+            {"publish": [NOTHING], "subscribe": [ADMIN_INBOXES]},
+            r"publish to \$js\.api\.stream\.info\.secrets_nats-kv_events_rotating",
         ),
     ],
-    ids=["publish", "subscribe"],
+    ids=["publish", "subscribe", "nats-py-call"],
 )
 def test_a_permission_refused_is_reported_as_such_not_as_a_timeout(
-    make_nats_server: MakeNatsServer, allowed: dict[str, list[str]], refused: str
+    make_nats_server: MakeNatsServer,
+    tmp_path: Path,
+    command: tuple[str, ...],
+    allowed: dict[str, list[str]],
+    refused: str,
 ) -> None:
     """A CLI user without the permission a command needs: one line naming the subject and
     the profile, a non-zero exit, no traceback and no "timed out"."""
@@ -432,10 +449,7 @@ def test_a_permission_refused_is_reported_as_such_not_as_a_timeout(
     server = make_nats_server(extra_conf=conf)
     keys = Keys()
     result = run_cli(
-        "put",
-        SECRET,
-        "--string",
-        "v",
+        *(str(tmp_path / arg) if arg == "unwritten" else arg for arg in command),
         "--nats-address",
         server.url,
         "--nats-user",
