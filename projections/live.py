@@ -226,7 +226,10 @@ class LiveView:
             folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
-                    head = await self._read_head()  # "no such stream" only if JetStream's
+                    try:
+                        head = await self._log.head()
+                    except StreamNotFound:  # believed once JetStream's answer agrees
+                        head = await self._read_head()
             except StreamNotFound:
                 self._deleted()
                 return
