@@ -18,7 +18,9 @@ Starts its own nats-server and real `secrets-nats-kv run` processes, then:
    get succeeded (the loop waits up to 120 s for it), that as a ratio to the flood's
    length (the issue's bound: at most 1), the median get during the flood as a ratio to
    the median before it (the floor), the backend's log size before and after, and the
-   cost of rejecting one entry (tag check plus fold) in µs, untagged and with a forged tag.
+   cost of rejecting one entry (tag check plus fold) in µs, untagged and with a forged tag,
+   and how long a restart takes to catch up over the flooded log, against a restart of a
+   backend with the same history and no flood (the floor).
 
 Timing figures depend on the machine: compare the phases of one run, not runs.
 It prints JSON and writes `bench/results/abuse.json` (`--output` to change).
@@ -79,9 +81,17 @@ class Backend:
     encryption: XKey
 
 
-async def start_backend(url: str, directory: Path, *flags: str) -> Backend:
-    names = BackendNames(name=f"b{secrets.token_hex(4)}", secrets_bucket=f"S{secrets.token_hex(4)}")
-    transit, encryption = XKey.generate(), XKey.generate()
+async def start_backend(
+    url: str, directory: Path, *flags: str, again: Backend | None = None
+) -> Backend:
+    """A new backend with fresh names and keys, or `again` restarted (same names and keys)."""
+    if again is not None:
+        names, transit, encryption = again.names, again.transit, again.encryption
+    else:
+        names = BackendNames(
+            name=f"b{secrets.token_hex(4)}", secrets_bucket=f"S{secrets.token_hex(4)}"
+        )
+        transit, encryption = XKey.generate(), XKey.generate()
     env = {k: v for k, v in os.environ.items() if not k.endswith("_SEED")}
     env.update(
         PYTHONPATH=str(REPO), TRANSIT_XKEY_SEED=transit.seed, ENCRYPTION_XKEY_SEED=encryption.seed
@@ -95,7 +105,7 @@ async def start_backend(url: str, directory: Path, *flags: str) -> Backend:
         )
     nc = await connect(NatsOptions(servers=(url,)), name="probe", persistent=False)
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(300):  # a restart reads the whole log first
             while True:
                 try:
                     await nc.request(names.subject("server_xkey"), b"", timeout=0.5)
@@ -207,7 +217,30 @@ class Gets:
         }
 
 
+async def seed(url: str, backend: Backend) -> None:
+    """The two entries the flooded backend's log starts with: a put and a mapping."""
+    nc = await connect(NatsOptions(servers=(url,)), name="seed", persistent=False)
+    try:
+        admin = AdminClient(nc, backend.names, backend.transit)
+        await admin.put_secret("s", "value")
+        await admin.add_mapping(SigningKey.generate(Role.MODULE).public_key, ["s"])
+    finally:
+        await nc.close()
+
+
+async def restart_time(url: str, directory: Path, backend: Backend) -> float:
+    """Seconds from starting `backend` again (stopped) to its first answer: the catch-up."""
+    started = time.perf_counter()
+    again = await start_backend(url, directory, again=backend)
+    seconds = time.perf_counter() - started
+    stop(again)
+    return round(seconds, 2)
+
+
 async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> dict[str, Any]:
+    floor = await start_backend(url, directory)  # the same history, never flooded
+    await seed(url, floor)
+    stop(floor)
     backend = await start_backend(url, directory)
     names = backend.names
     account, entity = SigningKey.generate(Role.ACCOUNT), SigningKey.generate(Role.MODULE)
@@ -267,6 +300,8 @@ async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> 
         await flooder.close()
         await nc.close()
         stop(backend)
+    restart_floor_s = await restart_time(url, directory, floor)
+    restart_s = await restart_time(url, directory, backend)
     before = gets.window(origin, flood_start)
     during = gets.window(flood_start, flood_end)
     floor, flooded = before["median_ms"], during["median_ms"]
@@ -289,6 +324,9 @@ async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> 
         "log_bytes_before": log_before,
         "log_bytes_after": log_after,
         "reject_one_entry_us": rejection_us,  # untagged / with a forged tag
+        "restart_unflooded_s": restart_floor_s,
+        "restart_after_flood_s": restart_s,
+        "restart_ratio": round(restart_s / restart_floor_s, 1) if restart_floor_s else None,
     }
 
 
