@@ -8,12 +8,19 @@ Starts its own nats-server and real `secrets-nats-kv run` processes, then:
    one (every token verifies and is cached: the cache's byte bound is what holds). It
    samples the backend's RSS (`/proc/PID/status`) idle, during and after; the bound is
    50 MiB above idle.
-2. **Junk flood.** A host gets a secret in a loop while a plain connection publishes
-   untagged junk on `wasmcloud_secrets_events.{name}.junk` as fast as it can for 5 s;
-   then the loop goes on for 10 s. Reported: the junk published, gets (ok / failed,
-   median and worst latency) before, during and after the flood, how long after the
-   flood the first fast get succeeded (the loop waits up to 120 s for it), the log size
-   before and after, and the cost of rejecting one entry (tag check plus fold) in µs.
+2. **Junk flood**, twice: a host gets a secret in a loop while a plain connection
+   publishes untagged junk as fast as it can for 5 s, then the loop goes on for 10 s.
+   Once on `wasmcloud_secrets_events.{name}.junk` (under the log's prefix, but a subject
+   the log does not keep), once on `wasmcloud_secrets_events.{name}.secret.junk` (a
+   subject the log keeps: every message is stored and rejected). Reported: the junk
+   published, the log's messages before and after, gets (ok / failed, median and worst
+   latency) before, during and after the flood, how long after the flood the first fast
+   get succeeded (the loop waits up to 120 s for it), that as a ratio to the flood's
+   length (the issue's bound: at most 1), the median get during the flood as a ratio to
+   the median before it (the floor), the backend's log size before and after, and the
+   cost of rejecting one entry (tag check plus fold) in µs, untagged and with a forged tag,
+   and how long a restart takes to catch up over the flooded log, against a restart of a
+   backend with the same history and no flood (the floor).
 
 Timing figures depend on the machine: compare the phases of one run, not runs.
 It prints JSON and writes `bench/results/abuse.json` (`--output` to change).
@@ -38,15 +45,17 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from events.codec import EventCodec
+from events.log import stream_name
 from events.types import Rejected
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
-from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretsBackendError
 from secrets_nats_kv.jwt import MAX_TOKEN_LENGTH
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.streams import events_subject_prefix
 from secrets_nats_kv.xkeys import XKey
@@ -73,9 +82,17 @@ class Backend:
     encryption: XKey
 
 
-async def start_backend(url: str, directory: Path, *flags: str) -> Backend:
-    names = BackendNames(name=f"b{secrets.token_hex(4)}", secrets_bucket=f"S{secrets.token_hex(4)}")
-    transit, encryption = XKey.generate(), XKey.generate()
+async def start_backend(
+    url: str, directory: Path, *flags: str, again: Backend | None = None
+) -> Backend:
+    """A new backend with fresh names and keys, or `again` restarted (same names and keys)."""
+    if again is not None:
+        names, transit, encryption = again.names, again.transit, again.encryption
+    else:
+        names = BackendNames(
+            name=f"b{secrets.token_hex(4)}", secrets_bucket=f"S{secrets.token_hex(4)}"
+        )
+        transit, encryption = XKey.generate(), XKey.generate()
     env = {k: v for k, v in os.environ.items() if not k.endswith("_SEED")}
     env.update(
         PYTHONPATH=str(REPO), TRANSIT_XKEY_SEED=transit.seed, ENCRYPTION_XKEY_SEED=encryption.seed
@@ -89,7 +106,7 @@ async def start_backend(url: str, directory: Path, *flags: str) -> Backend:
         )
     nc = await connect(NatsOptions(servers=(url,)), name="probe", persistent=False)
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(300):  # a restart reads the whole log first
             while True:
                 try:
                     await nc.request(names.subject("server_xkey"), b"", timeout=0.5)
@@ -201,7 +218,30 @@ class Gets:
         }
 
 
-async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any]:
+async def seed(url: str, backend: Backend) -> None:
+    """The two entries the flooded backend's log starts with: a put and a mapping."""
+    nc = await connect(NatsOptions(servers=(url,)), name="seed", persistent=False)
+    try:
+        admin = AdminClient(nc, backend.names, backend.transit)
+        await admin.put_secret("s", "value")
+        await admin.add_mapping(SigningKey.generate(Role.MODULE).public_key, ["s"])
+    finally:
+        await nc.close()
+
+
+async def restart_time(url: str, directory: Path, backend: Backend) -> float:
+    """Seconds from starting `backend` again (stopped) to its first answer: the catch-up."""
+    started = time.perf_counter()
+    again = await start_backend(url, directory, again=backend)
+    seconds = time.perf_counter() - started
+    stop(again)
+    return round(seconds, 2)
+
+
+async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> dict[str, Any]:
+    floor = await start_backend(url, directory)  # the same history, never flooded
+    await seed(url, floor)
+    stop(floor)
     backend = await start_backend(url, directory)
     names = backend.names
     account, entity = SigningKey.generate(Role.ACCOUNT), SigningKey.generate(Role.MODULE)
@@ -217,6 +257,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         await admin.add_mapping(entity.public_key, ["s"])
         host = HostClient(nc, names, timeout=10)
         log_before = backend.log.stat().st_size
+        messages_before = (await stream_state(nc, stream_name(names.name), 5)).messages
         origin = time.perf_counter()
         flood_start = origin + 2.0
         flood_end = flood_start + flood_s
@@ -235,7 +276,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         async def flood(client: NATS) -> None:
             nonlocal published
             await anyio.sleep(flood_start - time.perf_counter())
-            subject = f"{events_subject_prefix(names.name)}.junk"
+            subject = f"{events_subject_prefix(names.name)}.{suffix}"
             while time.perf_counter() < flood_end:
                 for _ in range(500):
                     await client.publish(subject, b"junk")
@@ -246,6 +287,7 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
             tg.start_soon(getter)
             tg.start_soon(flood, flooder)
         log_after = backend.log.stat().st_size
+        messages_after = (await stream_state(nc, stream_name(names.name), 5)).messages
         recovered = next(
             (
                 round(t - flood_end, 2)
@@ -259,31 +301,50 @@ async def junk_flood(url: str, directory: Path, flood_s: float) -> dict[str, Any
         await flooder.close()
         await nc.close()
         stop(backend)
+    restart_floor_s = await restart_time(url, directory, floor)
+    restart_s = await restart_time(url, directory, backend)
+    before = gets.window(origin, flood_start)
+    during = gets.window(flood_start, flood_end)
+    floor, flooded = before["median_ms"], during["median_ms"]
     return {
         "flood_s": flood_s,
+        "subject_suffix": suffix,
         "junk_published": published,
-        "before": gets.window(origin, flood_start),
-        "during": gets.window(flood_start, flood_end),
+        "log_messages_before": messages_before,
+        "log_messages_after": messages_after,
+        "before": before,
+        "during": during,
         "after_0_2s": gets.window(flood_end, flood_end + 2),
         "after_2_10s": gets.window(flood_end + 2, flood_end + 10),
         "after_10s": gets.window(flood_end + 10, until),
         "first_fast_get_after_flood_s": recovered,
+        "stall_after_to_flood_ratio": None if recovered is None else round(recovered / flood_s, 2),
+        "during_to_before_median_ratio": (
+            round(flooded / floor, 1) if floor and flooded is not None else None
+        ),
         "log_bytes_before": log_before,
         "log_bytes_after": log_after,
-        "reject_one_entry_us": rejection_us,
+        "reject_one_entry_us": rejection_us,  # untagged / with a forged tag
+        "restart_unflooded_s": restart_floor_s,
+        "restart_after_flood_s": restart_s,
+        "restart_ratio": round(restart_s / restart_floor_s, 1) if restart_floor_s else None,
     }
 
 
-async def rejection_cost(nc: NATS, backend: Backend) -> float:
-    """Judging one junk entry as the backend does: the entry-tag check, then the fold's no-op."""
+async def rejection_cost(nc: NATS, backend: Backend) -> dict[str, float]:
+    """Judging one junk entry as the backend does: the entry-tag check, then the fold's
+    no-op; untagged (refused on the missing header) and with a made-up tag (an HMAC)."""
     codec = EventCodec(Barrier(backend.encryption))
-    state = ViewState()
-    rounds = 20_000
-    started = time.perf_counter()
-    for seq in range(1, rounds + 1):
-        if not codec.authentic(seq, b"junk", None):
-            fold(state, seq, Rejected(reason="not tagged by our key"))
-    return round((time.perf_counter() - started) / rounds * 1e6, 2)
+    costs: dict[str, float] = {}
+    for kind, headers in (("untagged", None), ("forged_tag", {ENTRY_TAG_HEADER: "0" * 64})):
+        state = ViewState()
+        rounds = 20_000
+        started = time.perf_counter()
+        for seq in range(1, rounds + 1):
+            if not codec.authentic(seq, b"junk", headers):
+                fold(state, seq, Rejected(reason="not tagged by our key"))
+        costs[kind] = round((time.perf_counter() - started) / rounds * 1e6, 2)
+    return costs
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,7 +364,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if args.only in (None, "flood"):
                 flood_s = 1.0 if args.quick else 5.0
-                results["junk_flood"] = await junk_flood(server.url, directory, flood_s)
+                results["junk_flood_other_subject"] = await junk_flood(
+                    server.url, directory, flood_s, "junk"
+                )
+                results["junk_flood_event_subject"] = await junk_flood(
+                    server.url, directory, flood_s, "secret.junk"
+                )
             return results
         finally:
             server.stop()

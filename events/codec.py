@@ -72,8 +72,15 @@ class EventCodec:
         return self.barrier.erased_link(seq, previous)
 
     def authentic(self, seq: int, body: bytes, headers: Mapping[str, str] | None) -> bool:
-        """Whether the entry was written by this key for exactly this position."""
-        return self.barrier.verify(seq, body, (headers or {}).get(ENTRY_TAG_HEADER))
+        """Whether the entry was written by this key for exactly this position.
+
+        An entry without a tag is refused before any HMAC is computed: junk costs a
+        header lookup (whether a tag is there is no secret; only its value is compared
+        in constant time)."""
+        tag = (headers or {}).get(ENTRY_TAG_HEADER)
+        if tag is None:
+            return False
+        return self.barrier.verify(seq, body, tag)
 
     @staticmethod
     def decode(body: bytes) -> Event:

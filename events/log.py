@@ -65,6 +65,20 @@ stream_name = streams.events_stream
 subject_prefix = streams.events_subject_prefix
 
 
+# The subjects under the prefix that anything of ours writes to the log: events
+# (`EventLog.subject_for`) and the placeholders `rotate-key` keeps at their positions
+# (entries rejected before a rotation, erased fillers). The stream captures only these,
+# so a flood on any other subject under the prefix never reaches the log: it costs the
+# backend nothing, does not move the head gets wait for, and is not stored.
+EVENT_SUBJECT_SUFFIXES = ("secret.>", "mapping.>", "key", "import", "rejected", "erased")
+
+
+def stream_subjects(backend_name: str) -> list[str]:
+    """The event stream's subjects (a wildcard consumer filter still reads them all)."""
+    prefix = subject_prefix(backend_name)
+    return [f"{prefix}.{suffix}" for suffix in EVENT_SUBJECT_SUFFIXES]
+
+
 @dataclass(frozen=True, slots=True)
 class Appended:
     seq: int
@@ -134,13 +148,14 @@ class EventLog:
 
         Its largest message follows the server's payload limit (`limits.max_event_size`):
         the biggest put fits, and one junk message costs no more. An existing stream
-        with no limit, or a smaller one (the payload limit was raised), is updated.
+        with no limit, or a smaller one (the payload limit was raised), is updated; so is
+        one that still captures every subject under the prefix (`stream_subjects`).
         """
         max_msg_size = max_event_size(self._nc.max_payload)
         config = api.StreamConfig(
             name=self.stream,
             description="secrets-nats-kv event log (source of truth)",
-            subjects=[f"{self.prefix}.>"],
+            subjects=stream_subjects(self.backend_name),
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,
             duplicate_window=DUPLICATE_WINDOW_S,
@@ -152,8 +167,10 @@ class EventLog:
         if info is None:
             return  # created here, with the limit
         limit = info.config.max_msg_size
-        if limit is None or limit < 0 or limit < max_msg_size:
-            info.config.max_msg_size = max_msg_size
+        subjects = stream_subjects(self.backend_name)
+        if limit is None or limit < 0 or limit < max_msg_size or info.config.subjects != subjects:
+            info.config.max_msg_size = max(max_msg_size, limit or 0)
+            info.config.subjects = subjects
             await update_stream(self._nc, info.config, self._timeout)
 
     async def exists(self) -> bool:

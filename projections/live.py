@@ -16,6 +16,10 @@ it fails with the break (no secret is served from a log an attacker changed: the
 verified prefix may lack a revocation). An operator runs `secrets-nats-kv verify`, then
 `repair`, and restarts the backend. A break found while catching up at start-up fails
 `run`, so the backend never reports ready.
+
+A log *deleted* under the view (JetStream answers "no such stream") is such a break too,
+reported as its own incident: the view does not recreate it (an empty log would be taken
+as the truth; the anchor refuses one at start-up for the same reason).
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from projections.state import Effect, ViewState, fold
 from projections.watermark import Watermark
 from secrets_nats_kv.barrier import GENESIS
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
-from secrets_nats_kv.nats.jetstream import HeadReader
+from secrets_nats_kv.nats.jetstream import HeadReader, StreamNotFound
 
 Report = Callable[[str, str, bool], object]  # (incident kind, detail, blocks writes)
 CHAIN_BROKEN = "event-log-chain-broken"
 FOREIGN_ENTRIES = "event-log-foreign-entries"
+LOG_DELETED = "event-log-deleted"
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,17 @@ class _HeadRound:
         self.done = anyio.Event()
         self.head = 0
         self.error: Exception | None = None
+
+
+class LogDeleted(StorageError):
+    """The event log's stream is gone: nothing is served or written until it is restored."""
+
+    def __init__(self, stream: str, folded: int) -> None:
+        super().__init__(
+            "event log integrity",
+            f"the event log {stream} was deleted under this backend (it had folded it to "
+            f"#{folded}); restore it from a backup, then `verify` and restart",
+        )
 
 
 class LiveView:
@@ -150,6 +166,8 @@ class LiveView:
                     self._break(exc)
                     raise
                 except (StorageError, NatsUnavailable) as exc:
+                    if self.broken is not None:
+                        return  # reported (a deleted log): nothing more to follow
                     log.warning("event log read interrupted, resuming", extra={"error": str(exc)})
                     await anyio.sleep(delay)  # back off while NATS recovers
                     delay = min(delay * 2, 2.0)
@@ -182,11 +200,18 @@ class LiveView:
                 detail = f"entries not tagged by our key skipped (latest #{seq})"
                 self._report(FOREIGN_ENTRIES, detail, False)
 
-    def _break(self, exc: StorageError) -> None:
+    def _break(self, exc: StorageError, kind: str = CHAIN_BROKEN) -> None:
         self.broken = exc
         if self._report is not None:
-            self._report(CHAIN_BROKEN, str(exc), True)
+            self._report(kind, str(exc), True)
         self.applied.fail(exc)  # every waiter fails with the break
+
+    def _deleted(self) -> None:
+        """JetStream says the log's stream does not exist: a break, and following stops."""
+        if self.broken is None:
+            self._break(LogDeleted(self._log.stream, self.state.last_seq), LOG_DELETED)
+        if self._follow_scope is not None:
+            self._follow_scope.cancel()
 
     async def _watch_follow(self) -> None:
         """Restart following if the log is ahead and the view has not moved for a while.
@@ -201,7 +226,13 @@ class LiveView:
             folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
-                    head = await self._log.head()
+                    try:
+                        head = await self._log.head()
+                    except StreamNotFound:  # believed once JetStream's answer agrees
+                        head = await self._read_head()
+            except StreamNotFound:
+                self._deleted()
+                return
             except (StorageError, NatsUnavailable, TimeoutError):
                 continue  # JetStream unreachable: nothing to catch up with yet
             self._check_not_behind(head, folded)
@@ -297,6 +328,8 @@ class LiveView:
             try:
                 with anyio.fail_after(self.head_timeout):
                     current.head = await self._read_head()
+            except StreamNotFound:
+                self._deleted()
             except (StorageError, NatsUnavailable, TimeoutError) as exc:
                 current.error = exc
             else:

@@ -29,6 +29,7 @@ INBOX_BASE = "_INBOX_SNKV"
 HOST_INBOXES = "_INBOX.>"  # a wasmCloud host's default reply inboxes
 JS_API = "$JS.API"
 JS_FLOW_CONTROL = "$JS.FC"
+JS_SNAPSHOT_RESTORE = "$JS.SNAPSHOT.RESTORE"  # where a restore's chunks go (the server says)
 SRV = "$SRV"
 _SRV_VERBS = ("PING", "INFO", "STATS")
 
@@ -143,6 +144,28 @@ def _backend(names: BackendNames) -> Permissions:
     return Permissions(NatsRole.BACKEND, tuple(publish), tuple(subscribe), allow_responses=True)
 
 
+def _backup_and_restore(names: BackendNames) -> list[str]:
+    """`backup` snapshots, `restore` restores the streams of a backend (app/backup.py);
+    a failed restore deletes what it restored, so the access log and the anchor may be
+    deleted too (the other streams already may be, by `rotate-key` and `rebuild`).
+    Snapshot chunks are acknowledged as replies (`allow_responses`); a restore sends
+    its chunks to the subject the server names, under `$JS.SNAPSHOT.RESTORE.{stream}`."""
+    streams = (
+        kv_stream(names.secrets_bucket),
+        kv_stream(names.state_bucket),
+        anchor_stream(names),
+        events_stream(names),
+        access_stream(names),
+    )
+    subjects: list[str] = []
+    for stream in streams:
+        subjects += _api(stream, "SNAPSHOT", "RESTORE")
+        subjects.append(f"{JS_SNAPSHOT_RESTORE}.{stream}.>")
+    subjects += _api(access_stream(names), "DELETE")
+    subjects += _api(anchor_stream(names), "DELETE")
+    return subjects
+
+
 def _admin(names: BackendNames) -> Permissions:
     inbox = f"{inbox_prefix(names, NatsRole.ADMIN)}.>"
     events, access = events_stream(names), access_stream(names)
@@ -153,6 +176,7 @@ def _admin(names: BackendNames) -> Permissions:
         inbox,
         f"{names.subject_prefix}.>",  # admin requests (put, mappings, list, delete, ...)
         lock,  # rotate-key: who holds the lock?
+        f"{SRV}.STATS.{SERVICE_NAME}",  # status: every instance's stats
         # rotate-key rewrites the log and the views; rebuild rewrites the views.
         events_subjects(names),
         staging_subjects(names),
@@ -165,12 +189,19 @@ def _admin(names: BackendNames) -> Permissions:
         # get reads the bucket; rotate-key erases destroyed versions from it
         *_api(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),
         *_api(state_kv, "INFO", "CREATE", "DELETE"),
+        # import reads the original's buckets whole and marks them as taken over
+        *_reading(secrets_kv),
+        *_reading(state_kv),
+        *_api(secrets_kv, "UPDATE"),
+        *_api(state_kv, "UPDATE"),
         # verify, rebuild and rotate-key read the anchor; rotate-key and repair move it
         anchor_subject(names),
         *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
+        *_backup_and_restore(names),
     ]
     subscribe = [inbox, lock]
-    return Permissions(NatsRole.ADMIN, tuple(publish), tuple(subscribe), allow_responses=True)
+    unique = tuple(dict.fromkeys(publish))  # a grant two commands need is listed once
+    return Permissions(NatsRole.ADMIN, unique, tuple(subscribe), allow_responses=True)
 
 
 def _host(names: BackendNames) -> Permissions:

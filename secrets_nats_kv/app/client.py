@@ -33,6 +33,7 @@ from secrets_nats_kv.errors import (
     protocol_error_from_wire,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nats.refusals import request
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
 
@@ -52,7 +53,9 @@ class BackendClient:
     ) -> tuple[bytes, dict[str, str]]:
         subject = self.names.subject(operation)
         try:
-            msg = await self.nc.request(subject, payload, timeout=self.timeout, headers=headers)
+            msg = await request(
+                self.nc, subject, payload, reply_within=self.timeout, headers=headers
+            )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
             raise BackendNotAnswering(subject, self.timeout) from None
         except nats.errors.Error as exc:

@@ -37,7 +37,7 @@ from secrets_nats_kv.app.terminal import plural
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import ConfigError, StorageError
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.nats.jetstream import StreamNotFound, stream_state
 
 STATS_SUBJECT = f"$SRV.STATS.{SERVICE_NAME}"
 _QUIET_S = 0.3  # after the last reply, this long without another ends the gathering
@@ -145,14 +145,19 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
     names = backend_names(args)
     nc = await connect(nats_options(args), name="secrets-nats-kv status", persistent=False)
+    missing: StreamNotFound | None = None
     try:
         try:
             log_seq = (await stream_state(nc, stream_name(names.name), 5.0)).last_seq
+        except StreamNotFound as exc:
+            log_seq, missing = 0, exc  # deleted under running instances? they say so
         except StorageError as exc:
             raise ConfigError(f"status: {exc}; is -n {names.name} right?") from None
         instances = await gather(nc, names, args.timeout)
     finally:
         await close(nc)
+    if missing is not None and not instances:
+        raise ConfigError(f"status: {missing}; is -n {names.name} right?")
     for instance in instances:
         sys.stdout.write(instance.line(log_seq) + "\n")
     sys.stdout.flush()
@@ -161,6 +166,12 @@ async def cmd_status(args: argparse.Namespace) -> int:
             f"status: no instance of backend {names.name} answered within {args.timeout:g}s"
         )
     sick = [i for i in instances if i.problems(log_seq)]
+    if missing is not None:
+        sys.stderr.write(
+            f"secrets-nats-kv: unhealthy: the event log {stream_name(names.name)} does not "
+            "exist (deleted?)\n"
+        )
+        return 1
     if sick:
         sys.stderr.write(
             f"secrets-nats-kv: unhealthy: {plural(len(sick), 'instance')} of "

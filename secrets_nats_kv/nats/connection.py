@@ -21,10 +21,12 @@ from nats.aio.client import Client as NATS
 from secrets_nats_kv.config import NatsOptions
 from secrets_nats_kv.errors import ConfigError, NatsUnavailable
 from secrets_nats_kv.nats.jetstream import to_backend_error
+from secrets_nats_kv.nats.refusals import refusals
 
 log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT = 2.0
+COMMAND_NAME_PREFIX = "secrets-nats-kv "  # how the CLI's commands name their connections
 
 
 class _QuietSslEof(logging.Filter):
@@ -59,15 +61,25 @@ def _tls_context(options: NatsOptions) -> ssl.SSLContext | None:
 class _Watch:
     """Connection callbacks of a long-lived client; quiet once we close it ourselves."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: bool = False) -> None:
         self.nc: NATS | None = None
+        self.command = command  # a CLI command's connection (named `secrets-nats-kv …`)
 
     def _closing(self) -> bool:
         return self.nc is not None and (self.nc.is_closed or self.nc.is_draining)
 
     async def error(self, exc: Exception) -> None:
-        if not self._closing():
+        if self.nc is not None and refusals(self.nc).note(exc):
+            log.warning("NATS refused a permission", extra={"error": str(exc)})
+        elif not self._closing():
             log.warning("NATS connection error", extra={"error": _kind(exc)})
+
+    async def quiet_error(self, exc: Exception) -> None:
+        """CLI clients report failures as exceptions; nats-py need not print them too.
+        A permission violation is recorded: the request it dooms fails with it (and, on
+        a CLI command's own connection, any timeout in the process: `refusals`)."""
+        if self.nc is not None:
+            refusals(self.nc).note(exc, short_lived=self.command)
 
     async def disconnected(self) -> None:
         if not self._closing():
@@ -75,10 +87,6 @@ class _Watch:
 
     async def reconnected(self) -> None:
         log.info("reconnected to NATS")
-
-
-async def _silent_error(exc: Exception) -> None:
-    """CLI clients report failures as exceptions; nats-py need not print them too."""
 
 
 def _check_readable(options: NatsOptions) -> None:
@@ -94,7 +102,7 @@ def _check_readable(options: NatsOptions) -> None:
 async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
     """Connect; `persistent` clients (the backend) reconnect forever, others fail fast."""
     _check_readable(options)
-    watch = _Watch()
+    watch = _Watch(command=not persistent and name.startswith(COMMAND_NAME_PREFIX))
     refused: list[BaseException] = []
     give_up = anyio.Event()
 
@@ -120,7 +128,7 @@ async def connect(options: NatsOptions, *, name: str, persistent: bool) -> NATS:
             reconnected_cb=watch.reconnected,
         )
     else:
-        kwargs.update(allow_reconnect=False, max_reconnect_attempts=1, error_cb=_silent_error)
+        kwargs.update(allow_reconnect=False, max_reconnect_attempts=1, error_cb=watch.quiet_error)
     if options.inbox_prefix:
         kwargs["inbox_prefix"] = options.inbox_prefix
     if options.creds_file:

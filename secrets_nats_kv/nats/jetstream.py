@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
+from secrets_nats_kv.nats import refusals
 
 # --- header names JetStream reads or writes -----------------------------------------------
 
@@ -97,7 +98,9 @@ def to_backend_error(what: str, exc: BaseException) -> StorageError | NatsUnavai
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
         return NatsUnavailable(f"{what}: JetStream is not available")
     if isinstance(exc, nats.errors.TimeoutError):
-        return StorageError(what, "timed out")
+        # In a CLI process, a request the server refused a permission for never gets
+        # its reply: the refusal is the news, not the timeout.
+        return refusals.refused_in_this_process() or StorageError(what, "timed out")
     if isinstance(exc, nats.js.errors.APIError) and exc.err_code:
         description = exc.description or str(exc)
         return api_error(what, ApiError(exc.code or 0, exc.err_code, description))
@@ -177,7 +180,9 @@ async def api_request(
 ) -> bytes:
     """One request and its reply's bytes, NATS failures as the project's errors."""
     try:
-        msg = await nc.request(subject, payload, timeout=api_timeout, headers=headers)
+        msg = await refusals.request(
+            nc, subject, payload, reply_within=api_timeout, headers=headers
+        )
     except nats.errors.Error as exc:
         raise to_backend_error(subject, exc) from None
     return msg.data
@@ -300,9 +305,15 @@ class HeadReader:
     returns once an answer of at least `at_least` arrived (lower ones are kept, but not
     waited on: the caller knows them to be lies), with every other head answered within
     `grace` after it, so that the server's own answer is among them.
+
+    "No such stream" is an answer too: if no head arrives within `missing_grace` after
+    it, `read()` raises `StreamNotFound` (a stream deleted under the reader). A stranger
+    who forges that answer on an open bus could as well delete the stream: the grace is
+    for JetStream's own answer to outvote a forger's, not a defence of the open bus.
     """
 
     _KEEP = 256  # recent requests whose late answers still count as extra
+    missing_grace = 0.25  # after "no such stream": how long a head may still arrive
 
     def __init__(self, nc: NATS, stream: str, api_timeout: float) -> None:
         self._nc = nc
@@ -313,6 +324,7 @@ class HeadReader:
         self._answers: dict[int, list[int]] = {}
         self._arrived: dict[int, anyio.Event] = {}
         self._floor: dict[int, int] = {}
+        self._missing: dict[int, bool] = {}  # request -> "no such stream" was answered
         self._sub: Subscription | None = None
         self.extra_answers = 0
 
@@ -325,7 +337,8 @@ class HeadReader:
         self._next += 1
         n = self._next
         self._answers[n], self._arrived[n], self._floor[n] = [], anyio.Event(), at_least
-        for old in (self._answers, self._arrived, self._floor):
+        self._missing[n] = False
+        for old in (self._answers, self._arrived, self._floor, self._missing):
             old.pop(n - self._KEEP, None)
         try:
             await self._nc.publish(self._subject, b"", reply=f"{self._inbox}.{n}")
@@ -335,6 +348,10 @@ class HeadReader:
             await self._arrived[n].wait()
         if not self._arrived[n].is_set():
             raise StorageError(self._subject, "timed out")
+        if self._missing[n] and not self._answers[n]:
+            await anyio.sleep(self.missing_grace)  # JetStream's head would outvote it
+            if not self._answers[n]:
+                raise StreamNotFound(self._subject, "stream not found", STREAM_NOT_FOUND)
         if grace > 0:
             await anyio.sleep(grace)  # a window for the other answers, by design
         return list(self._answers[n])
@@ -347,9 +364,17 @@ class HeadReader:
             self.extra_answers += 1  # not stream info: not JetStream's
             return
         answers = self._answers.get(n)
-        if answers is None or reply.state is None or reply.error is not None:
+        if answers is None:
             return
-        if answers:
+        if reply.error is not None and reply.error.err_code == STREAM_NOT_FOUND:
+            if answers or self._missing[n]:
+                self.extra_answers += 1  # JetStream answers once
+            self._missing[n] = True
+            self._arrived[n].set()
+            return
+        if reply.state is None or reply.error is not None:
+            return
+        if answers or self._missing[n]:
             self.extra_answers += 1  # JetStream answers once
         answers.append(reply.state.last_seq)
         if reply.state.last_seq >= self._floor[n]:

@@ -6,6 +6,7 @@ has a maximum message size; the largest secret is one stated number, refused in 
 line by the CLI and the backend alike, and it follows the server's `max_payload`;
 deeply nested JSON anywhere is the protocol's error for that field; a bucket deleted
 under a running backend is recreated, and a write is never reported failed yet stored;
+a deleted event log is a write-blocking incident, never silently recreated;
 a forged `STREAM.INFO` answer from a stranger delays a get by at most the freshness
 timeout and never makes it serve stale data.
 """
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
@@ -32,14 +34,22 @@ from nats.js import api
 
 from actors.backend import BUCKET_RECREATED, FORGED_API_ANSWERS, REJECTED_ENTRIES
 from events.access import AccessRecord, access_stream_name, access_subject, decode_access
-from events.log import EventLog, stream_messages, stream_name, subject_prefix
+from events.log import (
+    EventLog,
+    stream_messages,
+    stream_name,
+    stream_subjects,
+    subject_prefix,
+)
 from events.types import SecretPut
+from projections.foreign import UnexplainedEntries
+from projections.live import LOG_DELETED
 from secrets_nats_kv import limits, wire
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import SecretTooLarge, Unauthorized, UpstreamError
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.nats.jetstream import STREAM_NOT_FOUND, stream_state
 from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.wire import HOST_XKEY_HEADER, RESPONSE_XKEY_HEADER
@@ -66,7 +76,7 @@ pytestmark = pytest.mark.anyio
 async def test_junk_on_the_log_is_one_incident_with_a_count(
     module_nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """500 untagged messages on the log's subjects: counted, logged once, gets go on."""
+    """500 untagged messages on a subject the log keeps: counted, logged once, gets go on."""
     names = fresh_names()
     identity = Identity()
     caplog.set_level(logging.INFO)
@@ -75,7 +85,7 @@ async def test_junk_on_the_log_is_one_incident_with_a_count(
         await clients.admin.add_mapping(identity.entity_key, ["s"])
         nc = clients.host.nc
         for i in range(500):
-            await nc.publish(f"wasmcloud_secrets_events.{names.name}.junk", b"junk %d" % i)
+            await nc.publish(f"{subject_prefix(names.name)}.secret.s", b"junk %d" % i)
         await nc.flush()
         view = clients.backend.view
         assert view is not None
@@ -91,6 +101,40 @@ async def test_junk_on_the_log_is_one_incident_with_a_count(
     assert errors[0] == (
         f"incident {REJECTED_ENTRIES}: entries not tagged by our key skipped (latest #3)"
     ), errors
+
+
+async def test_junk_on_other_subjects_under_the_prefix_never_reaches_the_log(
+    module_nats_server: NatsServer,
+) -> None:
+    """The stream keeps only the subjects something of ours writes (events.log): an older
+    stream that kept the whole prefix is narrowed at start, and a flood elsewhere under
+    the prefix is not stored, moves no head and reaches no consumer."""
+    names = fresh_names()
+    prefix = subject_prefix(names.name)
+    older = api.StreamConfig(name=stream_name(names.name), subjects=[f"{prefix}.>"])
+    setup = await connect(
+        NatsOptions(servers=(module_nats_server.url,)), name="setup", persistent=False
+    )
+    try:
+        await setup.jetstream().add_stream(older)
+    finally:
+        await setup.close()
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        js = clients.host.nc.jetstream()
+        info = await js.stream_info(stream_name(names.name))
+        assert info.config.subjects == stream_subjects(names.name)
+        assert await clients.admin.put_secret("s", "v") == 1
+        nc = clients.host.nc
+        for i in range(500):
+            await nc.publish(f"{prefix}.junk", b"junk %d" % i)
+            await nc.publish(f"{prefix}.secret", b"junk %d" % i)  # `secret.>` needs a name
+        with pytest.raises(nats.js.errors.NoStreamResponseError):  # no stream keeps it
+            await js.publish(f"{prefix}.junk", b"junk")
+        assert (await stream_state(nc, stream_name(names.name), 5)).last_seq == 1
+        assert clients.backend.view is not None
+        assert clients.backend.view.foreign == 0
+        assert REJECTED_ENTRIES not in clients.backend.health.incidents
+        assert await clients.admin.put_secret("s", "v2") == 2
 
 
 # --- bounded streams --------------------------------------------------------------------------
@@ -149,7 +193,7 @@ async def test_the_event_stream_refuses_messages_over_its_size(
         assert info.config.max_msg_size == limits.max_event_size(nc.max_payload)
         before = info.state.last_seq
         with pytest.raises(nats.js.errors.APIError):
-            await js.publish(f"{subject_prefix(names.name)}.junk", b"j" * 400_000)
+            await js.publish(f"{subject_prefix(names.name)}.secret.big", b"j" * 400_000)
         assert (await js.stream_info(stream_name(names.name))).state.last_seq == before
         # The largest secret's event fits.
         value = b"\xff" * limits.max_secret_size(nc.max_payload)
@@ -359,16 +403,65 @@ async def test_a_bucket_deleted_under_a_running_backend_is_recreated_and_refille
         assert (await clients.get(other, "s")).string_secret == "v2"
 
 
+async def test_an_event_log_deleted_under_a_running_backend_is_an_incident_not_a_new_log(
+    module_nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One ERROR line and a write-blocking incident; gets and writes fail naming it; the
+    log is not recreated (an empty one would be taken as the truth), and a restart is
+    refused as the anchor refuses an emptied log."""
+    names = fresh_names()
+    identity = Identity()
+    caplog.set_level(logging.INFO)
+    async with running_backend(module_nats_server.url, names=names) as clients:
+        keys = clients.keys
+        assert await clients.admin.put_secret("s", "v1") == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert (await clients.get(identity, "s")).string_secret == "v1"
+        js = clients.host.nc.jetstream()
+        assert await js.delete_stream(stream_name(names.name))
+        with pytest.raises(UpstreamError, match="was deleted under this backend"):
+            await clients.get(identity, "s")
+        with pytest.raises(UpstreamError):
+            await clients.admin.put_secret("s", "v2")
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.stream_info(stream_name(names.name))  # not recreated
+        incidents = clients.backend.health.snapshot()
+        assert [i["kind"] for i in incidents if i["blocks_writes"]] == [LOG_DELETED]
+        env = cli_env(None, NATS_ADDRESS=module_nats_server.url.removeprefix("nats://"))
+        status = await anyio.to_thread.run_sync(
+            lambda: run_cli("status", "-n", names.name, "--timeout", "2", env=env)
+        )
+        assert status.returncode == 1
+        assert f"incident {LOG_DELETED}: " in status.stdout.decode()
+        assert "was deleted under this backend" in status.stdout.decode()
+        assert "does not exist (deleted?)" in status.stderr.decode()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([e for e in errors if LOG_DELETED in e]) == 1, errors
+    with pytest.raises(BaseExceptionGroup) as refused:
+        async with running_backend(module_nats_server.url, keys, names=names):
+            pytest.fail("a backend started over a deleted event log")
+    assert refused.group_contains(UnexplainedEntries, match="the log was deleted or replaced")
+
+
 # --- JetStream API answers from strangers (an open bus) ---------------------------------------
 
 
 @contextlib.asynccontextmanager
-async def forging_stream_info(url: str, stream: str, last_seq: int) -> AsyncIterator[list[int]]:
-    """A second connection answering every STREAM.INFO of `stream` with a made-up head."""
+async def forging_stream_info(
+    url: str, stream: str, last_seq: int | None
+) -> AsyncIterator[list[int]]:
+    """A second connection answering every STREAM.INFO of `stream` with a made-up head
+    (None: with JetStream's "stream not found")."""
     answered: list[int] = []
     nc = await connect(NatsOptions(servers=(url,)), name="forger", persistent=False)
 
     async def answer(msg: Msg) -> None:
+        if last_seq is None:
+            error = {"code": 404, "err_code": STREAM_NOT_FOUND, "description": "stream not found"}
+            await nc.publish(msg.reply, msgspec.json.encode({"error": error}))
+            await nc.flush()
+            answered.append(-1)
+            return
         state = {"messages": last_seq, "first_seq": 1, "last_seq": last_seq}
         await nc.publish(msg.reply, msgspec.json.encode({"state": state}))
         await nc.flush()  # at the server before the test goes on
@@ -435,3 +528,22 @@ async def test_a_forged_high_head_delays_a_get_at_most_the_freshness_timeout(
             assert outcomes[-1] == behind  # the highest answer counts: it waits, then says so
             assert FORGED_API_ANSWERS in clients.backend.health.incidents
         assert (await clients.get(identity, "s")).string_secret == "v1"
+
+
+async def test_a_forged_stream_not_found_is_outvoted_by_jetstream(
+    module_nats_server: NatsServer,
+) -> None:
+    """A stranger claiming the log is gone does not make the backend report it deleted."""
+    names = fresh_names()
+    identity = Identity()
+    url = module_nats_server.url
+    async with running_backend(url, names=names) as clients:
+        assert await clients.admin.put_secret("s", "v1") == 1
+        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        async with forging_stream_info(url, stream_name(names.name), None) as answered:
+            for _ in range(3):
+                assert (await clients.get(identity, "s")).string_secret == "v1"
+            assert answered
+        assert LOG_DELETED not in clients.backend.health.incidents
+        assert FORGED_API_ANSWERS in clients.backend.health.incidents
+        assert await clients.admin.put_secret("s", "v2") == 2

@@ -195,7 +195,7 @@ async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writi
             for message in kept:
                 headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
                 await js.publish(
-                    f"{subject_prefix('nats-kv')}.x", message.data or b"", headers=headers
+                    f"{subject_prefix('nats-kv')}.secret.db", message.data or b"", headers=headers
                 )
         # The rolled-back log grants `reader` again: the backend serves nothing from it.
         with pytest.raises(UpstreamError, match="folded it to #4"):
@@ -225,7 +225,9 @@ async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
         await js.add_stream(config)
         for message in kept:
             headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-            await js.publish(f"{subject_prefix('nats-kv')}.x", message.data or b"", headers=headers)
+            await js.publish(
+                f"{subject_prefix('nats-kv')}.secret.db", message.data or b"", headers=headers
+            )
     assert await start_refused(url, keys) == 3
     env = cli_env(keys)
     verify = run_cli("verify", "--nats-address", url, env=env)

@@ -10,8 +10,11 @@ streams unchanged afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -23,11 +26,12 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
+from secrets_nats_kv.app.backup import _digest
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.app.permissions import render_conf, user_name
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
-from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.nats.jetstream import stream_info, stream_state
 from secrets_nats_kv.permissions import (
     NatsRole,
     access_stream,
@@ -41,6 +45,7 @@ from secrets_nats_kv.xkeys import XKey
 from support.harness import Identity, Keys, cli_env, run_cli, spawn_run, wait_until_answering
 from support.host import HostClient
 from support.leakcheck import remember
+from support.original import Original
 
 if TYPE_CHECKING:
     from conftest import MakeNatsServer
@@ -133,13 +138,19 @@ async def admin(bus: Bus, keys: Keys, *args: str, **env: str) -> str:
     return result.stdout.decode()
 
 
-@pytest.fixture
-async def host_nc(bus: Bus) -> AsyncIterator[NATS]:
+@contextlib.asynccontextmanager
+async def host_connection(bus: Bus) -> AsyncIterator[NATS]:
     nc = await connect(bus.options(NatsRole.HOST), name="host", persistent=False)
     try:
         yield nc
     finally:
         await nc.close()
+
+
+@pytest.fixture
+async def host_nc(bus: Bus) -> AsyncIterator[NATS]:
+    async with host_connection(bus) as nc:
+        yield nc
 
 
 async def test_every_role_works_under_its_permissions(
@@ -181,6 +192,95 @@ async def test_every_role_works_under_its_permissions(
     assert await admin(bus, rotated, "get", SECRET) == value + "\n"
 
     assert bus.violations() == []
+
+
+SETUP_USER = "original-setup"  # the original secrets-nats-kv's writer, unrestricted
+
+
+def start_bus_with_original(make_nats_server: MakeNatsServer) -> tuple[Bus, str]:
+    """A bus like `start_bus`, plus one unrestricted user that plays the original backend
+    (whose buckets `import` takes over); the roles keep exactly their permissions."""
+    passwords = {role: secrets.token_urlsafe(16) for role in NatsRole}
+    setup = secrets.token_urlsafe(16)
+    credentials = {
+        role: f"user: {json.dumps(user_name(role))}, password: {json.dumps(passwords[role])}"
+        for role in NatsRole
+    }
+    conf = render_conf(NAMES, list(NatsRole), credentials)
+    users_end = "\n  ]\n}\n"
+    assert conf.endswith(users_end)
+    extra = f"\n    {{ user: {json.dumps(SETUP_USER)}, password: {json.dumps(setup)} }}"
+    conf = conf.removesuffix(users_end) + extra + users_end
+    return Bus(make_nats_server(extra_conf=conf), passwords), setup
+
+
+async def test_import_status_backup_and_restore_work_under_the_admin_permissions(
+    make_nats_server: MakeNatsServer, backends: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """Take over the original's buckets, check health, back up, restore on another
+    server and serve from the restore: the admin user alone, no permission violation."""
+    keys = Keys()
+    identity = Identity()
+    value = f"value-{secrets.token_hex(8)}"
+    remember(value, "secret value")
+    bus, setup = start_bus_with_original(make_nats_server)
+    nc = await connect(
+        NatsOptions(servers=(bus.url,), user=SETUP_USER, password=setup),
+        name="original",
+        persistent=False,
+    )
+    try:
+        original = await Original(nc, keys.encryption, NAMES, remember=remember).create()
+        await original.put(SECRET, value)
+        await original.set_mapping(identity.entity_key, [SECRET])
+    finally:
+        await nc.close()
+
+    assert "imported" in await admin(bus, keys, "import")
+    await start_backend(bus, keys, backends, tmp_path / "run-1.log")
+    async with host_connection(bus) as host_nc:
+        host = HostClient(host_nc, NAMES)
+        got = await host.get(SECRET, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt())
+        assert got.string_secret == value
+    assert await admin(bus, keys, "put", SECRET, "--string", "second") == (
+        f"stored {SECRET} as version 2\n"
+    )
+    assert "\tok\n" in await admin(bus, keys, "status")
+    backup = tmp_path / "backup"
+    assert "backed up" in await admin(bus, keys, "backup", "--output", str(backup))
+    assert bus.violations() == []
+
+    elsewhere = start_bus(make_nats_server)
+    assert "restored" in await admin(elsewhere, keys, "restore", str(backup))
+    await start_backend(elsewhere, keys, backends, tmp_path / "run-2.log")
+    async with host_connection(elsewhere) as host_nc:
+        host = HostClient(host_nc, NAMES)
+        got = await host.get(SECRET, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt())
+        assert (got.version, got.string_secret) == ("2", "second")
+    assert "\tok\n" in await admin(elsewhere, keys, "status")
+    assert elsewhere.violations() == []
+
+    # A restore that fails after restoring streams removes them again, under the same user.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(backup, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    last = body["streams"][-1]  # restored last: every other stream is in place by then
+    last["state"]["messages"] += 1
+    (tampered / "manifest.json").write_text(json.dumps({**body, "checksum": _digest(body)}))
+    third = start_bus(make_nats_server)
+    environment = third.env(NatsRole.ADMIN, keys)
+    command = ("restore", str(tampered), *third.flags(NatsRole.ADMIN))
+    result = await anyio.to_thread.run_sync(lambda: run_cli(*command, env=environment))
+    assert result.returncode == 1
+    assert f"restore {last['stream']}: messages is" in result.stderr.decode()
+    observer = await connect(third.options(NatsRole.ADMIN), name="observer", persistent=False)
+    try:
+        for entry in body["streams"]:
+            assert await stream_info(observer, entry["stream"], 5.0) is None, entry["stream"]
+    finally:
+        await observer.close()
+    assert third.violations() == []
 
 
 # --- the host role as an attacker -------------------------------------------------------------
@@ -293,3 +393,76 @@ async def test_attacks_from_the_host_role_are_refused_by_the_server(
     for _ in range(20):
         got = await host.get(SECRET, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt())
         assert got.string_secret == "v"
+
+
+# --- a refusal reads as one ---------------------------------------------------------------
+
+
+LIMITED_USER = "secrets-limited"
+NOTHING = "nothing.allowed"  # an empty allow-list would allow everything
+
+
+ADMIN_INBOXES = f"{inbox_prefix(NAMES, NatsRole.ADMIN)}.>"
+PUT = ("put", SECRET, "--string", "v")
+
+
+@pytest.mark.parametrize(
+    ("command", "allowed", "refused"),
+    [
+        # May read its replies, may not ask the backend anything.
+        (
+            PUT,
+            {"publish": [NOTHING], "subscribe": [ADMIN_INBOXES]},
+            rf"publish to {re.escape(NAMES.subject_prefix)}\.\w+",
+        ),
+        # May ask, may not read the replies.
+        (
+            PUT,
+            {"publish": [f"{NAMES.subject_prefix}.>"], "subscribe": [NOTHING]},
+            rf"subscribe to {re.escape(ADMIN_INBOXES)}",
+        ),
+        # A JetStream call made by nats-py itself (backup looks the streams up): its
+        # timeout is the refusal, the subject as nats-py reports it (lower-cased).
+        (
+            ("backup", "--output", "unwritten"),
+            {"publish": [NOTHING], "subscribe": [ADMIN_INBOXES]},
+            r"publish to \$js\.api\.stream\.info\.secrets_nats-kv_events_rotating",
+        ),
+    ],
+    ids=["publish", "subscribe", "nats-py-call"],
+)
+def test_a_permission_refused_is_reported_as_such_not_as_a_timeout(
+    make_nats_server: MakeNatsServer,
+    tmp_path: Path,
+    command: tuple[str, ...],
+    allowed: dict[str, list[str]],
+    refused: str,
+) -> None:
+    """A CLI user without the permission a command needs: one line naming the subject and
+    the profile, a non-zero exit, no traceback and no "timed out"."""
+    password = secrets.token_urlsafe(16)
+    rules = ", ".join(f"{verb}: {{ allow: {json.dumps(s)} }}" for verb, s in allowed.items())
+    conf = (
+        "authorization { users = [ "
+        f"{{ user: {json.dumps(LIMITED_USER)}, password: {json.dumps(password)}, "
+        f"permissions: {{ {rules} }} }} ] }}\n"
+    )
+    server = make_nats_server(extra_conf=conf)
+    keys = Keys()
+    result = run_cli(
+        *(str(tmp_path / arg) if arg == "unwritten" else arg for arg in command),
+        "--nats-address",
+        server.url,
+        "--nats-user",
+        LIMITED_USER,
+        env=cli_env(keys, NATS_PASSWORD=password),
+        timeout=60,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert result.stdout == b""
+    line = (
+        rf"secrets-nats-kv: error: NATS refused: permission denied to {refused} "
+        r"\(check this user's permissions: secrets-nats-kv nats-permissions\)\n"
+    )
+    assert re.fullmatch(line, stderr), stderr

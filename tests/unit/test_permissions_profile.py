@@ -119,7 +119,19 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *verbs(state_kv, "INFO", "CREATE", "DELETE"),
         f"wasmcloud_secrets_anchor.{n}",
         *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
+        "$SRV.STATS.secrets-nats-kv",  # status
+        *consumers(secrets_kv),  # import reads the original's buckets and marks them
+        f"$JS.FC.{secrets_kv}.>",
+        *consumers(state_kv),
+        f"$JS.FC.{state_kv}.>",
+        *verbs(secrets_kv, "UPDATE"),
+        *verbs(state_kv, "UPDATE"),
+        *verbs(access, "DELETE"),  # a failed restore removes what it restored
+        *verbs(f"SECRETS_{n}_anchor", "DELETE"),
     ]
+    for stream in (secrets_kv, state_kv, f"SECRETS_{n}_anchor", events, access):
+        admin_pub += verbs(stream, "SNAPSHOT", "RESTORE")  # backup, restore
+        admin_pub.append(f"$JS.SNAPSHOT.RESTORE.{stream}.>")
     admin_sub = [f"_INBOX_SNKV.{n}.admin.>", f"wasmcloud_secrets_rotation_lock.{n}"]
     host_pub = [f"{prefix}.server_xkey", f"{prefix}.get"]
     host_sub = ["_INBOX.>"]
@@ -139,7 +151,10 @@ backend_names = st.builds(
     st.lists(_token, min_size=1, max_size=2).map(".".join),
     _token.map(str.upper),
 )
-VERBS = ["INFO", "CREATE", "UPDATE", "DELETE", "PURGE", "MSG.GET", "MSG.DELETE", "NAMES", "LIST"]
+VERBS = [
+    *("INFO", "CREATE", "UPDATE", "DELETE", "PURGE", "MSG.GET", "MSG.DELETE", "NAMES", "LIST"),
+    *("SNAPSHOT", "RESTORE"),
+]
 
 
 def _streams(names: BackendNames) -> list[str]:
@@ -242,7 +257,9 @@ def forbidden(names: BackendNames, other: BackendNames) -> list[tuple[str, str, 
     rules: list[tuple[str, str, str | None]] = []
     rules += [("publish", f"$JS.API.STREAM.PURGE.{stream}", None) for stream in streams]
     rules += [("publish", f"$JS.API.{verb}.{s}", None) for s in theirs for verb in
-              ("STREAM.INFO", "STREAM.MSG.GET", "DIRECT.GET", "CONSUMER.CREATE")]  # fmt: skip
+              ("STREAM.INFO", "STREAM.MSG.GET", "DIRECT.GET", "CONSUMER.CREATE",
+               "STREAM.SNAPSHOT", "STREAM.RESTORE", "STREAM.DELETE")]  # fmt: skip
+    rules += [("publish", f"$JS.SNAPSHOT.RESTORE.{s}.x", None) for s in theirs]
     rules += [("publish", f"wasmcloud_secrets_events.{other.name}.secret.x", None)]
     rules += [("publish", f"$KV.{other.secrets_bucket}.x", None)] * (
         other.secrets_bucket != names.secrets_bucket
