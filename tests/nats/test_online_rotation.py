@@ -277,7 +277,11 @@ async def test_a_run_stopped_in_a_catch_up_or_outrun_by_a_stray_writer_is_finish
         with pytest.raises(RotationRefused, match="grew after the write fence") as refused:
             await rotate(nc, old, new, online=True, crash=outrun)
         assert "\n" not in str(refused.value)
-        assert await staging_state(nc) == "staging"  # never committed
+        # It gave up: its fence is lifted (writes go on) and its staging dropped.
+        _, lifted = await last_entry(nc, LIVE)
+        assert isinstance(lifted, FenceLifted)
+        assert "grew after the write fence" in lifted.reason
+        assert await staging_state(nc) is None
         report = await rotate(nc, old, new, online=True)
         assert report.outcome == "rotated"
         after = await audit(nc, new)
