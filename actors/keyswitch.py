@@ -21,8 +21,9 @@ through that without an incident:
   following the old log (a lifted fence resumes writes; a swap it cannot read breaks it).
 
 At start-up, `wait_for_swap` waits (bounded) while a committed staging stream says a swap
-is under way, and `adopt_log_key` makes the next key current if the log is under it (a
-rotation finished while this backend was down).
+is under way (unless the live log is still the old one, whole), and `adopt_log_key`
+makes the next key current if the log is under it (a rotation finished while this
+backend was down).
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from actors.health import Health
-from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, staging_stream_name
+from actors.rotation.context import (
+    API_TIMEOUT,
+    COMMITTED,
+    OLD_KEY_KEY,
+    STATE_KEY,
+    staging_stream_name,
+)
 from events.anchor import Anchor, Anchored, AnchorForged
 from events.chain import ChainBroken, WrongKey
 from events.log import EventLog, stream_name
@@ -63,11 +70,16 @@ class _Next(enum.Enum):
     SWITCH = "switch"  # the rotated log is complete: fold it and serve it
 
 
-async def wait_for_swap(nc: NATS, names: BackendNames, *, within: float = SWAP_WAIT_S) -> None:
-    """Return once no committed staging stream is left (never "ready" on a half-filled
-    log); a swap that does not finish `within` seconds is a one-line refusal."""
+async def wait_for_swap(
+    nc: NATS, names: BackendNames, barrier: Barrier, *, within: float = SWAP_WAIT_S
+) -> None:
+    """Return once no committed staging stream says the live log is being swapped, or the
+    live log is still the old one, whole (the swap has not deleted it yet: the fence, or
+    a run stopped right after its commit). Never "ready" on a half-filled log; a swap
+    that does not finish `within` seconds is a one-line refusal."""
     staging = staging_stream_name(names.name)
-    if not await _committed(nc, staging):
+    old = await _committed_from(nc, staging)
+    if old is None or await _untouched(nc, names, barrier, old):
         return
     log.info(
         "an encryption key rotation is swapping the event log; waiting for it to finish",
@@ -77,7 +89,7 @@ async def wait_for_swap(nc: NATS, names: BackendNames, *, within: float = SWAP_W
     while time.monotonic() < deadline:
         # Another process deletes the stream when it is done: no event tells us here.
         await anyio.sleep(0.5)
-        if not await _committed(nc, staging):
+        if await _committed_from(nc, staging) is None:
             return
     raise StorageError(
         "event log",
@@ -86,9 +98,18 @@ async def wait_for_swap(nc: NATS, names: BackendNames, *, within: float = SWAP_W
     )
 
 
-async def _committed(nc: NATS, staging: str) -> bool:
+async def _committed_from(nc: NATS, staging: str) -> str | None:
+    """The old key of a committed staging stream (a swap under way), or None."""
     info = await stream_info(nc, staging, API_TIMEOUT)
-    return info is not None and (info.config.metadata or {}).get(STATE_KEY) == COMMITTED
+    metadata = (info.config.metadata or {}) if info is not None else {}
+    if metadata.get(STATE_KEY) != COMMITTED:
+        return None
+    return metadata.get(OLD_KEY_KEY, "")
+
+
+async def _untouched(nc: NATS, names: BackendNames, barrier: Barrier, old: str) -> bool:
+    """Whether the live log still ends with entries of the rotation's old key (held here)."""
+    return bool(old) and barrier.holds(old) and await log_key(nc, names, barrier) == old
 
 
 async def log_key(
