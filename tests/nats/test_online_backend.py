@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -31,9 +32,18 @@ from secrets_nats_kv.errors import DecryptionError, ProtocolError, RotationInPro
 from secrets_nats_kv.nats.reader import read_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 from support.cliproc import one_line_error
-from support.harness import Clients, Identity, Keys, backend_config, cli_env, run_cli
+from support.harness import (
+    Clients,
+    Identity,
+    Keys,
+    backend_config,
+    cli_env,
+    run_cli,
+    spawn_run,
+    wait_until_answering,
+)
 from support.harness import running_backend as backend_on
-from support.leakcheck import remembered
+from support.leakcheck import exempt, remembered
 from support.rotation import NAMES, client, head, new_key, remembered_keys, rotate_cli
 
 if TYPE_CHECKING:
@@ -324,3 +334,58 @@ async def test_a_backend_started_during_a_swap_waits_for_it(
         backend.stop()
     async with backend_on(url, Keys(transit=keys.transit, encryption=new)) as clients:
         await serves(clients, reader, values)
+
+
+# --- the options ----------------------------------------------------------------------------
+
+
+async def test_run_holds_the_next_key_from_a_file_and_status_shows_it(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    keys, following = remembered_keys(), new_key()
+    seed_file = tmp_path / "next-encryption.seed"
+    seed_file.write_text(following.seed + "\n")
+    seed_file.chmod(0o600)
+    exempt(seed_file)  # the seed is in it on purpose
+    run = spawn_run(
+        nats_server.url, cli_env(keys), "--next-encryption-xkey-seed-file", str(seed_file),
+        log=tmp_path / "run.log",
+    )  # fmt: skip
+    try:
+        await wait_until_answering(nats_server.url)
+        shown = await anyio.to_thread.run_sync(
+            lambda: run_cli("status", "--nats-address", nats_server.url, env=cli_env(None))
+        )
+        out = shown.stdout.decode()
+        assert shown.returncode == 0, shown.stderr
+        assert (
+            f"encryption {keys.encryption.public_key}\tnext encryption {following.public_key}\t"
+            in out
+        )
+        assert following.seed not in out + shown.stderr.decode()
+    finally:
+        run.terminate()
+        run.wait(timeout=30)
+    assert following.seed not in (tmp_path / "run.log").read_text()
+
+
+def test_run_refuses_a_next_key_it_cannot_use_in_one_line(tmp_path: Path) -> None:
+    keys = Keys()
+    empty = tmp_path / "empty.seed"
+    empty.write_text("\n")
+    good = tmp_path / "good.seed"
+    good.write_text(XKey.generate().seed)
+    env, flag = "NEXT_ENCRYPTION_XKEY_SEED", "--next-encryption-xkey-seed-file"
+    cases: dict[str, tuple[tuple[str, ...], dict[str, str], str]] = {
+        "not a seed": ((), {env: "SXnot-a-seed"}, env),
+        "the current key": ((), {env: keys.encryption.seed}, "current"),
+        "an empty file": ((flag, str(empty)), {}, str(empty)),
+        "a missing file": ((flag, str(tmp_path / "no")), {}, "cannot read"),
+        "both": ((flag, str(good)), {env: XKey.generate().seed}, "not both"),
+    }
+    for why, (flags, given, named) in cases.items():
+        done = run_cli("run", "--nats-address", "127.0.0.1:1", *flags, env=cli_env(keys, **given))
+        line = one_line_error(done, named)
+        assert "error:" in line, why
+        for seed in (keys.encryption.seed, *given.values()):
+            assert seed not in line, why  # never echo a seed, even a broken one
