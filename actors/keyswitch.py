@@ -115,21 +115,22 @@ async def _untouched(nc: NATS, names: BackendNames, barrier: Barrier, old: str) 
 async def log_key(
     nc: NATS, names: BackendNames, barrier: Barrier, *, probe: int = _PROBE_ENTRIES
 ) -> str | None:
-    """The held key the live log is under, judged from its newest entries of ours; None
-    for an empty log or one none of the last `probe` positions is tagged by a held key."""
+    """The held key the live log is under, judged from its newest entries of ours, else
+    its oldest (junk appended by strangers must not hide it); None for an empty log or
+    one none of the `probe` positions at either end is tagged by a held key."""
     stream = stream_name(names.name)
     info = await stream_info(nc, stream, API_TIMEOUT)
     if info is None or info.state.messages == 0:
         return None
-    seq = info.state.last_seq
-    while seq >= max(info.state.first_seq, 1) and probe > 0:
-        probe -= 1
+    first, last = max(info.state.first_seq, 1), info.state.last_seq
+    newest = range(last, max(first, last - probe + 1) - 1, -1)
+    oldest = range(first, min(last, first + probe - 1) + 1)
+    for seq in (*newest, *oldest):
         raw = await get_message(nc, stream, seq)
         if raw is not None:
             found = barrier.tagged_by(seq, raw.data, raw.headers.get(ENTRY_TAG_HEADER))
             if found is not None:
                 return found
-        seq -= 1
     return None
 
 

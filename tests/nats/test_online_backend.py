@@ -265,6 +265,10 @@ async def test_restarts_adopt_the_new_key_or_refuse_with_only_the_old_one(
         values = await store(clients, reader)
     proc = await rotate_cli(url, keys.encryption, new, "--online")  # none answering
     assert proc.returncode == 0, proc.stderr
+    async with client(url) as nc:  # junk after the rotation must not hide the log's key
+        for i in range(70):
+            subject = f"{subject_prefix(NAMES.name)}.secret.junk"
+            await nc.jetstream().publish(subject, b"junk %d" % i, stream=LIVE)
     async with backend_on(url, keys, next_encryption_key=new) as clients:
         assert keys_of(clients.backend) == (new.public_key, None)
         await serves(clients, reader, values)
