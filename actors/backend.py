@@ -161,6 +161,8 @@ class Backend:
 
             async def refill(gone: list[str]) -> None:
                 """Buckets deleted under a running backend: recreated, refilled from the log."""
+                if view.paused:  # a key rotation is rebuilding them: the writer retries
+                    raise StorageError("KV views", "being rebuilt by a key rotation")
                 self.health.report(
                     BUCKET_RECREATED, f"{', '.join(gone)} vanished; recreated from the event log"
                 )
