@@ -410,3 +410,29 @@ async def test_one_rotation_at_a_time(nats_server: NatsServer) -> None:
         proc = await rotate_cli(url, keys.encryption, new, "--online", "--abort")
         assert "another rotate-key" in one_line(proc, keys.encryption, new)
         assert await snapshot(nc) == before
+
+
+async def test_a_tail_deleted_during_the_copy_is_refused_not_laundered(
+    nats_server: NatsServer,
+) -> None:
+    """An entry appended and then deleted (no destroy names it) while the copy runs: the
+    catch-up reads a range that ends in a gap, and the run refuses on the broken chain
+    before any fence, instead of waiting for it or copying the cut log into a valid one."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    old = keys.encryption
+    await populated(url, keys)
+
+    cut: list[int] = []
+
+    async def append_then_delete() -> None:
+        cut.extend(await append_directly(url, old, puts(old, late_values(range(1), "cut"))))
+        async with client(url) as nc:
+            assert await nc.jetstream().delete_msg(LIVE, cut[0])
+
+    async with client(url) as nc:
+        with pytest.raises(RotationRefused, match="chain broken at entry") as refused:
+            await rotate(nc, old, new, online=True, crash=At({("stage", 30): append_then_delete}))
+        assert "\n" not in str(refused.value)
+        assert f"#{cut[0]}" in str(refused.value)
+        assert await staging_state(nc) is None
+        assert await head(nc, LIVE) == cut[0]  # nothing after the cut: no fence was set
