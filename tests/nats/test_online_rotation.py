@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
 from actors.rotation import STATE_KEY, RotationRefused, staging_stream_name
 from actors.rotation.lock import RotationLock
+from actors.service import STATS_KEYS
 from events.log import EventLog, stream_name
 from events.types import (
     Event,
@@ -43,8 +45,9 @@ from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import RotationInProgress
 from secrets_nats_kv.nats.reader import RawMessage, get_message
+from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import SealBox, XKey
-from support.harness import Keys, running_backend
+from support.harness import Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remember
 from support.rotation import (
     NAMES,
@@ -56,6 +59,7 @@ from support.rotation import (
     new_key,
     one_line,
     populated,
+    refuses_to_start,
     remembered_keys,
     rotate,
     rotate_cli,
@@ -66,6 +70,8 @@ from support.rotation import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from secrets_nats_kv.app.natsserver import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -410,3 +416,115 @@ async def test_one_rotation_at_a_time(nats_server: NatsServer) -> None:
         proc = await rotate_cli(url, keys.encryption, new, "--online", "--abort")
         assert "another rotate-key" in one_line(proc, keys.encryption, new)
         assert await snapshot(nc) == before
+
+
+async def test_a_tail_deleted_during_the_copy_is_refused_not_laundered(
+    nats_server: NatsServer,
+) -> None:
+    """An entry appended and then deleted (no destroy names it) while the copy runs: the
+    catch-up reads a range that ends in a gap, and the run refuses on the broken chain
+    before any fence, instead of waiting for it or copying the cut log into a valid one."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    old = keys.encryption
+    await populated(url, keys)
+
+    cut: list[int] = []
+
+    async def append_then_delete() -> None:
+        cut.extend(await append_directly(url, old, puts(old, late_values(range(1), "cut"))))
+        async with client(url) as nc:
+            assert await nc.jetstream().delete_msg(LIVE, cut[0])
+
+    async with client(url) as nc:
+        with pytest.raises(RotationRefused, match="chain broken at entry") as refused:
+            await rotate(nc, old, new, online=True, crash=At({("stage", 30): append_then_delete}))
+        assert "\n" not in str(refused.value)
+        assert f"#{cut[0]}" in str(refused.value)
+        assert await staging_state(nc) is None
+        assert await head(nc, LIVE) == cut[0]  # nothing after the cut: no fence was set
+
+
+@dataclass
+class Load:
+    """Gets and puts issued back to back through a running backend, counted."""
+
+    gets: int = 0
+    failed_gets: list[str] = field(default_factory=list)
+    acknowledged: list[tuple[int, str]] = field(default_factory=list)
+    refused: int = 0  # puts answered RotationInProgress (not acknowledged)
+    rotated: bool = False
+    resumed: anyio.Event = field(default_factory=anyio.Event)  # a put acked after the run
+
+
+async def test_online_with_a_running_backend_holding_both_keys(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Gets never fail, acknowledged puts survive at their versions, puts during the fence
+    are refused (not lost), and the backend switches to the new key without a restart."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    old = keys.encryption
+    model = await populated(url, keys)
+    _, expected = model.values["app-01"][max(model.values["app-01"])]
+    load = Load()
+    async with running_backend(url, keys, next_encryption_key=new) as clients:
+
+        async def get_loop() -> None:
+            while not load.resumed.is_set():
+                try:
+                    secret = await clients.get(model.reader, "app-01")
+                    if secret.value_bytes() != expected:
+                        load.failed_gets.append("wrong value")
+                except Exception as exc:  # every failure is counted, none may happen
+                    load.failed_gets.append(type(exc).__name__)
+                load.gets += 1
+
+        async def put_loop() -> None:
+            round_ = 0
+            while not load.resumed.is_set():
+                value = f"under load {round_} {os.urandom(4).hex()}"
+                remember(value.encode(), "secret value")
+                round_ += 1
+                try:
+                    revision = await clients.admin.put_secret("app-03", value)
+                except RotationInProgress:
+                    load.refused += 1
+                    continue
+                load.acknowledged.append((revision, value))
+                if load.rotated:
+                    load.resumed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get_loop)
+            tg.start_soon(put_loop)
+            done = await rotate_cli(url, old, new, "--online")
+            load.rotated = True
+        assert done.returncode == 0, done.stderr
+        line = one_line(done, old, new)
+        assert line.startswith(f"rotated the encryption key to {new.public_key} online: "), line
+        status = clients.backend.status()
+        public_keys = status[STATS_KEYS]
+        assert isinstance(public_keys, dict)
+        assert public_keys["encryption"] == new.public_key  # switched, not restarted
+    assert load.failed_gets == []
+    assert load.gets > 0
+    assert load.refused > 0  # the fence held writes back; none of them was acknowledged
+    for revision, value in load.acknowledged:
+        model.put("app-03", revision, value)
+    model.deleted.discard("app-03")
+    revisions = [revision for revision, _ in load.acknowledged]
+    assert revisions == sorted(set(revisions))  # no version handed out twice
+    async with client(url) as nc:
+        await sealed_only_with(nc, new, [old], written_after=True)
+    await serves_everything(url, new, model)
+    await refuses_to_start(url, old)
+    # The audit export under the new key still verifies (signed checkpoints, offline).
+    signer = SigningKey.generate(Role.ACCOUNT)
+    out = tmp_path / "audit.jsonl"
+    env = {**cli_env(Keys(encryption=new)), "AUDIT_SIGNING_SEED": signer.seed}
+    exported = run_cli("audit", "export", "--output", str(out), "--nats-address", url, env=env)
+    assert exported.returncode == 0, exported.stderr
+    verified = run_cli(
+        "audit", "verify", str(out), "--public-key", signer.public_key, env=cli_env()
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.decode().startswith("audit export verified: ")

@@ -219,14 +219,18 @@ def comparable(records: list[AuditRecord]) -> list[AuditRecord]:
     return [msgspec.structs.replace(r, time="") if r.type in timeless else r for r in records]
 
 
-async def sealed_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
+async def sealed_only_with(
+    nc: NATS, new: XKey, old_keys: list[XKey], *, written_after: bool = False
+) -> int:
     """Every event is tagged for `new` only; every sealed blob opens with `new`, none with
-    an old key. Returns how many blobs were checked."""
+    an old key; the log ends with the rotation to `new` (or, `written_after`: has it as
+    its last rotation, backends having written after it). Returns the blobs checked."""
     new_auth, new_box = Barrier(new), SealBox(new, new)
     olds = [(Barrier(k), SealBox(k, k)) for k in old_keys]
     assert staging_stream_name(NAMES.name) not in await streams(nc)
     blobs: list[bytes] = []
     last: object = None
+    rotation = KeyRotated(at=0.0, old_key="", new_key="")  # the log's last KeyRotated
     async for raw in read_stream(nc, stream_name(NAMES.name), f"{subject_prefix(NAMES.name)}.>"):
         tag = raw.headers.get(TAG_HEADER)
         if tag is None and not raw.data:
@@ -236,8 +240,10 @@ async def sealed_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
         last = event = decode_event(raw.data)
         if isinstance(event, SecretPut):
             blobs.append(event.sealed)
-    assert isinstance(last, KeyRotated)
-    assert last.new_key == new.public_key
+        if isinstance(event, KeyRotated):
+            rotation = event
+    assert rotation.new_key == new.public_key
+    assert written_after or last is rotation
     kv = kv_stream(NAMES.secrets_bucket)
     async for raw in read_stream(nc, kv, f"$KV.{NAMES.secrets_bucket}.>"):
         if raw.data:
