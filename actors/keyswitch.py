@@ -39,6 +39,7 @@ from actors.health import Health
 from actors.rotation.context import (
     API_TIMEOUT,
     COMMITTED,
+    NEW_KEY_KEY,
     OLD_KEY_KEY,
     STATE_KEY,
     staging_stream_name,
@@ -74,42 +75,68 @@ async def wait_for_swap(
     nc: NATS, names: BackendNames, barrier: Barrier, *, within: float = SWAP_WAIT_S
 ) -> None:
     """Return once no committed staging stream says the live log is being swapped, or the
-    live log is still the old one, whole (the swap has not deleted it yet: the fence, or
-    a run stopped right after its commit). Never "ready" on a half-filled log; a swap
-    that does not finish `within` seconds is a one-line refusal."""
+    live log is whole anyway: still the old one (the fence, or a run stopped right after
+    its commit), or the rotated one with its views rebuilt (a run stopped before dropping
+    staging). Never "ready" on a half-filled log; a swap that does not finish `within`
+    seconds is a one-line refusal."""
     staging = staging_stream_name(names.name)
-    old = await _committed_from(nc, staging)
-    if old is None or await _untouched(nc, names, barrier, old):
-        return
-    log.info(
-        "an encryption key rotation is swapping the event log; waiting for it to finish",
-        extra={"staging": staging},
-    )
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        # Another process deletes the stream when it is done: no event tells us here.
-        await anyio.sleep(0.5)
-        if await _committed_from(nc, staging) is None:
+    deadline, said = time.monotonic() + within, False
+    while (keys := await _committed_keys(nc, staging)) is not None:
+        if await _whole(nc, names, barrier, *keys):
             return
-    raise StorageError(
-        "event log",
-        f"a key rotation's swap is under way ({staging} is committed) and did not finish "
-        f"within {within:g}s: run `secrets-nats-kv rotate-key` again to finish it",
-    )
+        if not said:
+            said = True
+            log.info(
+                "an encryption key rotation is swapping the event log; waiting for it to finish",
+                extra={"staging": staging},
+            )
+        if time.monotonic() > deadline:
+            raise StorageError(
+                "event log",
+                f"a key rotation's swap is under way ({staging} is committed) and did not "
+                f"finish within {within:g}s: run `secrets-nats-kv rotate-key` again to finish it",
+            )
+        # Another process refills the log and drops staging: no event tells us here.
+        await anyio.sleep(0.5)
 
 
-async def _committed_from(nc: NATS, staging: str) -> str | None:
-    """The old key of a committed staging stream (a swap under way), or None."""
+async def _committed_keys(nc: NATS, staging: str) -> tuple[str, str] | None:
+    """(old key, new key) of a committed staging stream (a swap under way), or None."""
     info = await stream_info(nc, staging, API_TIMEOUT)
     metadata = (info.config.metadata or {}) if info is not None else {}
     if metadata.get(STATE_KEY) != COMMITTED:
         return None
-    return metadata.get(OLD_KEY_KEY, "")
+    return metadata.get(OLD_KEY_KEY, ""), metadata.get(NEW_KEY_KEY, "")
 
 
-async def _untouched(nc: NATS, names: BackendNames, barrier: Barrier, old: str) -> bool:
-    """Whether the live log still ends with entries of the rotation's old key (held here)."""
-    return bool(old) and barrier.holds(old) and await log_key(nc, names, barrier) == old
+async def _whole(nc: NATS, names: BackendNames, barrier: Barrier, old: str, new: str) -> bool:
+    """Whether the live log is whole under a held key: still the old one, or the rotated
+    one whose marker the anchor (reset under the new key once the views are rebuilt)
+    points at."""
+    if barrier.holds(old) and await log_key(nc, names, barrier) == old:
+        return True
+    if not barrier.holds(new):
+        return False
+    anchor = Anchor(nc, backend_name=names.name, barrier=barrier.alone(new))
+    try:
+        anchored = await anchor.read()
+    except AnchorForged:
+        return False  # still the old key's anchor: the views are not rebuilt yet
+    if anchored is None:
+        return False
+    return await marker_at(nc, names, barrier, anchored.seq, new)
+
+
+async def marker_at(nc: NATS, names: BackendNames, barrier: Barrier, seq: int, new: str) -> bool:
+    """Whether the live log holds at `seq` the rotation's `KeyRotated` to `new`, tagged by it."""
+    raw = await get_message(nc, stream_name(names.name), seq)
+    if raw is None or barrier.tagged_by(seq, raw.data, raw.headers.get(ENTRY_TAG_HEADER)) != new:
+        return False
+    try:
+        event = decode_event(raw.data)
+    except UndecodableEvent:
+        return False
+    return isinstance(event, KeyRotated) and event.new_key == new
 
 
 async def log_key(

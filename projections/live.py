@@ -154,10 +154,11 @@ class LiveView:
     async def _follow(self) -> None:
         with contextlib.suppress(ChainBroken, WrongKey):  # reported; the view stops here
             while True:
-                if self._fences is not None and self._at_fence():
+                fences = self._fences
+                if fences is not None and fences.pauses(self.state):
                     self.paused = True
                     try:
-                        await self._fences.follow(self)  # lifted, or rebased: follow on
+                        await fences.follow(self)  # lifted, or rebased: follow on
                     finally:
                         self.paused = False
                 await self._read(follow=True)  # returns only once an entry ends at a fence

@@ -393,3 +393,20 @@ def test_run_refuses_a_next_key_it_cannot_use_in_one_line(tmp_path: Path) -> Non
         assert "error:" in line, why
         for seed in (keys.encryption.seed, *given.values()):
             assert seed not in line, why  # never echo a seed, even a broken one
+
+
+async def test_a_backend_started_after_the_swap_but_before_the_cleanup_serves_at_once(
+    nats_server: NatsServer, waiting: _Waiting
+) -> None:
+    """Killed just before dropping staging: the log is whole under the new key (its views
+    rebuilt, the anchor on its marker), so a start need not wait for a re-run."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    reader = Identity()
+    async with backend_on(url, keys) as clients:
+        values = await store(clients, reader)
+    killed = await rotate_cli(url, keys.encryption, new, "--online", crash_at="cleanup")
+    assert killed.returncode == 1, killed.stderr
+    async with backend_on(url, keys, next_encryption_key=new) as clients:
+        assert keys_of(clients.backend) == (new.public_key, None)
+        await serves(clients, reader, values)
+    assert not waiting.seen.is_set()
