@@ -2,9 +2,9 @@
 
 `rotate-key --online` (actors/rotation) copies the live log under the new key while
 backends serve, fences writes with a `WritesFenced` in the live log, then swaps: the live
-stream is deleted, recreated and refilled from staging, its `KeyRotated` marker written
-last (right after the fence's position), the KV views rebuilt, and the anchor reset under
-the new key. A backend holding the new key as its *next* key (`Barrier`'s keyring) lives
+stream is deleted, recreated and refilled from staging, the KV views rebuilt, the anchor
+reset under the new key, and the `KeyRotated` marker written last, right after the
+fence's position. A backend holding the new key as its *next* key (`Barrier`'s keyring) lives
 through that without an incident:
 
 - `SwapFollower.pauses`: a fence naming the next key stops the live view at the fence.
@@ -12,16 +12,21 @@ through that without an incident:
   stands (its values open under the old key, which the keyring keeps).
 - `SwapFollower.follow` watches the position after the view. An entry there under the
   current key means the rotation gave up (a `FenceLifted`): the view follows on. The
-  marker under the new key, once the anchor verifies under the new key too (the swap's
-  last step before dropping staging), means the swap is done: a fresh, verified fold of
+  marker under the new key, once the anchor verifies under the new key too (it is reset
+  only after the views are rebuilt, whichever order a rotation writes), means the swap
+  is done: a fresh, verified fold of
   the rewritten log is made beside the old one, the KV writer re-reads the rebuilt
   buckets, and then, in one step with nothing awaited, the keyring adopts the new key
   and the view is rebased onto the fresh fold (`LiveView.rebase`).
+- Until its switch a backend answers from its own state: a write another backend took
+  after switching first is served here once this one has switched too (the time to fold
+  the log), never a value the new key sealed before this backend holds that state.
 - A fence naming a key this backend does not hold is one incident; the view keeps
   following the old log (a lifted fence resumes writes; a swap it cannot read breaks it).
 
 At start-up, `wait_for_swap` waits (bounded) while a committed staging stream says a swap
-is under way (unless the live log is still the old one, whole), and `adopt_log_key`
+is under way (unless the live log is whole anyway: still the old one, or the rotated one
+with its views rebuilt), and `adopt_log_key`
 makes the next key current if the log is under it (a rotation finished while this
 backend was down).
 """
