@@ -14,9 +14,11 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+from actors.rotation.access import retag_access_log
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
+from actors.rotation.switch import wait_for_switch
 from actors.rotation.verify import ExpectedBuckets
 from events.anchor import Anchor
 from events.log import EventLog
@@ -138,6 +140,10 @@ async def _reset_anchor(run: RotationRun, marker: RawMessage) -> None:
 
 
 async def _drop_staging(run: RotationRun) -> None:
+    """The last steps: the backends switched (`switch`, online), the access log re-tagged
+    (`access`), then staging deleted."""
+    run.unswitched = await wait_for_switch(run, run.backends)
+    await retag_access_log(run)
     await run.checkpoint("cleanup")
     await run.delete(run.staging)
 
