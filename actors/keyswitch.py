@@ -207,7 +207,7 @@ class SwapFollower:
         self._replicas = replicas
         self._stream = stream_name(names.name)
         self._unheld: int | None = None  # the fence seq reported as naming a key we lack
-        self.poll_min, self.poll_max = 0.05, 0.5  # seconds between looks at the next position
+        self.poll_min, self.poll_max = 0.05, 0.25  # seconds between looks at the next position
         self.switches = 0
 
     # --- FenceFollower ------------------------------------------------------------------
