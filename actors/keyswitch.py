@@ -89,8 +89,8 @@ async def wait_for_swap(
     staging = staging_stream_name(names.name)
     deadline, said = time.monotonic() + within, False
     while (keys := await _committed_keys(nc, staging)) is not None:
-        if await _whole(nc, names, barrier, *keys):
-            return
+        if await _whole(nc, names, barrier, *keys) or not barrier.holds(keys[1]):
+            return  # whole; or rotated to a key not held here: the log's reader refuses it
         if not said:
             said = True
             log.info(
