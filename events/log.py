@@ -12,7 +12,7 @@ an event, entries not tagged by our key as `Rejected`, and a broken chain raises
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import nats.errors
@@ -24,6 +24,7 @@ from events.chain import ChainReader, Raw, Verified
 from events.codec import Encoded, EventCodec
 from events.types import (
     Event,
+    FenceLifted,
     KeyRotated,
     LogRepaired,
     MappingAdded,
@@ -32,6 +33,7 @@ from events.types import (
     Rejected,
     RevisionsSkipped,
     UndecodableEvent,
+    WritesFenced,
     decode_event,
 )
 from secrets_nats_kv import streams
@@ -135,7 +137,7 @@ class EventLog:
     def subject_for(self, event: Event) -> str:
         if isinstance(event, MappingAdded | MappingRemoved):
             return f"{self.prefix}.mapping.{event.entity}"
-        if isinstance(event, KeyRotated | LogRepaired):
+        if isinstance(event, KeyRotated | LogRepaired | WritesFenced | FenceLifted):
             return f"{self.prefix}.key"
         if isinstance(event, OriginalImported | RevisionsSkipped):
             return f"{self.prefix}.import"
@@ -291,7 +293,7 @@ class EventLog:
 
     async def entries(
         self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
-    ) -> AsyncIterator[LogEntry]:
+    ) -> AsyncGenerator[LogEntry, None]:
         """Every verified position from `from_seq` (the entry before it has link `link`),
         gaps included; to the head as read now, then on if following.
 

@@ -20,6 +20,13 @@ verified prefix may lack a revocation). An operator runs `secrets-nats-kv verify
 A log *deleted* under the view (JetStream answers "no such stream") is such a break too,
 reported as its own incident: the view does not recreate it (an empty log would be taken
 as the truth; the anchor refuses one at start-up for the same reason).
+
+An online key rotation (`WritesFenced`) is followed through a `FenceFollower`: once the
+fold holds a fence it says to wait at, the view stops following and stands still (no
+head reads, no stall restarts, no "log cut short" break: the rotation deletes, recreates
+and refills the stream), serving reads from the state as it stands while the follower
+waits for the rotated log; `rebase` then puts a fresh fold of that log in place, and the
+view follows on from there.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -48,6 +56,19 @@ FOREIGN_ENTRIES = "event-log-foreign-entries"
 LOG_DELETED = "event-log-deleted"
 
 log = logging.getLogger(__name__)
+
+
+class FenceFollower(Protocol):
+    """What the view asks while an online key rotation fences writes (actors.keyswitch)."""
+
+    def pauses(self, state: ViewState) -> bool:
+        """Whether the view must stop following here (a fence it can follow the swap of)."""
+        ...
+
+    async def follow(self, view: LiveView) -> None:
+        """Wait for the fence to end (lifted on this log, or `view.rebase`d onto the
+        rotated one); the view follows its log on from where it then is."""
+        ...
 
 
 class _HeadRound:
@@ -83,8 +104,11 @@ class LiveView:
         report: Report | None = None,
         anchored: Anchored | StorageError | None = None,
         on_forged_head: Callable[[str], object] | None = None,
+        fences: FenceFollower | None = None,
     ) -> None:
         self._log = log_
+        self._fences = fences
+        self.paused = False  # standing at a rotation's fence: the log is not followed
         # Where the log stood when last anchored (events.anchor), or why the anchor could
         # not be read (judged after the log itself: a wrong key is the likelier news).
         self._anchor_error = anchored if isinstance(anchored, StorageError) else None
@@ -117,6 +141,16 @@ class LiveView:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Catch up with the log, report started (ready), then follow it and serve head reads."""
+        await self.catch_up()
+        self.ready.set()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow)
+            tg.start_soon(self._serve_head_reads)
+            tg.start_soon(self._watch_follow)
+            task_status.started()
+
+    async def catch_up(self) -> None:
+        """Fold the whole log to its head, verified, and hold it to its anchor, or raise."""
         await self._read(follow=False)  # the whole log verified to its head, or raise
         if self._anchor_error is not None:
             self._break(self._anchor_error)
@@ -132,16 +166,34 @@ class LiveView:
             )
             assert self.broken is not None
             raise self.broken
-        self.ready.set()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._follow)
-            tg.start_soon(self._serve_head_reads)
-            tg.start_soon(self._watch_follow)
-            task_status.started()
 
     async def _follow(self) -> None:
         with contextlib.suppress(ChainBroken, WrongKey):  # reported; the view stops here
-            await self._read(follow=True)
+            while True:
+                fences = self._fences
+                if fences is not None and fences.pauses(self.state):
+                    self.paused = True
+                    try:
+                        await fences.follow(self)  # lifted, or rebased: follow on
+                    finally:
+                        self.paused = False
+                await self._read(follow=True)  # returns only once an entry ends at a fence
+
+    def _at_fence(self) -> bool:
+        return self._fences is not None and self._fences.pauses(self.state)
+
+    def rebase(self, fresh: LiveView, effects: list[tuple[int, list[Effect]]]) -> None:
+        """Serve `fresh`, a verified fold of the rewritten log (same positions, new key).
+
+        `effects`: the fresh fold's KV writes past this view's position (the rotation
+        rebuilt the views up to its marker), handed on as if this view had folded them.
+        """
+        self.state, self.link, self.digests = fresh.state, fresh.link, fresh.digests
+        self._anchored = fresh._anchored
+        if self._on_effects is not None:
+            for seq, entry_effects in effects:
+                self._on_effects(seq, entry_effects)
+        self.applied.advance(self.state.last_seq)
 
     async def _read(self, *, follow: bool) -> None:
         """Fold the log from where the view is: to its head, or on and on if following.
@@ -157,9 +209,12 @@ class LiveView:
                     entries = self._log.entries(
                         from_seq=self.state.last_seq + 1, link=self.link, follow=follow
                     )
-                    async for entry in entries:
-                        self._apply(entry)
-                        delay = 0.1
+                    async with contextlib.aclosing(entries):
+                        async for entry in entries:
+                            self._apply(entry)
+                            delay = 0.1
+                            if follow and self._at_fence():
+                                return
                     if not follow:
                         return
                 except (ChainBroken, WrongKey) as exc:
@@ -207,7 +262,12 @@ class LiveView:
         self.applied.fail(exc)  # every waiter fails with the break
 
     def _deleted(self) -> None:
-        """JetStream says the log's stream does not exist: a break, and following stops."""
+        """JetStream says the log's stream does not exist: a break, and following stops.
+
+        Not while paused at a rotation's fence: its swap deletes and refills the log.
+        """
+        if self.paused:
+            return
         if self.broken is None:
             self._break(LogDeleted(self._log.stream, self.state.last_seq), LOG_DELETED)
         if self._follow_scope is not None:
@@ -223,6 +283,8 @@ class LiveView:
         seen = self.state.last_seq
         while self.broken is None:
             await anyio.sleep(self.stall_after)  # a periodic check, not a wait for an event
+            if self.paused:
+                continue  # at a fence: the log is being swapped, not followed
             folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
@@ -255,6 +317,8 @@ class LiveView:
         """
         if self.broken is not None:
             raise self.broken
+        if self.paused:
+            return  # at a fence no write is acknowledged: the state as it stands is fresh
         current = self._round
         if current is None:
             current = self._round = _HeadRound()
@@ -340,7 +404,7 @@ class LiveView:
         """This view is an anchor too: a log whose head, read after the view had folded
         `folded` entries, is below that was cut short or replaced (stream deleted, an
         earlier part published again). The view may fold more while the read is out."""
-        if head < folded and self.broken is None:
+        if head < folded and self.broken is None and not self.paused:
             self._break(
                 ChainBroken(
                     head + 1,

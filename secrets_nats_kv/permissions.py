@@ -126,13 +126,16 @@ def _backend(names: BackendNames) -> Permissions:
         streams.kv_subjects(names.secrets_bucket),
         streams.kv_subjects(names.state_bucket),
         *_reading(events),
-        *_api(events, "CREATE", "UPDATE", "MSG.DELETE"),  # ensure, limits; destroy erases
+        # ensure, limits; destroy erases; MSG.GET: which key tags the log, and the entry
+        # after an online rotation's fence (actors.keyswitch)
+        *_api(events, "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
         # MSG.GET: the start-up and peer-write checks read what a revision holds
         *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *_api(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
         anchor_subject(names),  # where the chain stood after each append
         *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
+        *_api(staging_stream(names), "INFO"),  # a key rotation's swap under way?
     ]
     subscribe = [
         f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group
@@ -176,7 +179,6 @@ def _admin(names: BackendNames) -> Permissions:
         inbox,
         f"{names.subject_prefix}.>",  # admin requests (put, mappings, list, delete, ...)
         lock,  # rotate-key: who holds the lock?
-        f"{SRV}.STATS.{SERVICE_NAME}",  # status: every instance's stats
         # rotate-key rewrites the log and the views; rebuild rewrites the views.
         events_subjects(names),
         staging_subjects(names),
@@ -185,6 +187,13 @@ def _admin(names: BackendNames) -> Permissions:
         *_reading(events),  # audit export, rotate-key
         *_api(events, "CREATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
         *_reading(access),  # audit export --access
+        # rotate-key re-tags the access log for the new key (each batch again, then erased)
+        access_subject(names),
+        *_api(access, "MSG.DELETE"),
+        # status: every instance's stats; rotate-key --online: the keys each backend
+        # holds, and when they switched
+        f"{SRV}.STATS.{SERVICE_NAME}",
+        f"{SRV}.STATS.{SERVICE_NAME}.*",
         *_api(staging, "INFO", "CREATE", "UPDATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
         # get reads the bucket; rotate-key erases destroyed versions from it
         *_api(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),

@@ -11,22 +11,23 @@ before touching any stream.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import nats.errors
 from nats.aio.client import Client as NATS
 
 from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
 from actors.rotation.copy import stage
 from actors.rotation.lock import RotationLock, RotationLockHeld
+from actors.rotation.online import abort_staged, rotate_online
+from actors.rotation.precheck import BackendKeys, check_backends
 from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
 from actors.rotation.swap import commit, read_staging, swap
 from projections.kv import KvLayout
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import stream_info, to_backend_error
+from secrets_nats_kv.nats.jetstream import stream_info
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -41,14 +42,20 @@ async def rotate_key(
     dry_run: bool,
     progress: Callable[[int, int], None] | None,
     crash: CrashPoints = NO_CRASHES,
+    online: bool = False,
+    backends: Sequence[BackendKeys] = (),
 ) -> RotationReport:
     """Re-seal every value and re-tag every event for `new`; see `actors.rotation` for safety.
 
-    `crash` names the points where a test may stop the run (the product never stops).
+    `online`: with backends running (`actors.rotation.online`); `backends` are those that
+    answered the stats request, each of which must hold `new`. `crash` names the points
+    where a test may stop the run (the product never stops).
     """
     run = RotationRun(nc, names, layout, old, new, progress, crash)
+    run.backends = backends
     note = ""
-    if await _backend_answers(run):
+    # Online, the backends are checked once the run knows it is not finishing a swap.
+    if not online and await run.backend_answers():
         # Even with --force: a backend writing during the swap would have its acknowledged
         # writes dropped with the old log and their versions handed out again.
         if dry_run:
@@ -61,15 +68,27 @@ async def rotate_key(
             )
     del force  # kept for the CLI's compatibility; it no longer overrides the check
     if dry_run:
-        return await _decide(run, dry_run=True, note=note)
+        return await _decide(run, dry_run=True, note=note, online=online)
     try:
         async with RotationLock(nc, names.name):
-            return await _decide(run, dry_run=False, note=note)
+            return await _decide(run, dry_run=False, note=note, online=online)
     except RotationLockHeld as exc:  # raised on entry only: the body never ran
         raise RotationRefused(str(exc)) from None
 
 
-async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationReport:
+async def abort_rotation(nc: NATS, *, names: BackendNames, layout: KvLayout, old: XKey) -> str:
+    """`rotate-key --abort`: lift a standing write fence, drop uncommitted staging."""
+    run = RotationRun(nc, names, layout, old, old, None, NO_CRASHES)
+    try:
+        async with RotationLock(nc, names.name):
+            return await abort_staged(run, await run.inspect_staging())
+    except RotationLockHeld as exc:
+        raise RotationRefused(str(exc)) from None
+
+
+async def _decide(
+    run: RotationRun, *, dry_run: bool, note: str, online: bool = False
+) -> RotationReport:
     """Resume, reuse, redo or start, from what the staging and live streams hold."""
     staging = await run.inspect_staging()
     if staging is not None and staging.state == COMMITTED:
@@ -85,6 +104,12 @@ async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationRepo
         return _report(run, "resumed", await swap(run, staging), note)
     if run.old.public_key == run.new.public_key:
         raise RotationRefused("the old and the new encryption keys are the same key")
+    if online:
+        await _check_backends(run)
+    if online and not dry_run:
+        if await _already_rotated(run, staging):
+            return _report(run, "already rotated", Counts(), note)
+        return _report(run, "rotated", await rotate_online(run, staging), note)
     live = await stream_info(run.nc, run.live, API_TIMEOUT)
     if live is None:
         raise RotationRefused(f"no event log {run.live}: nothing to rotate")
@@ -114,19 +139,35 @@ async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationRepo
 
 
 def _report(run: RotationRun, outcome: Outcome, counts: Counts, note: str) -> RotationReport:
+    if run.unswitched:
+        late = f"not yet serving under the new key: {', '.join(run.unswitched)}"
+        note = f"{note}; {late}" if note else late
     return RotationReport.of(
-        outcome, run.new.public_key, counts, time.monotonic() - run.started, note
+        outcome,
+        run.new.public_key,
+        counts,
+        time.monotonic() - run.started,
+        note,
+        fenced_seconds=run.fenced_seconds,
     )
 
 
-async def _backend_answers(run: RotationRun) -> bool:
-    try:
-        await run.nc.request(run.names.subject("server_xkey"), b"", timeout=1.0)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+async def _check_backends(run: RotationRun) -> None:
+    """Online: every answering backend holds the new key (`precheck`); one that answers
+    without reporting its keys is refused too."""
+    check_backends(run.backends, run.new.public_key)
+    if not run.backends and await run.backend_answers():
+        raise RotationRefused(
+            f"a backend answers on {run.names.subject('server_xkey')} but reported no keys "
+            "(not ready yet, or an older version): run again once `status` lists it"
+        )
+
+
+async def _already_rotated(run: RotationRun, staging: Staging | None) -> bool:
+    if staging is not None:
         return False
-    except nats.errors.Error as exc:
-        raise to_backend_error("probe backends", exc) from None
-    return True
+    last_seq = await run.live_head()
+    return last_seq > 0 and run.is_marker(await run.get(run.live, last_seq))
 
 
 async def _refuse_if_live_moved_on(run: RotationRun, staging: Staging) -> None:

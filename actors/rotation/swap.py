@@ -11,15 +11,18 @@ and checked against `ExpectedBuckets`, and only then is the staging stream delet
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import AsyncGenerator, Callable
 
+from actors.rotation.access import retag_access_log
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
+from actors.rotation.switch import wait_for_switch
 from actors.rotation.verify import ExpectedBuckets
 from events.anchor import Anchor
 from events.log import EventLog
-from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
+from events.types import Rejected, SecretPut, UndecodableEvent, WritesFenced, decode_event
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
@@ -37,29 +40,79 @@ async def commit(run: RotationRun) -> None:
     await update_stream(run.nc, config, API_TIMEOUT)
 
 
-async def swap(run: RotationRun, staging: Staging) -> Counts:
-    """Make the live log a copy of the committed staging stream, rebuild views, clean up."""
+async def swap(
+    run: RotationRun, staging: Staging, kept: dict[int, RawMessage] | None = None
+) -> Counts:
+    """Make the live log a copy of the committed staging stream, rebuild views, clean up.
+
+    A staged log whose marker follows a write fence (an online rotation, backends
+    running) is swapped in the online order: the refill, the anchor under the new key,
+    then the marker, which ends the fence (backends switch once they see it with the
+    anchor); the KV views are rebuilt after it, while backends may write again
+    (`rebuild_views` is safe with running writers), so the fence lasts the refill only.
+    `kept`: the staged entries as this run wrote them (the refill reads them from memory
+    instead of the staging stream; they are checked the same way).
+    """
     assert staging.marker is not None
     marker = staging.marker
+    fence = await staged_fence(run, staging)
     copied = await run.get(run.live, marker.seq)
     if (
-        copied is None
-        or copied.data != marker.data
-        or copied.headers.get(TAG_HEADER) != marker.headers.get(TAG_HEADER)
+        copied is not None
+        and copied.data == marker.data
+        and copied.headers.get(TAG_HEADER) == marker.headers.get(TAG_HEADER)
     ):
-        await run.delete(run.live)
-        event_log = EventLog(
-            run.nc,
-            backend_name=run.names.name,
-            barrier=run.new_auth,
-            replicas=staging.replicas,
-        )
-        await event_log.ensure()
-        async with PositionedPublisher(run.nc, run.live, run.live_prefix) as publisher:
-            counts, expected = await read_staging(run, staging, publisher, "live")
-        run.tick(counts.entries, counts.entries)
-    else:
         counts, expected = await read_staging(run, staging, None, "scan")
+        await _rebuild_checked(run, staging, expected, online=fence is not None)
+        if fence is None:  # online, the anchor moved before the marker (writers follow it)
+            await _reset_anchor(run, marker)
+        await _drop_staging(run)
+        return counts
+    await run.delete(run.live)
+    event_log = EventLog(
+        run.nc, backend_name=run.names.name, barrier=run.new_auth, replicas=staging.replicas
+    )
+    await event_log.ensure()
+    async with PositionedPublisher(run.nc, run.live, run.live_prefix) as publisher:
+        counts, expected = await read_staging(
+            run, staging, publisher, "live", with_marker=fence is None, kept=kept
+        )
+        run.tick(counts.entries, counts.entries)
+        if fence is not None:
+            await run.checkpoint("filled")
+            await _reset_anchor(run, marker)
+            await _publish_marker(run, publisher, marker)
+            run.fenced_seconds = max(time.time() - fence.at, 0.0)
+            expected.add(marker.seq, decode_event(marker.data))
+            await _rebuild_checked(run, staging, expected, online=True)
+            await _drop_staging(run)
+            return counts
+    await _rebuild_checked(run, staging, expected)
+    await _reset_anchor(run, marker)
+    await _drop_staging(run)
+    return counts
+
+
+async def staged_fence(run: RotationRun, staging: Staging) -> WritesFenced | None:
+    """The write fence to the new key right before the staged marker, if there is one."""
+    assert staging.marker is not None
+    raw = await run.get(run.staging, staging.marker.seq - 1) if staging.marker.seq > 1 else None
+    if raw is None or not run.new_auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
+        return None
+    try:
+        event = decode_event(raw.data)
+    except UndecodableEvent:
+        return None
+    if isinstance(event, WritesFenced) and event.new_key == run.new.public_key:
+        return event
+    return None
+
+
+async def _rebuild_checked(
+    run: RotationRun, staging: Staging, expected: ExpectedBuckets, *, online: bool = False
+) -> None:
+    """Rebuild both KV views from the live log; they must match the staged log's fold
+    (online, once backends wrote after the marker, the rebuild must reach the marker)."""
     layout = dataclasses.replace(run.layout, replicas=max(run.layout.replicas, staging.replicas))
 
     def rebuild_progress(done: int, total: int) -> None:
@@ -74,6 +127,14 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         barrier=run.new_auth,
         progress=rebuild_progress,
     )
+    if online and await run.live_head() > expected.state.last_seq:
+        if rebuilt.events < expected.state.last_seq:
+            raise StorageError(
+                "rebuilt KV views",
+                f"folded {rebuilt.events} entries, the staged log has "
+                f"{expected.state.last_seq}; {run.staging} is kept: re-run rotate-key",
+            )
+        return  # backends write again: the views follow the log they extend
     secrets = await stream_info(run.nc, kv_stream(layout.secrets_bucket), API_TIMEOUT)
     mappings = await stream_info(run.nc, kv_stream(run.names.state_bucket), API_TIMEOUT)
     problem = expected.mismatch(
@@ -85,13 +146,35 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         raise StorageError(
             "rebuilt KV views", f"{problem}; {run.staging} is kept: re-run rotate-key"
         )
-    # The anchor under the new key, at the marker: the old one no longer verifies.
+
+
+async def _reset_anchor(run: RotationRun, marker: RawMessage) -> None:
+    """The anchor under the new key, at the marker: the old one no longer verifies."""
     anchor = Anchor(run.nc, backend_name=run.names.name, barrier=run.new_auth)
     await anchor.ensure()
     await anchor.reset(marker.seq, marker.headers.get(CHAIN_HEADER, ""))
+
+
+async def _drop_staging(run: RotationRun) -> None:
+    """The last steps: the backends switched (`switch`, online), the access log re-tagged
+    (`access`), then staging deleted."""
+    run.unswitched = await wait_for_switch(run, run.backends)
+    await retag_access_log(run)
     await run.checkpoint("cleanup")
     await run.delete(run.staging)
-    return counts
+
+
+async def _publish_marker(
+    run: RotationRun, publisher: PositionedPublisher, marker: RawMessage
+) -> None:
+    subject = f"{run.live_prefix}.key"
+    await publisher.publish(marker.seq, subject, marker.data, _stored(marker.headers))
+    await publisher.drain()
+
+
+async def _from_memory(kept: dict[int, RawMessage]) -> AsyncGenerator[RawMessage, None]:
+    for raw in kept.values():
+        yield raw
 
 
 def _check_staged(
@@ -128,15 +211,25 @@ def _stored(headers: dict[str, str]) -> dict[str, str]:
 
 
 async def read_staging(
-    run: RotationRun, staging: Staging, publisher: PositionedPublisher | None, phase: str
+    run: RotationRun,
+    staging: Staging,
+    publisher: PositionedPublisher | None,
+    phase: str,
+    *,
+    with_marker: bool = True,
+    kept: dict[int, RawMessage] | None = None,
 ) -> tuple[Counts, ExpectedBuckets]:
     """Read the staged log, checking it, and copy it through `publisher` if one is given:
-    every entry but the marker at its position, then the marker last. Without a publisher
+    every entry but the marker at its position, then the marker last (`with_marker`:
+    else the caller writes it later, and the fold stops before it). Without a publisher
     it only counts and folds (resumed runs, dry runs)."""
     marker = staging.marker
     assert marker is not None
     counts, expected = Counts(), ExpectedBuckets(run.layout.max_history)
-    source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
+    if kept is None:
+        source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
+    else:
+        source = _from_memory(kept)
     await replay(
         run,
         source,
@@ -147,10 +240,10 @@ async def read_staging(
         phase,
         on_gap=lambda seq: expected.add(seq, None),
     )
-    if publisher is not None:
-        subject = f"{run.live_prefix}.key"
-        await publisher.publish(marker.seq, subject, marker.data, _stored(marker.headers))
-        await publisher.drain()
-    expected.add(marker.seq, decode_event(marker.data))
     counts.entries = staging.last_seq
+    if not with_marker:
+        return counts, expected
+    if publisher is not None:
+        await _publish_marker(run, publisher, marker)
+    expected.add(marker.seq, decode_event(marker.data))
     return counts, expected

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -29,6 +30,13 @@ from secrets_nats_kv.errors import ConfigError, InvalidKey
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
+    from actors.rotation import BackendKeys
+    from projections.kv import KvLayout
+    from secrets_nats_kv.config import BackendNames
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,33 @@ def previous_transit_keys(args: argparse.Namespace) -> tuple[XKey, ...]:
 # --- run ---------------------------------------------------------------------------------
 
 
+def next_encryption_key(args: argparse.Namespace) -> XKey | None:
+    """NEXT_ENCRYPTION_XKEY_SEED or --next-encryption-xkey-seed-file: the key an online
+    rotation moves to, held beside the current one (None when neither is given)."""
+    path = getattr(args, "next_encryption_xkey_seed_file", None)
+    text = os.environ.get("NEXT_ENCRYPTION_XKEY_SEED", "").strip()
+    where = "NEXT_ENCRYPTION_XKEY_SEED"
+    if path:
+        if text:
+            raise ConfigError(
+                "give NEXT_ENCRYPTION_XKEY_SEED or --next-encryption-xkey-seed-file, not both"
+            )
+        where = f"--next-encryption-xkey-seed-file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"{where}: cannot read it: {why}") from None
+        if not text:
+            raise ConfigError(f"{where}: the file holds no curve seed (SX…)")
+    if not text:
+        return None
+    try:
+        return XKey.from_seed(text)
+    except InvalidKey as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def backend_config(args: argparse.Namespace) -> BackendConfig:
     for key in (*args.admin_xkey, *args.trusted_issuer):
         if not key:
@@ -111,6 +146,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         transit_key=seed_from_env("TRANSIT_XKEY_SEED"),
         previous_transit_keys=previous_transit_keys(args),
         encryption_key=seed_from_env("ENCRYPTION_XKEY_SEED"),
+        next_encryption_key=next_encryption_key(args),
         names=backend_names(args),
         nats=nats_options(args),
         max_secret_history=args.max_secret_history,
@@ -200,7 +236,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
     if args.dev_command == "rotate-key":
         return await dev.rotate_dev_key(args.data_dir, args.nats_address)
-    return await dev.run_dev(args.data_dir, args.nats_address, args.shutdown)
+    return await dev.run_dev(
+        args.data_dir, args.nats_address, args.shutdown, next_key=next_encryption_key(args)
+    )
 
 
 async def cmd_rotate_key(args: argparse.Namespace) -> int:
@@ -208,8 +246,16 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
     from projections.kv import KvLayout
 
     old = seed_from_env("ENCRYPTION_XKEY_SEED")
-    new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
     names = backend_names(args)
+    layout = KvLayout(
+        secrets_bucket=names.secrets_bucket,
+        state_bucket=names.state_bucket,
+        max_history=args.max_secret_history,
+        replicas=args.replicas,
+    )
+    if args.abort:
+        return await _abort_rotation(args, names, layout, old)
+    new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
     nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
     try:
         if (refused := await _why_silent(nc, args)) is not None:
@@ -217,19 +263,38 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
         report = await rotate_key(
             nc,
             names=names,
-            layout=KvLayout(
-                secrets_bucket=names.secrets_bucket,
-                state_bucket=names.state_bucket,
-                max_history=args.max_secret_history,
-                replicas=args.replicas,
-            ),
+            layout=layout,
             old=old,
             new=new,
             force=args.force,
             dry_run=args.dry_run,
             progress=progress_printer("rotate-key"),
+            online=args.online,
+            backends=await _answering_backends(nc, names) if args.online else (),
         )
     finally:
         await _close(nc)
     _say(report.summary())
+    return 0
+
+
+async def _answering_backends(nc: NATS, names: BackendNames) -> list[BackendKeys]:
+    """The backends answering `status`'s stats request, with the keys they hold."""
+    from actors.rotation import BackendKeys
+    from secrets_nats_kv.app.status import gather
+
+    return [BackendKeys.of(i.id, i.keys) for i in await gather(nc, names, 1.0)]
+
+
+async def _abort_rotation(
+    args: argparse.Namespace, names: BackendNames, layout: KvLayout, old: XKey
+) -> int:
+    from actors.rotation import abort_rotation
+
+    nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
+    try:
+        said = await abort_rotation(nc, names=names, layout=layout, old=old)
+    finally:
+        await _close(nc)
+    _say(said)
     return 0

@@ -82,7 +82,7 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"wasmcloud_secrets_access.{n}",
         f"$KV.{names.secrets_bucket}.>",
         f"$KV.SECRETS_{n}_state.>",
-        *verbs(events, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
+        *verbs(events, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *consumers(events),
         f"$JS.FC.{events}.>",
         *verbs(access, "INFO", "CREATE", "UPDATE"),
@@ -90,6 +90,7 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *verbs(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
         f"wasmcloud_secrets_anchor.{n}",
         *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
+        *verbs(staging, "INFO"),
     ]
     backend_sub = [
         f"{prefix}.>",  # (queue group only: checked separately)
@@ -113,13 +114,16 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *verbs(access, "INFO"),
         *consumers(access),
         f"$JS.FC.{access}.>",
+        f"wasmcloud_secrets_access.{n}",
+        *verbs(access, "MSG.DELETE"),
+        "$SRV.STATS.secrets-nats-kv",  # status, rotate-key --online
+        "$SRV.STATS.secrets-nats-kv.*",
         *verbs(staging, "INFO", "CREATE", "UPDATE", "DELETE", "MSG.GET", "MSG.DELETE"),
         f"{api}.DIRECT.GET.{staging}",
         *verbs(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),
         *verbs(state_kv, "INFO", "CREATE", "DELETE"),
         f"wasmcloud_secrets_anchor.{n}",
         *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
-        "$SRV.STATS.secrets-nats-kv",  # status
         *consumers(secrets_kv),  # import reads the original's buckets and marks them
         f"$JS.FC.{secrets_kv}.>",
         *consumers(state_kv),

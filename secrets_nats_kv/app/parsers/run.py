@@ -33,6 +33,7 @@ def add_dev_parser(commands: Any) -> None:
     dev.add_argument(
         "--nats-address", default=config.DEFAULT_NATS_ADDRESS, help="where nats-server listens"
     )
+    _add_next_encryption(dev)
     add_logging(dev)
     dev_commands = dev.add_subparsers(dest="dev_command", parser_class=Parser, metavar="")
     dev_rotate = dev_commands.add_parser(
@@ -61,6 +62,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="XKEY",
         help="public xkey allowed to sign admin operations (repeatable; env ADMIN_XKEYS)",
     )
+    _add_next_encryption(parser)
     parser.add_argument(
         "--previous-transit-xkey-seeds-file",
         metavar="FILE",
@@ -94,3 +96,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="backend processes on this machine")
     add_logging(parser)
+
+
+def _add_next_encryption(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--next-encryption-xkey-seed-file",
+        metavar="FILE",
+        help="the key an online rotate-key moves to, held beside the current one "
+        "(env NEXT_ENCRYPTION_XKEY_SEED)",
+    )
