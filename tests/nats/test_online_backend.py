@@ -27,7 +27,6 @@ from events.log import EventLog, stream_name, subject_prefix
 from events.types import FenceLifted, SecretPut, WritesFenced, decode_event
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
-from secrets_nats_kv.config import kv_stream
 from secrets_nats_kv.errors import (
     DecryptionError,
     ProtocolError,
@@ -35,6 +34,7 @@ from secrets_nats_kv.errors import (
     StorageError,
 )
 from secrets_nats_kv.nats.reader import read_stream
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 from support.cliproc import one_line_error
 from support.harness import (

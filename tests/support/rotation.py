@@ -29,11 +29,12 @@ from projections.audit import AuditRecord, audit_records
 from projections.kv import KvLayout
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
+from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER
 from secrets_nats_kv.nats.reader import read_stream
+from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 from support.crash import program as crash_program
 from support.harness import CLI, Clients, Identity, Keys, cli_env, run_cli, running_backend
