@@ -75,6 +75,14 @@ def new_key() -> XKey:
     return key
 
 
+def value(text: str) -> None:
+    remember(text, "secret value")
+
+
+def tokens(who: Identity) -> tuple[str, str]:
+    return who.entity_jwt(), who.host_jwt()
+
+
 @contextlib.asynccontextmanager
 async def client(url: str) -> AsyncIterator[NATS]:
     nc = await connect(NatsOptions(servers=(url,)), name="procedure test", persistent=False)
@@ -145,8 +153,8 @@ async def test_rolling_restarts_and_a_sigkill_under_load_fail_no_get(
         async with client(url) as nc:
             admin = AdminClient(nc, NAMES, transit)
             reader = Identity()
-            secrets, written, seeded = await populate(admin, reader, 40)
-            load = Load(nc, NAMES, transit, reader, secrets, written)
+            secrets, written, seeded = await populate(admin, reader.entity_key, 40, remember=value)
+            load = Load(nc, NAMES, transit, *tokens(reader), secrets, written, value)
             async with load.running():
                 await backends.roll(env)
                 kill = await backends.kill(1)
@@ -159,7 +167,7 @@ async def test_rolling_restarts_and_a_sigkill_under_load_fail_no_get(
             assert load.refusals == []  # no rotation: nothing fences writes
             assert len(load.acks) > 0
             host = HostClient(nc, NAMES)
-            assert await unserved_writes(host, reader, [*seeded, *load.acks]) == []
+            assert await unserved_writes(host, *tokens(reader), [*seeded, *load.acks]) == []
             (traces,) = await key_traces(nc, [key])
         found = {where.split("#")[0] for where in traces.found()}
         assert found >= {
@@ -179,14 +187,16 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
         async with client(url) as nc:
             admin = AdminClient(nc, NAMES, transit)
             reader = Identity()
-            secrets, written, seeded = await populate(admin, reader, SECRETS)
+            secrets, written, seeded = await populate(
+                admin, reader.entity_key, SECRETS, remember=value
+            )
             before = await audit_history(url, old)
             (control,) = await key_traces(nc, [old])
             assert control.opened, "the scan opens nothing even under the key in use"
             assert control.tagged, "the scan verifies no tag even under the key in use"
 
             both = backend_env(transit, old, new)
-            load = Load(nc, NAMES, transit, reader, secrets, written)
+            load = Load(nc, NAMES, transit, *tokens(reader), secrets, written, value)
             kills: list[float] = []
             async with load.running():
                 # Step 1: current + next, one backend at a time.
@@ -224,7 +234,7 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
             assert len(load.acks) > 0
             host = HostClient(nc, NAMES)
             acknowledged: list[Ack] = [*seeded, *load.acks]
-            assert await unserved_writes(host, reader, acknowledged) == []
+            assert await unserved_writes(host, *tokens(reader), acknowledged) == []
 
             after = await audit_history(url, new)
             assert after[: len(before)] == before, "the history before the rotation changed"

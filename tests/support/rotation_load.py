@@ -27,8 +27,9 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,23 +53,39 @@ from secrets_nats_kv.errors import BackendNotAnswering, DecryptionError
 from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER
 from secrets_nats_kv.nats.reader import read_stream
 from secrets_nats_kv.xkeys import XKey
-from support.harness import Identity, Keys, cli_env, spawn_run
-from support.host import HostClient
-from support.leakcheck import remember
+
+from .host import HostClient
 
 READY_LINE = b"backend ready"
 GET_EVERY_S = 0.020
 PUT_EVERY_S = 0.200
 GET_TIMEOUT_S = 10.0  # what a wasmCloud host waits, once
 SUBJECT_HEADER = "Nats-Subject"  # a direct get's reply names the stored subject here
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "secrets_nats_kv.app.cli"]
+Remember = Callable[[str], None]  # the leak registry's `remember` in tests; bench: nothing
+
+
+def _ignore(value: str) -> None:
+    return None
 
 
 # --- key configurations ---------------------------------------------------------------------
 
 
+def process_env(**seeds: str) -> dict[str, str]:
+    """This interpreter's environment without any seed, plus `seeds`, for a CLI process.
+    (tests/support/harness.py's `cli_env`, without the test-only imports: the bench uses
+    this module too.)"""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_SEED")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(seeds)
+    return env
+
+
 def backend_env(transit: XKey, current: XKey, next_: XKey | None = None) -> dict[str, str]:
     """The environment of a `run` holding `current` (and `next_`, the procedure's step 1)."""
-    env = cli_env(Keys(transit=transit, encryption=current))
+    env = process_env(TRANSIT_XKEY_SEED=transit.seed, ENCRYPTION_XKEY_SEED=current.seed)
     if next_ is not None:
         env["NEXT_ENCRYPTION_XKEY_SEED"] = next_.seed
     return env
@@ -76,7 +93,23 @@ def backend_env(transit: XKey, current: XKey, next_: XKey | None = None) -> dict
 
 def rotation_env(transit: XKey, old: XKey, new: XKey) -> dict[str, str]:
     """The environment of `rotate-key` (online or not): the current key and the new one."""
-    return cli_env(Keys(transit=transit, encryption=old), NEW_ENCRYPTION_XKEY_SEED=new.seed)
+    return process_env(
+        TRANSIT_XKEY_SEED=transit.seed,
+        ENCRYPTION_XKEY_SEED=old.seed,
+        NEW_ENCRYPTION_XKEY_SEED=new.seed,
+    )
+
+
+def spawn_run(url: str, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`secrets-nats-kv run` as a real process writing to `log`."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [*CLI, "run", "--nats-address", url],
+            env=dict(env),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
 
 
 # --- two real `run` processes --------------------------------------------------------------
@@ -123,7 +156,7 @@ class Fleet:
         slot.starts += 1
         slot.log = self.directory / f"run-{index}-{slot.starts}.log"
         slot.log.touch()
-        slot.proc = spawn_run(self.url, env, log=slot.log)
+        slot.proc = spawn_run(self.url, env, slot.log)
         return slot
 
     async def wait_ready(self, index: int, deadline: float = 60.0) -> None:
@@ -224,9 +257,11 @@ class Load:
     nc: NATS
     names: BackendNames
     admin_key: XKey
-    reader: Identity
+    entity_jwt: str  # the reader's tokens: an entity mapped to every secret, and its host
+    host_jwt: str
     secrets: Sequence[str]
     written: dict[str, set[str]]  # every value each secret was ever given (or is being)
+    remember: Remember = _ignore
     gets: int = 0
     failed_gets: list[FailedGet] = field(default_factory=list)
     wrong_values: list[str] = field(default_factory=list)
@@ -242,7 +277,7 @@ class Load:
         """The load runs while the block does; on exit it stops and every get has ended."""
         host = HostClient(self.nc, self.names, timeout=GET_TIMEOUT_S)
         admin = AdminClient(self.nc, self.names, self.admin_key, timeout=5.0, retries=2)
-        entity_jwt, host_jwt = self.reader.entity_jwt(), self.reader.host_jwt()
+        entity_jwt, host_jwt = self.entity_jwt, self.host_jwt
         self.started = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._gets, tg, host, entity_jwt, host_jwt)
@@ -279,7 +314,7 @@ class Load:
         while not self._stop.is_set():
             name = self.secrets[(count * 7) % len(self.secrets)]
             value = f"load {count} {os.urandom(6).hex()}"
-            remember(value, "secret value")
+            self.remember(value)
             self.written[name].add(value)
             count += 1
             try:
@@ -325,9 +360,10 @@ async def _until(moment: float) -> None:
 
 
 async def populate(
-    admin: AdminClient, reader: Identity, count: int, versions: int = 2
+    admin: AdminClient, reader: str, count: int, versions: int = 2, remember: Remember = _ignore
 ) -> tuple[list[str], dict[str, set[str]], list[Ack]]:
-    """`count` secrets with `versions` versions each, mapped to `reader` (16 puts in flight)."""
+    """`count` secrets with `versions` versions each, mapped to the entity `reader` (public
+    key), 16 puts in flight."""
     secrets = [f"rot-{i:04d}" for i in range(count)]
     written: dict[str, set[str]] = {name: set() for name in secrets}
     acks: list[Ack] = []
@@ -335,7 +371,7 @@ async def populate(
 
     async def put(name: str, round_: int) -> None:
         value = f"{name} v{round_} {os.urandom(6).hex()}"
-        remember(value, "secret value")
+        remember(value)
         written[name].add(value)
         async with limiter:
             acks.append(Ack(name, await admin.put_secret(name, value), value, time.monotonic()))
@@ -344,13 +380,14 @@ async def populate(
         async with anyio.create_task_group() as tg:
             for name in secrets:
                 tg.start_soon(put, name, round_)
-    await admin.add_mapping(reader.entity_key, secrets)
+    await admin.add_mapping(reader, secrets)
     return secrets, written, acks
 
 
-async def unserved_writes(host: HostClient, reader: Identity, acks: Sequence[Ack]) -> list[str]:
+async def unserved_writes(
+    host: HostClient, entity_jwt: str, host_jwt: str, acks: Sequence[Ack]
+) -> list[str]:
     """Every acknowledged write read back at its version: what is missing or different."""
-    entity_jwt, host_jwt = reader.entity_jwt(), reader.host_jwt()
     problems: list[str] = []
     versions: dict[int, Ack] = {}
     for ack in acks:
@@ -456,6 +493,7 @@ async def key_traces(nc: NATS, keys: Sequence[XKey]) -> list[KeyTraces]:
     results = [KeyTraces() for _ in keys]
     for info in await nc.jetstream().streams_info():
         stream = info.config.name
+        assert stream is not None
         async for raw in read_stream(nc, stream, ">"):
             subject = raw.headers.get(SUBJECT_HEADER, "")
             for barrier, result in zip(barriers, results, strict=True):
