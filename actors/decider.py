@@ -26,7 +26,12 @@ from events.types import Event
 from projections.live import LiveView
 from projections.state import ViewState
 from projections.watermark import Watermark
-from secrets_nats_kv.errors import NatsUnavailable, StorageError, UpstreamError
+from secrets_nats_kv.errors import (
+    NatsUnavailable,
+    RotationInProgress,
+    StorageError,
+    UpstreamError,
+)
 
 _ATTEMPTS = 20
 log = logging.getLogger(__name__)
@@ -115,6 +120,8 @@ class Decider:
                 first = state.requests.get(request_id) if request_id else None
                 if first is not None:  # a replay: answered with what the first one did
                     return Appended(first, duplicate=True)
+                if state.fence is not None:  # an online key rotation is swapping the log
+                    raise RotationInProgress()
                 expected, previous = state.last_seq, self._view.link
                 event = decide(state)
                 try:

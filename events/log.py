@@ -24,6 +24,7 @@ from events.chain import ChainReader, Raw, Verified
 from events.codec import Encoded, EventCodec
 from events.types import (
     Event,
+    FenceLifted,
     KeyRotated,
     LogRepaired,
     MappingAdded,
@@ -32,6 +33,7 @@ from events.types import (
     Rejected,
     RevisionsSkipped,
     UndecodableEvent,
+    WritesFenced,
     decode_event,
 )
 from secrets_nats_kv.barrier import GENESIS, Barrier, digest
@@ -123,7 +125,7 @@ class EventLog:
     def subject_for(self, event: Event) -> str:
         if isinstance(event, MappingAdded | MappingRemoved):
             return f"{self.prefix}.mapping.{event.entity}"
-        if isinstance(event, KeyRotated | LogRepaired):
+        if isinstance(event, KeyRotated | LogRepaired | WritesFenced | FenceLifted):
             return f"{self.prefix}.key"
         if isinstance(event, OriginalImported | RevisionsSkipped):
             return f"{self.prefix}.import"

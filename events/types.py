@@ -74,6 +74,26 @@ class KeyRotated(_Event, frozen=True, tag="key_rotated"):
     new_key: str
 
 
+class WritesFenced(_Event, frozen=True, tag="writes_fenced"):
+    """An online key rotation (`rotate-key --online`) stops writes at this position.
+
+    Appended to the live log under the current key once the rotation's copy has caught
+    up; every backend folding it refuses writes (`RotationInProgress`) until the staged
+    log's `KeyRotated` to `new_key` replaces the live one, or a `FenceLifted` for the
+    same `rotation` lifts it. Gets are never fenced.
+    """
+
+    new_key: str
+    rotation: str  # a random id of the rotation run
+
+
+class FenceLifted(_Event, frozen=True, tag="fence_lifted"):
+    """A rotation gave up (`--abort`, or a run that cannot finish): writes resume."""
+
+    rotation: str
+    reason: str = ""
+
+
 class OriginalImported(_Event, frozen=True, tag="original_imported"):
     """The start of an import of the original secrets-nats-kv's buckets (`import`).
 
@@ -130,6 +150,8 @@ Event = (
     | MappingAdded
     | MappingRemoved
     | KeyRotated
+    | WritesFenced
+    | FenceLifted
     | OriginalImported
     | RevisionsSkipped
     | LogRepaired

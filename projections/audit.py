@@ -27,6 +27,7 @@ from events.access import (
 )
 from events.log import EventLog, LogEntry
 from events.types import (
+    FenceLifted,
     KeyRotated,
     LogRepaired,
     MappingAdded,
@@ -38,6 +39,7 @@ from events.types import (
     SecretDestroyed,
     SecretPut,
     SecretUndeleted,
+    WritesFenced,
     event_type,
 )
 from projections.checkpoints import CheckpointWriter
@@ -70,6 +72,7 @@ class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     lost: list[int] | None = None
     relinked: list[int] | None = None
     reason: str | None = None
+    rotation: str | None = None  # an online key rotation's run id (its fence and lifting)
 
 
 class AccessAuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -154,6 +157,10 @@ def audit_record(entry: LogEntry, state: ViewState) -> AuditRecord:
             return replace(base, entity=event.entity, secrets=list(event.secrets))
         case KeyRotated():
             return replace(base, old_key=event.old_key, new_key=event.new_key)
+        case WritesFenced():
+            return replace(base, new_key=event.new_key, rotation=event.rotation)
+        case FenceLifted():
+            return replace(base, rotation=event.rotation, reason=event.reason or None)
         case OriginalImported():
             return replace(
                 base, buckets=[event.secrets_bucket, event.state_bucket], counts=_imported(event)

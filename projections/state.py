@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from events.types import (
     Event,
+    FenceLifted,
     KeyRotated,
     LogRepaired,
     MappingAdded,
@@ -29,6 +30,7 @@ from events.types import (
     SecretKind,
     SecretPut,
     SecretUndeleted,
+    WritesFenced,
 )
 from secrets_nats_kv.errors import SecretNotFound
 
@@ -102,6 +104,14 @@ class SecretRecord:
         return [v for v in self.versions.values() if v.sealed is not None]
 
 
+class Fence(NamedTuple):
+    """Writes stopped by an online key rotation: its new key, its run id, its position."""
+
+    new_key: str
+    rotation: str
+    seq: int
+
+
 @dataclass(slots=True)
 class ViewState:
     """Everything the backend knows, folded from the log up to `last_seq`."""
@@ -120,6 +130,9 @@ class ViewState:
     # Every admin request id the log has seen -> the entry it caused. A replay is answered
     # from here, at any instance, for ever; destroy keeps the ids of what it erases.
     requests: dict[str, int] = field(default_factory=dict)
+    # Set by a `WritesFenced`, cleared by a `FenceLifted` or the rotated log's `KeyRotated`:
+    # while set, the deciders refuse every write.
+    fence: Fence | None = None
 
 
 # --- the KV writes a log entry implies ------------------------------------------------------
@@ -206,9 +219,8 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
             return _destroy(state, seq, event)
         case MappingAdded() | MappingRemoved():
             return _map(state, seq, event)
-        case KeyRotated():
-            state.encryption_key = event.new_key
-            return []
+        case KeyRotated() | WritesFenced() | FenceLifted():
+            return _rotation(state, seq, event)
         case OriginalImported() | LogRepaired():
             return []  # records for the audit log: what follows them writes the buckets
         case RevisionsSkipped():
@@ -216,6 +228,20 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
         case Rejected():
             state.rejected += 1
             return []
+
+
+def _rotation(
+    state: ViewState, seq: int, event: KeyRotated | WritesFenced | FenceLifted
+) -> list[Effect]:
+    """An online rotation's marks: the fence it sets, and what ends it (the rotated log's
+    `KeyRotated`, which also names the key, or a `FenceLifted` when the rotation gave up)."""
+    if isinstance(event, WritesFenced):
+        state.fence = Fence(event.new_key, event.rotation, seq)
+    else:
+        state.fence = None
+        if isinstance(event, KeyRotated):
+            state.encryption_key = event.new_key
+    return []
 
 
 def _next_secret_revision(state: ViewState, seq: int, record: SecretRecord, at: float) -> int:

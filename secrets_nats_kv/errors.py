@@ -149,6 +149,8 @@ def protocol_error_from_wire(value: object) -> ProtocolError:
     """Rebuild the exception a wire `error` value stands for (used by clients and tests)."""
     if isinstance(value, str) and value in UNIT_VARIANTS:
         return UNIT_VARIANTS[value]()
+    if value == RotationInProgress.variant:
+        return RotationInProgress()
     if isinstance(value, dict) and len(value) == 1:
         ((variant, text),) = value.items()
         if variant in TEXT_VARIANTS and isinstance(text, str):
@@ -188,6 +190,19 @@ class SecretTooLarge(ProtocolError):
             f"the secret is {size} bytes; the largest secret is {limit} bytes "
             f"(a quarter of the server's max_payload of {max_payload} bytes, less 4 KiB)"
         )
+
+
+class RotationInProgress(ProtocolError):
+    """A write refused while an online key rotation has fenced the log (`WritesFenced`).
+
+    Not one of `GetSecretError`'s values (a get is never fenced): only the admin
+    operations and `put_secret` answer it, as the bare variant name.
+    """
+
+    variant = "RotationInProgress"
+
+    def __init__(self, why: str = "a key rotation is in progress; retry in a few seconds") -> None:
+        super().__init__(why)
 
 
 # --- the kernel's own failures -------------------------------------------------------------

@@ -20,6 +20,7 @@ from secrets_nats_kv.errors import (
     InvalidRequest,
     NoSecretProvided,
     ProtocolError,
+    RotationInProgress,
     SecretTooLarge,
     protocol_error_from_wire,
 )
@@ -414,6 +415,8 @@ def put_error_from_wire(value: str) -> ProtocolError:
         return NoSecretProvided()
     if value == SecretTooLarge.variant:
         return SecretTooLarge()
+    if value == RotationInProgress.variant:
+        return RotationInProgress()
     if value in TEXT_VARIANTS:  # a put reply names the variant only, without its text
         return TEXT_VARIANTS[value](value)
     return protocol_error_from_wire(value)

@@ -106,6 +106,18 @@ class Model:
     secrets: dict[str, MSecret] = field(default_factory=dict)
     mappings: dict[str, set[str]] = field(default_factory=dict)
     kv: dict[int, KvEntry] = field(default_factory=dict)
+    fenced: bool = False  # an online key rotation's write fence: every write is refused
+
+    def fence(self) -> None:
+        self.fenced = True
+
+    def lift(self) -> None:
+        self.fenced = False
+
+    def _writable(self) -> None:
+        """Writes wait for the rotation (a get never does); a replay is not modelled."""
+        if self.fenced:
+            raise Refusal("RotationInProgress")
 
     def _next(self) -> int:
         self.revision += 1
@@ -118,6 +130,7 @@ class Model:
         return secret
 
     def put(self, name: str, value: Value) -> int:
+        self._writable()
         kind: Kind = "string" if isinstance(value, str) else "binary"
         revision = self._next()
         secret = self.secrets.setdefault(name, MSecret())
@@ -127,6 +140,7 @@ class Model:
         return revision
 
     def map(self, entity: str, names: list[str], *, add: bool) -> None:
+        self._writable()
         allowed = self.mappings.setdefault(entity, set())
         if add:
             allowed.update(names)
@@ -134,6 +148,7 @@ class Model:
             allowed.difference_update(names)
 
     def delete(self, name: str) -> int:
+        self._writable()
         secret = self._existing(name)
         if secret.latest() is None:
             raise Refusal("SecretNotFound")
@@ -144,6 +159,7 @@ class Model:
         return revision
 
     def undelete(self, name: str) -> int:
+        self._writable()
         secret = self._existing(name)
         source = secret.newest_readable()
         if source is None:
@@ -160,6 +176,7 @@ class Model:
     def destroy(self, name: str, version: int | None, all_: bool) -> list[int]:
         if all_ == (version is not None):
             raise Refusal("InvalidRequest")
+        self._writable()
         secret = self._existing(name)
         if all_:
             shredded = list(secret.revisions)  # markers too: the key is gone from the bucket

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from events.log import LogEntry
 from events.types import (
     Event,
+    FenceLifted,
     KeyRotated,
     MappingAdded,
     MappingRemoved,
@@ -29,11 +31,14 @@ from events.types import (
     SecretKind,
     SecretPut,
     SecretUndeleted,
+    WritesFenced,
 )
+from projections.audit import audit_record
 from projections.state import (
     Effect,
     EraseEvents,
     EraseSecretRevisions,
+    Fence,
     FillErasedRevision,
     MarkSecretDeleted,
     PutMappingEntry,
@@ -69,6 +74,47 @@ def fold_all(
 
 def numbered(events: list[Event | Rejected | None], start: int = 1) -> list[Entry]:
     return list(enumerate(events, start))
+
+
+# --- an online rotation's fence -----------------------------------------------------------
+
+
+def test_a_fence_records_its_key_run_and_position_and_writes_nothing() -> None:
+    state, effects = fold_all(
+        numbered([put("a", "v1"), WritesFenced(new_key="XNEW", rotation="r1", at=AT)])
+    )
+    assert state.fence == Fence("XNEW", "r1", 2)
+    assert effects == [PutSecretEntry("a", 1, sealed("v1"), "string")]
+    assert state.secrets_revision == 1
+    assert state.last_seq == 2
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        FenceLifted(rotation="r1", reason="aborted", at=AT),
+        KeyRotated(old_key="XOLD", new_key="XNEW", at=AT),
+    ],
+)
+def test_a_lifted_fence_or_the_rotated_logs_marker_ends_it(end: Event) -> None:
+    state, effects = fold_all(numbered([WritesFenced(new_key="XNEW", rotation="r1", at=AT), end]))
+    assert state.fence is None
+    assert effects == []
+    assert state.encryption_key == ("XNEW" if isinstance(end, KeyRotated) else None)
+
+
+def test_the_fence_is_the_newest_one_folded() -> None:
+    state, _ = fold_all(
+        numbered(
+            [
+                WritesFenced(new_key="X1", rotation="r1", at=AT),
+                FenceLifted(rotation="r1", at=AT),
+                put("a", "v1"),
+                WritesFenced(new_key="X2", rotation="r2", at=AT),
+            ]
+        )
+    )
+    assert state.fence == Fence("X2", "r2", 4)
 
 
 # --- revisions ---------------------------------------------------------------------------
@@ -364,6 +410,8 @@ any_event: st.SearchStrategy[Event | Rejected | None] = st.one_of(
         at=times,
     ),
     st.builds(KeyRotated, old_key=st.just("XOLD"), new_key=st.sampled_from(["X1", "X2"]), at=times),
+    st.builds(WritesFenced, new_key=st.sampled_from(["X1", "X2"]), rotation=st.just("r"), at=times),
+    st.builds(FenceLifted, rotation=st.just("r"), at=times),
     st.builds(Rejected, reason=st.just("forged")),
     st.none(),
 )
@@ -584,3 +632,21 @@ def test_the_view_serves_the_latest_value_the_secrets_bucket_shows(
             assert served == kv_latest(model, name)
 
     live_history(ops, after_each=agree)
+
+
+def test_the_audit_export_records_a_fence_and_its_lifting() -> None:
+    """What `audit export` says of an online rotation's marks: the run, the key, why it ended."""
+    state = ViewState()
+    events: list[Event] = [
+        WritesFenced(new_key="XNEW", rotation="r1", admin_key="XADMIN", at=AT),
+        FenceLifted(rotation="r1", reason="aborted", at=AT + 1),
+    ]
+    records = []
+    for seq, event in numbered(list(events)):
+        fold(state, seq, event)
+        records.append(audit_record(LogEntry(seq, AT, event), state))
+    assert [(r.type, r.rotation, r.new_key, r.reason) for r in records] == [
+        ("writes_fenced", "r1", "XNEW", None),
+        ("fence_lifted", "r1", None, "aborted"),
+    ]
+    assert records[0].admin_key == "XADMIN"

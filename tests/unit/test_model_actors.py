@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from events.chain import ChainBroken, WrongKey
 from events.log import LogEntry
+from events.types import Event, FenceLifted, WritesFenced
 from projections.state import ViewState, fold
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.errors import ProtocolError
@@ -27,7 +28,7 @@ from support.host import HostClient
 from support.memlog import MemoryBackend, MemoryEventLog
 from support.model import Model, Outcome, Projection, Refusal, concrete_version, shown
 from support.parties import Party
-from support.strategies import AUDITOR, HISTORIES, NAMES, JwtCase
+from support.strategies import AUDITOR, HISTORIES, NAMES, JwtCase, operations
 
 KEYS = Keys()
 AT_REST = SealBox(KEYS.encryption, KEYS.encryption)
@@ -62,6 +63,8 @@ class Run:
     async def apply(self, op: Operation) -> None:
         model, admin = self.model, self.admin
         match op:
+            case ("fence",) | ("lift",):
+                await self.rotation_mark(op[0])
             case ("put", str(name), value):
                 assert isinstance(value, str | bytes)
                 await self.expect(
@@ -103,6 +106,21 @@ class Run:
                 await self.expect("list", model.listing, listing)
             case _:
                 raise AssertionError(f"unknown operation {op}")
+
+    async def rotation_mark(self, what: str) -> None:
+        """What `rotate-key --online` appends to the live log: a fence, or its lifting."""
+        log, view = self.backend.log, self.backend.view
+        event: Event = (
+            WritesFenced(new_key=KEYS.encryption.public_key, rotation="r1", at=1.0)
+            if what == "fence"
+            else FenceLifted(rotation="r1", at=1.0)
+        )
+        appended = await log.append(event, expected_last_seq=await log.head(), previous=view.link)
+        await view.wait_applied(appended.seq)
+        if what == "fence":
+            self.model.fence()
+        else:
+            self.model.lift()
 
     async def get(self, who: str, name: str, jwt: JwtCase, version: str | None) -> None:
         party = PARTIES[who]
@@ -158,13 +176,24 @@ async def run_history(history: list[Operation]) -> MemoryEventLog:
     return log
 
 
+def _or_rotation_mark(pair: tuple[Operation, int]) -> Operation:
+    """One step in eight is an online rotation fencing writes or lifting the fence."""
+    op, roll = pair
+    return {14: ("fence",), 15: ("lift",)}.get(roll, op)
+
+
+FENCED_HISTORIES = st.lists(
+    st.tuples(operations(NAMES[:2]), st.integers(0, 15)).map(_or_rotation_mark), max_size=30
+)
+
+
 @settings(
     max_examples=100,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(HISTORIES)
+@given(FENCED_HISTORIES)
 def test_the_actors_answer_what_the_model_says(history: list[Operation]) -> None:
     anyio.run(run_history, history)
 

@@ -20,21 +20,24 @@ from typing import Any
 import msgspec
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import projections.state as state_module
 from events.types import (
     Event,
+    FenceLifted,
     MappingAdded,
     MappingRemoved,
     SecretDeleted,
     SecretDestroyed,
     SecretPut,
     SecretUndeleted,
+    WritesFenced,
 )
 from projections.state import EraseEvents, ViewState, fold, shred_plan
 from secrets_nats_kv.errors import SecretNotFound
 from support.model import Model, Outcome, Projection, Refusal, concrete_version, outcome
-from support.strategies import WRITE_HISTORIES
+from support.strategies import WRITE_HISTORIES, write_operation
 
 AT = 1_700_000_000.0
 
@@ -98,6 +101,15 @@ def apply_to_fold(folded: FoldedLog, op: Operation) -> object:
     """The event the admin actors would append for `op`, folded; the reply they would give."""
     state = folded.state
     match op:
+        case ("fence",):  # what `rotate-key --online` appends, not an admin's write
+            folded.append(WritesFenced(new_key="XNEW", rotation="r1", at=AT))
+            return None
+        case ("lift",):
+            folded.append(FenceLifted(rotation="r1", at=AT))
+            return None
+    if state.fence is not None:  # the decider's check, before any decision
+        raise Refusal("RotationInProgress")
+    match op:
         case ("put", str(name), value):
             assert isinstance(value, str | bytes)
             plain = value.encode() if isinstance(value, str) else value
@@ -132,6 +144,12 @@ def apply_to_fold(folded: FoldedLog, op: Operation) -> object:
 
 def apply_to_model(model: Model, op: Operation) -> object:
     match op:
+        case ("fence",):
+            model.fence()
+            return None
+        case ("lift",):
+            model.lift()
+            return None
         case ("put", str(name), value):
             assert isinstance(value, str | bytes)
             return model.put(name, value)
@@ -174,7 +192,19 @@ def check_history(history: list[Operation]) -> None:
     assert not diff, "refold of the erased log != live fold:\n" + "\n".join(diff)
 
 
-def run(examples: int, *, find_bugs: bool = False) -> None:
+def _fenced_operation(code: int) -> Operation:
+    """A write, or (one code in eight) an online rotation fencing or lifting the fence."""
+    if code % 8 == 7:
+        return ("fence",) if code & 8 else ("lift",)
+    return write_operation(code)
+
+
+FENCED_HISTORIES = st.binary(min_size=10, max_size=30).map(
+    lambda codes: [_fenced_operation(code) for code in codes]
+)
+
+
+def run(examples: int, *, find_bugs: bool = False, fenced: bool = False) -> None:
     chosen = settings(
         max_examples=examples,
         deadline=None,
@@ -185,7 +215,7 @@ def run(examples: int, *, find_bugs: bool = False) -> None:
     )
 
     @chosen
-    @given(WRITE_HISTORIES)
+    @given(FENCED_HISTORIES if fenced else WRITE_HISTORIES)
     def each(history: list[Operation]) -> None:
         check_history(history)
 
@@ -194,6 +224,10 @@ def run(examples: int, *, find_bugs: bool = False) -> None:
 
 def test_the_fold_means_what_the_model_says() -> None:
     run(2000)
+
+
+def test_writes_are_refused_while_fenced_as_the_model_says() -> None:
+    run(1000, fenced=True)
 
 
 # --- planted bugs: the run must find them ---------------------------------------------------
@@ -236,3 +270,20 @@ def test_the_run_finds_a_planted_fold_bug(bug: str, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(state_module, name, broken)
     with pytest.raises(AssertionError):
         run(1000, find_bugs=True)
+
+
+def _lifting_keeps_the_fence(
+    state: ViewState, seq: int, event: state_module.Event
+) -> list[state_module.Effect]:
+    if isinstance(event, FenceLifted):  # the bug: a rotation that gave up leaves writes fenced
+        return []
+    return _real_rotation(state, seq, event)
+
+
+_real_rotation = state_module._rotation
+
+
+def test_the_fenced_run_finds_a_fence_that_is_never_lifted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_module, "_rotation", _lifting_keeps_the_fence)
+    with pytest.raises(AssertionError):
+        run(1000, find_bugs=True, fenced=True)

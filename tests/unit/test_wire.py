@@ -50,6 +50,7 @@ PUT_ERRORS = [
     "InvalidXKey",
     "DecryptionError",
     "NoSecretProvided",
+    "RotationInProgress",
 ]
 
 
@@ -270,6 +271,17 @@ def test_put_error_strings(variant: str) -> None:
     assert data == compact({"revision": 0, "error": variant})
     with pytest.raises(type(err)):
         wire.decode_put_response(data).result()
+
+
+def test_a_fenced_write_reads_back_as_rotation_in_progress_in_every_reply_form() -> None:
+    """A put reply names the variant; a lifecycle or mapping reply carries `{"error": E}`."""
+    err = errors.RotationInProgress()
+    assert str(err) == "a key rotation is in progress; retry in a few seconds"
+    assert isinstance(wire.put_error_from_wire("RotationInProgress"), errors.RotationInProgress)
+    body = compact({"error": err.wire()})
+    with pytest.raises(errors.RotationInProgress, match="retry in a few seconds"):
+        wire.decode_lifecycle_reply(body, wire.ChangeReply)
+    assert "RotationInProgress" not in errors.UNIT_VARIANTS  # never a get's answer
 
 
 # --- SecretResponse edge cases ------------------------------------------------------------
