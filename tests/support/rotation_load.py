@@ -38,7 +38,6 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from events.types import UndecodableEvent, decode_event
-from secrets_nats_kv import errors
 from secrets_nats_kv.app.client import AdminClient
 from secrets_nats_kv.barrier import (
     CHAIN_HEADER,
@@ -49,7 +48,7 @@ from secrets_nats_kv.barrier import (
     digest,
 )
 from secrets_nats_kv.config import BackendNames
-from secrets_nats_kv.errors import BackendNotAnswering, DecryptionError
+from secrets_nats_kv.errors import BackendNotAnswering, DecryptionError, RotationInProgress
 from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER
 from secrets_nats_kv.nats.reader import read_stream
 from secrets_nats_kv.xkeys import XKey
@@ -226,8 +225,7 @@ def fleet(url: str, directory: Path, size: int = 2) -> Iterator[Fleet]:
 
 def is_fence_refusal(exc: BaseException) -> bool:
     """The write fence's refusal (`RotationInProgress`): expected while a rotation swaps."""
-    fence = getattr(errors, "RotationInProgress", None)
-    return fence is not None and isinstance(exc, fence)
+    return isinstance(exc, RotationInProgress)
 
 
 @dataclass(frozen=True)
