@@ -258,4 +258,5 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
         assert code != 0
         errors = [line for line in stale.text().splitlines() if line.startswith(PREFIX)]
         assert len(errors) == 1, stale.text()
+        assert "ENCRYPTION_XKEY_SEED" in errors[0], errors
         assert "Traceback" not in stale.text()

@@ -200,7 +200,9 @@ class Fleet:
             await self.start(index, env)
 
     def logs(self) -> str:
-        return "\n".join(slot.text() for slot in self.slots)
+        """Everything every process of the fleet logged so far, in start order per slot."""
+        paths = sorted(self.directory.glob("run-*-*.log"), key=lambda p: p.stat().st_mtime)
+        return "\n".join(path.read_text(errors="replace") for path in paths)
 
     def close(self) -> None:
         """Kill whatever still runs (a failed test's leftovers)."""
