@@ -8,7 +8,10 @@ exit hard with `os._exit`, like SIGKILL) is injected by the caller
 `rotate-key`: `stage` and `live` count messages published (flushed to the server before
 stopping), `staged` once staging is complete but not committed, `commit` right after the
 commit, `rebuild` counts entries of the KV rebuild, `cleanup` is just before the staging
-stream is deleted. `import`: `append` counts entries sent (flushed first), `appended`
+stream is deleted. `rotate-key --online` adds `catchup` (messages published by the copy
+passes after the first), `fenced` (the write fence just appended to the live log, not yet
+copied) and `filled` (the live log refilled but for its marker, before the KV rebuild).
+`import`: `append` counts entries sent (flushed first), `appended`
 once every entry is acknowledged, `dropped` once the original's streams are deleted,
 `refold` counts log entries folded into the new buckets.
 """

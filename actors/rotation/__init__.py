@@ -1,4 +1,4 @@
-"""`rotate-key`: re-seal every value and re-tag every event for a new encryption key, offline.
+"""`rotate-key`: re-seal every value and re-tag every event for a new encryption key.
 
 The encryption key seals values at rest *and* keys the position-bound tag of every event,
 so a rotation rewrites the whole log: each `SecretPut.sealed` is opened with the old key
@@ -44,22 +44,33 @@ Writes are pipelined (`PositionedPublisher`: a window of publishes in flight, ea
 with `Nats-Expected-Last-Sequence`), reads are batched direct gets
 (`secrets_nats_kv.nats.reader.read_stream`).
 
-Rooms: `plan` (the entry point: what to do), `copy` (phase 1 and the copy loop), `swap`
-(phase 2), `verify` (the rebuilt views against the staged log), `lock`, `crashpoints`
-(where a test may stop a run: tests inject the stopping, the product never stops).
+Online (`rotate-key --online`, `online`): the same staging and swap with backends
+running, which hold the new key as their next one (`precheck`). The copy catches up with
+the writes made meanwhile (`catchup`), then a write fence in the live log (`fence`)
+stops writes for the swap; the swap writes the marker last, after the views and the
+anchor, so backends switch to the new log once it is whole. `--abort` before the commit
+lifts the fence and drops staging.
+
+Rooms: `plan` (the entry point: what to do), `copy` (phase 1 and the copy loop),
+`reseal` (one entry converted), `swap` (phase 2), `verify` (the rebuilt views against
+the staged log), `lock`, `online`, `catchup`, `fence`, `precheck`, `crashpoints` (where
+a test may stop a run: tests inject the stopping, the product never stops).
 """
 
 from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.context import STATE_KEY, staging_stream_name
-from actors.rotation.plan import rotate_key
+from actors.rotation.plan import abort_rotation, rotate_key
+from actors.rotation.precheck import BackendKeys
 from actors.rotation.report import RotationRefused, RotationReport
 
 __all__ = [
     "NO_CRASHES",
     "STATE_KEY",
+    "BackendKeys",
     "CrashPoints",
     "RotationRefused",
     "RotationReport",
+    "abort_rotation",
     "rotate_key",
     "staging_stream_name",
 ]

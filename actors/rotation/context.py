@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from actors.crashpoints import CrashPoints
@@ -21,7 +22,12 @@ from projections.kv import KvLayout
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import BackendNames
-from secrets_nats_kv.nats.jetstream import delete_stream, stream_info
+from secrets_nats_kv.nats.jetstream import (
+    delete_stream,
+    stream_info,
+    stream_state,
+    to_backend_error,
+)
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, get_message
 from secrets_nats_kv.xkeys import XKey
@@ -80,6 +86,7 @@ class RotationRun:
         self.new_auth = Barrier(new)
         self.started = time.monotonic()
         self.subjects = EventLog(nc, backend_name=names.name, barrier=None)
+        self.fenced_seconds: float | None = None  # how long writes stood fenced (online)
 
     def tick(self, done: int, total: int) -> None:
         if self.progress is not None:
@@ -91,6 +98,19 @@ class RotationRun:
             if publisher is not None:
                 await publisher.flush()
             self.crash.stop()
+
+    async def live_head(self) -> int:
+        return (await stream_state(self.nc, self.live, API_TIMEOUT)).last_seq
+
+    async def backend_answers(self) -> bool:
+        """Whether any backend answers on this backend name's subject now."""
+        try:
+            await self.nc.request(self.names.subject("server_xkey"), b"", timeout=1.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return False
+        except nats.errors.Error as exc:
+            raise to_backend_error("probe backends", exc) from None
+        return True
 
     async def get(self, stream: str, seq: int) -> RawMessage | None:
         return await get_message(self.nc, stream, seq)

@@ -1,20 +1,18 @@
-"""Phase 1 (stage) and the copy loop both phases share.
+"""Phase 1 (stage) and the copy loop both phases share (`replay`).
 
 Staging copies the live log into a fresh staging stream, each `SecretPut` re-sealed and
 every event re-tagged for the new key at the same position, gaps reproduced (a filler
 published at the position, then erased), ending with the `KeyRotated` marker. Entries
 the old key does not authenticate (forgeries) stay rejected: an empty, untagged
-placeholder keeps their position. Copies carry no `Nats-Msg-Id`, so the duplicate
-window starts empty after a rotation.
+placeholder keeps their position (`reseal` converts each entry). Copies carry no
+`Nats-Msg-Id`, so the duplicate window starts empty after a rotation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncGenerator, Callable
 
-import msgspec
 from nats.js import api
 
 from actors.rotation.context import (
@@ -26,32 +24,12 @@ from actors.rotation.context import (
     RotationRun,
 )
 from actors.rotation.report import Counts, RotationRefused
-from events.chain import ChainBroken, ChainReader, Raw, WrongKey
-from events.codec import EventCodec
-from events.types import Event, KeyRotated, SecretPut, UndecodableEvent, decode_event
-from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
-from secrets_nats_kv.barrier import GENESIS
-from secrets_nats_kv.errors import DecryptionError
+from actors.rotation.reseal import Converted, Resealer
 from secrets_nats_kv.nats.jetstream import create_stream, erase_message
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
-from secrets_nats_kv.xkeys import SealBox
 
-EARLY_REJECTS = 8  # this many rejected entries before any valid one: the old key is wrong
-WRONG_OLD_KEY = (
-    "ENCRYPTION_XKEY_SEED does not authenticate the event log: "
-    "it must be the key the backend runs with now"
-)
-
-# An entry as it is to be written: subject, body, headers (None: an untagged placeholder).
-Converted = tuple[str, bytes, dict[str, str] | None]
-
-
-def patched_put(body: bytes, sealed: bytes) -> bytes:
-    """The put's JSON with only `sealed` replaced: fields this version does not know survive."""
-    document = msgspec.json.decode(body)
-    document["sealed"] = sealed
-    return msgspec.json.encode(document)
+__all__ = ["Converted", "create_staging", "replay", "stage"]
 
 
 async def stage(run: RotationRun, last_seq: int, replicas: int, *, publish: bool) -> Counts:
@@ -61,87 +39,31 @@ async def stage(run: RotationRun, last_seq: int, replicas: int, *, publish: bool
     refuses the rotation before the commit, so a tampered log is never laundered into a
     fresh valid chain. With `publish=False` (dry run) it only reads, opens and counts.
     """
-    old_box, new_box = SealBox(run.old, run.old), SealBox(run.new, run.new)
     counts = Counts()
-    checker = ChainReader(EventCodec(run.old_auth))
-    codec = EventCodec(run.new_auth)
-    link = GENESIS  # the new chain, as far as it is written
-
-    def on_gap(seq: int) -> None:
-        nonlocal link
-        checker.push(Raw(seq, 0.0, None))
-        link = codec.erased_link(seq, link)
-
-    def convert_entry(raw: RawMessage) -> Converted:
-        nonlocal link
-        checker.push(Raw(raw.seq, 0.0, raw.data, raw.headers))
-        tag = raw.headers.get(TAG_HEADER)
-        event: Event | None = None
-        if run.old_auth.verify(raw.seq, raw.data, tag):
-            try:
-                event = decode_event(raw.data)
-            except UndecodableEvent:
-                event = None
-        elif run.new_auth.verify(raw.seq, raw.data, tag):
-            raise RotationRefused(
-                f"event #{raw.seq} of {run.live} is already tagged for the new key: "
-                "the log is half rotated by other means; restore it before rotating"
-            )
-        if event is None:
-            counts.rejected += 1
-            if counts.events == 0 and counts.rejected >= EARLY_REJECTS:
-                raise RotationRefused(WRONG_OLD_KEY)
-            return f"{run.staging_prefix}.rejected", b"", None
-        counts.events += 1
-        body = raw.data
-        if isinstance(event, SecretPut):
-            try:
-                plaintext = old_box.open(event.sealed)
-            except DecryptionError:
-                raise RotationRefused(
-                    f"the value of {event.name!r} at event #{raw.seq} does not open with "
-                    "ENCRYPTION_XKEY_SEED"
-                ) from None
-            counts.resealed += 1
-            if not publish:
-                return "", body, None
-            body = patched_put(body, new_box.seal(plaintext))
-        encoded = codec.encode_body(body, raw.seq, link)
-        link = encoded.link
-        suffix = run.subjects.subject_for(event)[len(run.live_prefix) :]
-        return run.staging_prefix + suffix, body, encoded.headers
-
-    def check_chain() -> None:
-        try:
-            checker.at_head()
-        except WrongKey:
-            raise RotationRefused(WRONG_OLD_KEY) from None
-        except ChainBroken as exc:
-            raise RotationRefused(
-                f"{exc}: run `secrets-nats-kv verify` and `repair` before rotating"
-            ) from None
-
+    resealer = Resealer(run, counts, publish=publish)
     source = read_stream(run.nc, run.live, f"{run.live_prefix}.>")
     if not publish:
-        await replay(run, source, last_seq, convert_entry, None, counts, "stage", on_gap=on_gap)
-        if counts.events == 0 and counts.rejected:
-            raise RotationRefused(WRONG_OLD_KEY)
-        check_chain()
+        await replay(
+            run, source, last_seq, resealer.convert, None, counts, "stage", on_gap=resealer.gap
+        )
+        resealer.check_chain()
         counts.entries = last_seq + 1
         return counts
-    await _create_staging(run, replicas)
+    await create_staging(run, replicas)
     try:
         async with PositionedPublisher(run.nc, run.staging, run.staging_prefix) as publisher:
             await replay(
-                run, source, last_seq, convert_entry, publisher, counts, "stage", on_gap=on_gap
+                run,
+                source,
+                last_seq,
+                resealer.convert,
+                publisher,
+                counts,
+                "stage",
+                on_gap=resealer.gap,
             )
-            if counts.events == 0 and counts.rejected:
-                raise RotationRefused(WRONG_OLD_KEY)
-            check_chain()
-            marker = KeyRotated(
-                at=time.time(), old_key=run.old.public_key, new_key=run.new.public_key
-            )
-            encoded = codec.encode(marker, last_seq + 1, link)
+            resealer.check_chain()
+            encoded = resealer.marker(last_seq + 1)
             subject = f"{run.staging_prefix}.key"
             await publisher.publish(encoded.seq, subject, encoded.body, encoded.headers)
             await publisher.drain()
@@ -153,7 +75,7 @@ async def stage(run: RotationRun, last_seq: int, replicas: int, *, publish: bool
     return counts
 
 
-async def _create_staging(run: RotationRun, replicas: int) -> None:
+async def create_staging(run: RotationRun, replicas: int) -> None:
     config = api.StreamConfig(
         name=run.staging,
         description="secrets-nats-kv rotate-key staging (do not delete while committed)",
@@ -180,11 +102,12 @@ async def replay(
     phase: str,
     *,
     on_gap: Callable[[int], None] | None = None,
+    first_seq: int = 1,
 ) -> None:
-    """Positions 1..last_seq: entries converted, gaps as fillers erased at the end."""
+    """Positions first_seq..last_seq: entries converted, gaps as fillers erased at the end."""
     total = last_seq + 1
     fillers: list[int] = []
-    expected = 1
+    expected = first_seq
 
     async def write(seq: int, subject: str, body: bytes, headers: dict[str, str] | None) -> None:
         if publisher is None:

@@ -11,22 +11,23 @@ before touching any stream.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import nats.errors
 from nats.aio.client import Client as NATS
 
 from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
 from actors.rotation.copy import stage
 from actors.rotation.lock import RotationLock, RotationLockHeld
+from actors.rotation.online import abort_staged, complete, refuse_if_grown, stage_online
+from actors.rotation.precheck import BackendKeys, check_backends
 from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
 from actors.rotation.swap import commit, read_staging, swap
 from projections.kv import KvLayout
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import stream_info, to_backend_error
+from secrets_nats_kv.nats.jetstream import stream_info
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -41,14 +42,25 @@ async def rotate_key(
     dry_run: bool,
     progress: Callable[[int, int], None] | None,
     crash: CrashPoints = NO_CRASHES,
+    online: bool = False,
+    backends: Sequence[BackendKeys] = (),
 ) -> RotationReport:
     """Re-seal every value and re-tag every event for `new`; see `actors.rotation` for safety.
 
-    `crash` names the points where a test may stop the run (the product never stops).
+    `online`: with backends running (`actors.rotation.online`); `backends` are those that
+    answered the stats request, each of which must hold `new`. `crash` names the points
+    where a test may stop the run (the product never stops).
     """
     run = RotationRun(nc, names, layout, old, new, progress, crash)
     note = ""
-    if await _backend_answers(run):
+    if online:
+        check_backends(backends, new.public_key)
+        if not backends and await run.backend_answers():
+            raise RotationRefused(
+                f"a backend answers on {names.subject('server_xkey')} but reported no keys "
+                "(not ready yet, or an older version): run again once `status` lists it"
+            )
+    elif await run.backend_answers():
         # Even with --force: a backend writing during the swap would have its acknowledged
         # writes dropped with the old log and their versions handed out again.
         if dry_run:
@@ -64,12 +76,24 @@ async def rotate_key(
         return await _decide(run, dry_run=True, note=note)
     try:
         async with RotationLock(nc, names.name):
-            return await _decide(run, dry_run=False, note=note)
+            return await _decide(run, dry_run=False, note=note, online=online)
     except RotationLockHeld as exc:  # raised on entry only: the body never ran
         raise RotationRefused(str(exc)) from None
 
 
-async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationReport:
+async def abort_rotation(nc: NATS, *, names: BackendNames, layout: KvLayout, old: XKey) -> str:
+    """`rotate-key --abort`: lift a standing write fence, drop uncommitted staging."""
+    run = RotationRun(nc, names, layout, old, old, None, NO_CRASHES)
+    try:
+        async with RotationLock(nc, names.name):
+            return await abort_staged(run, await run.inspect_staging())
+    except RotationLockHeld as exc:
+        raise RotationRefused(str(exc)) from None
+
+
+async def _decide(
+    run: RotationRun, *, dry_run: bool, note: str, online: bool = False
+) -> RotationReport:
     """Resume, reuse, redo or start, from what the staging and live streams hold."""
     staging = await run.inspect_staging()
     if staging is not None and staging.state == COMMITTED:
@@ -85,6 +109,16 @@ async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationRepo
         return _report(run, "resumed", await swap(run, staging), note)
     if run.old.public_key == run.new.public_key:
         raise RotationRefused("the old and the new encryption keys are the same key")
+    if online and not dry_run:
+        if await _already_rotated(run, staging):
+            return _report(run, "already rotated", Counts(), note)
+        await stage_online(run, staging)
+        staging = complete(await run.inspect_staging())
+        await run.checkpoint("staged")
+        await refuse_if_grown(run, staging.last_seq - 1)
+        await commit(run)
+        await run.checkpoint("commit")
+        return _report(run, "rotated", await swap(run, staging), note)
     live = await stream_info(run.nc, run.live, API_TIMEOUT)
     if live is None:
         raise RotationRefused(f"no event log {run.live}: nothing to rotate")
@@ -115,18 +149,20 @@ async def _decide(run: RotationRun, *, dry_run: bool, note: str) -> RotationRepo
 
 def _report(run: RotationRun, outcome: Outcome, counts: Counts, note: str) -> RotationReport:
     return RotationReport.of(
-        outcome, run.new.public_key, counts, time.monotonic() - run.started, note
+        outcome,
+        run.new.public_key,
+        counts,
+        time.monotonic() - run.started,
+        note,
+        fenced_seconds=run.fenced_seconds,
     )
 
 
-async def _backend_answers(run: RotationRun) -> bool:
-    try:
-        await run.nc.request(run.names.subject("server_xkey"), b"", timeout=1.0)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+async def _already_rotated(run: RotationRun, staging: Staging | None) -> bool:
+    if staging is not None:
         return False
-    except nats.errors.Error as exc:
-        raise to_backend_error("probe backends", exc) from None
-    return True
+    last_seq = await run.live_head()
+    return last_seq > 0 and run.is_marker(await run.get(run.live, last_seq))
 
 
 async def _refuse_if_live_moved_on(run: RotationRun, staging: Staging) -> None:

@@ -38,10 +38,22 @@ class RotationReport:
     rejected: int = 0  # entries not tagged for the old key, kept as rejected placeholders
     seconds: float = 0.0
     note: str = ""
+    fenced_seconds: float | None = None  # online: from the write fence to the swapped log
+
+    @property
+    def values_per_second(self) -> float:
+        return self.resealed / self.seconds if self.seconds > 0 else 0.0
 
     @classmethod
     def of(
-        cls, outcome: Outcome, new_key: str, counts: Counts, seconds: float, note: str
+        cls,
+        outcome: Outcome,
+        new_key: str,
+        counts: Counts,
+        seconds: float,
+        note: str,
+        *,
+        fenced_seconds: float | None = None,
     ) -> RotationReport:
         return cls(
             outcome=outcome,
@@ -53,6 +65,7 @@ class RotationReport:
             rejected=counts.rejected,
             seconds=seconds,
             note=note,
+            fenced_seconds=fenced_seconds,
         )
 
     def summary(self) -> str:
@@ -67,6 +80,13 @@ class RotationReport:
             line = f"the event log is already rotated to {self.new_key}: nothing to do"
         elif self.outcome == "dry run":
             line = f"dry run, nothing changed: would write {counts} under {self.new_key}"
+        elif self.fenced_seconds is not None:
+            verb = "rotated" if self.outcome == "rotated" else "finished the rotation of"
+            line = (
+                f"{verb} the encryption key to {self.new_key} online: {self.resealed} values "
+                f"re-sealed, {self.entries} entries, {self.values_per_second:.0f} values/s, "
+                f"writes fenced for {self.fenced_seconds:.2f}s, {self.seconds:.2f}s in all"
+            )
         else:
             verb = "rotated" if self.outcome == "rotated" else "finished the rotation"
             line = f"{verb} the encryption key to {self.new_key}: {counts} in {self.seconds:.2f}s"

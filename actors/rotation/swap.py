@@ -11,6 +11,7 @@ and checked against `ExpectedBuckets`, and only then is the staging stream delet
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
@@ -19,7 +20,7 @@ from actors.rotation.report import Counts
 from actors.rotation.verify import ExpectedBuckets
 from events.anchor import Anchor
 from events.log import EventLog
-from events.types import Rejected, SecretPut, UndecodableEvent, decode_event
+from events.types import Rejected, SecretPut, UndecodableEvent, WritesFenced, decode_event
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
@@ -38,28 +39,70 @@ async def commit(run: RotationRun) -> None:
 
 
 async def swap(run: RotationRun, staging: Staging) -> Counts:
-    """Make the live log a copy of the committed staging stream, rebuild views, clean up."""
+    """Make the live log a copy of the committed staging stream, rebuild views, clean up.
+
+    A staged log whose marker follows a write fence (an online rotation, backends
+    running) is swapped in the online order: the marker reaches the live log last,
+    after the KV views and the anchor, so a backend that sees it may switch at once.
+    """
     assert staging.marker is not None
     marker = staging.marker
+    fence = await staged_fence(run, staging)
     copied = await run.get(run.live, marker.seq)
     if (
-        copied is None
-        or copied.data != marker.data
-        or copied.headers.get(TAG_HEADER) != marker.headers.get(TAG_HEADER)
+        copied is not None
+        and copied.data == marker.data
+        and copied.headers.get(TAG_HEADER) == marker.headers.get(TAG_HEADER)
     ):
-        await run.delete(run.live)
-        event_log = EventLog(
-            run.nc,
-            backend_name=run.names.name,
-            barrier=run.new_auth,
-            replicas=staging.replicas,
-        )
-        await event_log.ensure()
-        async with PositionedPublisher(run.nc, run.live, run.live_prefix) as publisher:
-            counts, expected = await read_staging(run, staging, publisher, "live")
-        run.tick(counts.entries, counts.entries)
-    else:
         counts, expected = await read_staging(run, staging, None, "scan")
+        if fence is not None:  # the online order: views and anchor are done already
+            await _drop_staging(run)
+            return counts
+        await _rebuild_checked(run, staging, expected)
+        await _reset_anchor(run, marker)
+        await _drop_staging(run)
+        return counts
+    await run.delete(run.live)
+    event_log = EventLog(
+        run.nc, backend_name=run.names.name, barrier=run.new_auth, replicas=staging.replicas
+    )
+    await event_log.ensure()
+    async with PositionedPublisher(run.nc, run.live, run.live_prefix) as publisher:
+        counts, expected = await read_staging(
+            run, staging, publisher, "live", with_marker=fence is None
+        )
+        run.tick(counts.entries, counts.entries)
+        if fence is not None:
+            await run.checkpoint("filled")
+            await _rebuild_checked(run, staging, expected)
+            await _reset_anchor(run, marker)
+            await _publish_marker(run, publisher, marker)
+            run.fenced_seconds = max(time.time() - fence.at, 0.0)
+            await _drop_staging(run)
+            return counts
+    await _rebuild_checked(run, staging, expected)
+    await _reset_anchor(run, marker)
+    await _drop_staging(run)
+    return counts
+
+
+async def staged_fence(run: RotationRun, staging: Staging) -> WritesFenced | None:
+    """The write fence to the new key right before the staged marker, if there is one."""
+    assert staging.marker is not None
+    raw = await run.get(run.staging, staging.marker.seq - 1) if staging.marker.seq > 1 else None
+    if raw is None or not run.new_auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
+        return None
+    try:
+        event = decode_event(raw.data)
+    except UndecodableEvent:
+        return None
+    if isinstance(event, WritesFenced) and event.new_key == run.new.public_key:
+        return event
+    return None
+
+
+async def _rebuild_checked(run: RotationRun, staging: Staging, expected: ExpectedBuckets) -> None:
+    """Rebuild both KV views from the live log; they must match the staged log's fold."""
     layout = dataclasses.replace(run.layout, replicas=max(run.layout.replicas, staging.replicas))
 
     def rebuild_progress(done: int, total: int) -> None:
@@ -85,13 +128,26 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         raise StorageError(
             "rebuilt KV views", f"{problem}; {run.staging} is kept: re-run rotate-key"
         )
-    # The anchor under the new key, at the marker: the old one no longer verifies.
+
+
+async def _reset_anchor(run: RotationRun, marker: RawMessage) -> None:
+    """The anchor under the new key, at the marker: the old one no longer verifies."""
     anchor = Anchor(run.nc, backend_name=run.names.name, barrier=run.new_auth)
     await anchor.ensure()
     await anchor.reset(marker.seq, marker.headers.get(CHAIN_HEADER, ""))
+
+
+async def _drop_staging(run: RotationRun) -> None:
     await run.checkpoint("cleanup")
     await run.delete(run.staging)
-    return counts
+
+
+async def _publish_marker(
+    run: RotationRun, publisher: PositionedPublisher, marker: RawMessage
+) -> None:
+    subject = f"{run.live_prefix}.key"
+    await publisher.publish(marker.seq, subject, marker.data, _stored(marker.headers))
+    await publisher.drain()
 
 
 def _check_staged(
@@ -128,10 +184,16 @@ def _stored(headers: dict[str, str]) -> dict[str, str]:
 
 
 async def read_staging(
-    run: RotationRun, staging: Staging, publisher: PositionedPublisher | None, phase: str
+    run: RotationRun,
+    staging: Staging,
+    publisher: PositionedPublisher | None,
+    phase: str,
+    *,
+    with_marker: bool = True,
 ) -> tuple[Counts, ExpectedBuckets]:
     """Read the staged log, checking it, and copy it through `publisher` if one is given:
-    every entry but the marker at its position, then the marker last. Without a publisher
+    every entry but the marker at its position, then the marker last (`with_marker`:
+    else the caller writes it later, and the fold stops before it). Without a publisher
     it only counts and folds (resumed runs, dry runs)."""
     marker = staging.marker
     assert marker is not None
@@ -147,10 +209,10 @@ async def read_staging(
         phase,
         on_gap=lambda seq: expected.add(seq, None),
     )
-    if publisher is not None:
-        subject = f"{run.live_prefix}.key"
-        await publisher.publish(marker.seq, subject, marker.data, _stored(marker.headers))
-        await publisher.drain()
-    expected.add(marker.seq, decode_event(marker.data))
     counts.entries = staging.last_seq
+    if not with_marker:
+        return counts, expected
+    if publisher is not None:
+        await _publish_marker(run, publisher, marker)
+    expected.add(marker.seq, decode_event(marker.data))
     return counts, expected

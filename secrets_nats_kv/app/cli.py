@@ -370,6 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--force", action="store_true", help="run even if a backend answers")
     rotate.add_argument("--dry-run", action="store_true", help="report what it would do")
+    rotate.add_argument(
+        "--online",
+        action="store_true",
+        help="with backends running that hold the new key as next (a brief write fence)",
+    )
+    rotate.add_argument(
+        "--abort",
+        action="store_true",
+        help="give up an online rotation not yet committed: lift its write fence",
+    )
     _add_rewrite_options(rotate)
     _add_nats(rotate)
     _add_names(rotate)

@@ -48,6 +48,7 @@ from secrets_nats_kv.permissions import NatsRole, inbox_prefix
 from secrets_nats_kv.xkeys import XKey
 
 if TYPE_CHECKING:
+    from actors.rotation import BackendKeys
     from projections.kv import KvLayout
 
 log = logging.getLogger(__name__)
@@ -660,8 +661,16 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
     from projections.kv import KvLayout
 
     old = seed_from_env("ENCRYPTION_XKEY_SEED")
-    new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
     names = backend_names(args)
+    layout = KvLayout(
+        secrets_bucket=names.secrets_bucket,
+        state_bucket=names.state_bucket,
+        max_history=args.max_secret_history,
+        replicas=args.replicas,
+    )
+    if args.abort:
+        return await _abort_rotation(args, names, layout, old)
+    new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
     nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
     try:
         if (refused := await _why_silent(nc, args)) is not None:
@@ -669,21 +678,40 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
         report = await rotate_key(
             nc,
             names=names,
-            layout=KvLayout(
-                secrets_bucket=names.secrets_bucket,
-                state_bucket=names.state_bucket,
-                max_history=args.max_secret_history,
-                replicas=args.replicas,
-            ),
+            layout=layout,
             old=old,
             new=new,
             force=args.force,
             dry_run=args.dry_run,
             progress=progress_printer("rotate-key"),
+            online=args.online,
+            backends=await _answering_backends(nc, names) if args.online else (),
         )
     finally:
         await _close(nc)
     _say(report.summary())
+    return 0
+
+
+async def _answering_backends(nc: NATS, names: BackendNames) -> list[BackendKeys]:
+    """The backends answering `status`'s stats request, with the keys they hold."""
+    from actors.rotation import BackendKeys
+    from secrets_nats_kv.app.status import gather
+
+    return [BackendKeys.of(i.id, i.keys) for i in await gather(nc, names, 1.0)]
+
+
+async def _abort_rotation(
+    args: argparse.Namespace, names: BackendNames, layout: KvLayout, old: XKey
+) -> int:
+    from actors.rotation import abort_rotation
+
+    nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
+    try:
+        said = await abort_rotation(nc, names=names, layout=layout, old=old)
+    finally:
+        await _close(nc)
+    _say(said)
     return 0
 
 

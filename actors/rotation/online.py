@@ -1,0 +1,157 @@
+"""`rotate-key --online`: stage while backends serve, fence writes briefly, swap.
+
+The same staging stream and swap as the offline rotation, made safe with running
+backends (which hold the new key as their next one, `precheck`):
+
+1. Copy the live log into staging while backends keep writing (`catchup.LiveCopy`),
+   pass after pass until the copy is at the live head.
+2. Fence: append `WritesFenced(new_key, rotation)` to the live log, pinned right after
+   the copied head (`fence`); if a backend wrote meanwhile the append fails, the copy
+   catches up and the fence is tried again (a bounded number of times). From the fence
+   on, backends refuse writes (`RotationInProgress`) and keep serving gets.
+3. Copy the fence, stage the `KeyRotated` marker right after it, commit, swap (`swap`
+   with the online order: the marker reaches the live log last, once the KV views and
+   the anchor are rebuilt under the new key, so a backend that sees it may switch).
+
+A re-run finishes from any point. Before the commit an incomplete staging stream is
+dropped and the copy redone (a fence this rotation already set stays standing and is
+simply copied, so it is not set twice); a complete one is reused if the live log still
+ends with its fence. After the commit the swap is finished (`plan`). `--abort`
+(`abort_staged`) lifts a standing fence with `FenceLifted` and drops staging, and is
+refused once committed: from there only finishing is safe.
+"""
+
+from __future__ import annotations
+
+from actors.rotation.catchup import LiveCopy
+from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
+from actors.rotation.copy import create_staging
+from actors.rotation.fence import append_fence, fence_event, lift_fence, new_rotation_id
+from actors.rotation.report import Counts, RotationRefused
+from events.types import UndecodableEvent, WritesFenced, decode_event
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.nats.jetstream import stream_info
+from secrets_nats_kv.nats.positioned import PositionedPublisher
+
+MAX_PASSES = 100  # copy passes before giving up on a log that never stands still
+
+
+async def stage_online(run: RotationRun, staging: Staging | None) -> None:
+    """Make staging complete (the fence, then the marker, at the live head), or reuse it."""
+    info = await stream_info(run.nc, run.live, API_TIMEOUT)
+    if info is None:
+        raise RotationRefused(f"no event log {run.live}: nothing to rotate")
+    last_seq = info.state.last_seq
+    if staging is not None and await _reusable(run, staging, last_seq):
+        return
+    if staging is not None:
+        await run.delete(run.staging)  # uncommitted, so the live log is intact
+    counts = Counts()
+    await create_staging(run, info.config.num_replicas)
+    try:
+        async with PositionedPublisher(run.nc, run.staging, run.staging_prefix) as publisher:
+            copy = LiveCopy(run, publisher, counts)
+            await _copy_and_fence(run, copy)
+            copy.resealer.check_chain()
+            encoded = copy.resealer.marker(copy.head + 1)
+            subject = f"{run.staging_prefix}.key"
+            await publisher.publish(encoded.seq, subject, encoded.body, encoded.headers)
+            await publisher.drain()
+    except RotationRefused:
+        await run.delete(run.staging)  # uncommitted: nothing to keep (a fence stays: --abort)
+        raise
+    run.tick(copy.head + 1, copy.head + 1)
+
+
+async def _copy_and_fence(run: RotationRun, copy: LiveCopy) -> None:
+    """Copy until at the head, set the fence there, copy it: staging ends with the fence."""
+    rotation = new_rotation_id()
+    previous_head = -1
+    for attempt in range(MAX_PASSES):
+        head = await run.live_head()
+        await copy.copy_to(head, "stage" if attempt == 0 else "catchup")
+        if not copy.caught_up:
+            if head == previous_head:
+                copy.resealer.check_chain()  # the log stood still: an unnamed gap, refused
+            previous_head = head
+            continue
+        fence = copy.fence
+        if fence is not None:  # standing in what is copied: this run's, or an earlier one's
+            if fence.new_key != run.new.public_key:
+                raise RotationRefused(
+                    f"writes are fenced by an unfinished rotation to {fence.new_key} "
+                    f"(entry #{fence.seq}): finish it (NEW_ENCRYPTION_XKEY_SEED set to that "
+                    "key) or lift the fence with rotate-key --online --abort"
+                )
+            break
+        if await append_fence(run, fence_event(run, rotation), copy.head, copy.resealer.old_link):
+            await run.checkpoint("fenced")
+        # The next pass copies the fence, or first what a backend wrote before it.
+    else:
+        raise RotationRefused(
+            f"the event log kept growing through {MAX_PASSES} copy passes: "
+            "no moment to fence writes; run again when the load is lower"
+        )
+    await refuse_if_grown(run, copy.head)
+
+
+async def refuse_if_grown(run: RotationRun, fenced_head: int) -> None:
+    """Nothing may follow the fence: a writer that ignores it would lose its entries."""
+    if await run.live_head() != fenced_head:
+        raise RotationRefused(
+            f"the event log grew after the write fence at #{fenced_head} (a writer that "
+            "does not honour it?): stop it, then rotate-key --online --abort and run again"
+        )
+
+
+async def _reusable(run: RotationRun, staging: Staging, last_seq: int) -> bool:
+    """Complete staging for these keys whose fence still ends the live log."""
+    if (
+        staging.marker is None
+        or staging.new_key != run.new.public_key
+        or staging.old_key != run.old.public_key
+        or staging.last_seq != last_seq + 1
+    ):
+        return False
+    return await fence_at(run, run.live, last_seq, run.old_auth) is not None
+
+
+async def fence_at(run: RotationRun, stream: str, seq: int, auth: Barrier) -> WritesFenced | None:
+    """The fence to the new key at `seq` of `stream` if `auth` authenticates it there."""
+    raw = await run.get(stream, seq) if seq > 0 else None
+    if raw is None or not auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
+        return None
+    try:
+        event = decode_event(raw.data)
+    except UndecodableEvent:
+        return None
+    if isinstance(event, WritesFenced) and event.new_key == run.new.public_key:
+        return event
+    return None
+
+
+async def abort_staged(run: RotationRun, staging: Staging | None) -> str:
+    """Lift a standing fence and drop uncommitted staging; what was done, in words."""
+    if staging is not None and staging.state == COMMITTED:
+        raise RotationRefused(
+            f"the rotation to {staging.new_key} is committed and cannot be aborted: "
+            "run rotate-key --online again to finish the swap"
+        )
+    done = []
+    lifted = await lift_fence(run, "aborted by rotate-key --abort")
+    if lifted is not None:
+        done.append(f"lifted the write fence at entry #{lifted.seq} (rotation to {lifted.new_key})")
+    if staging is not None:
+        await run.delete(run.staging)
+        done.append(f"dropped the uncommitted staging stream {run.staging}")
+    if not done:
+        return "nothing to abort: no write fence stands and no rotation is staged"
+    return "aborted the rotation: " + ", ".join(done)
+
+
+def complete(staging: Staging | None) -> Staging:
+    if staging is None or staging.marker is None:
+        raise StorageError("rotate-key staging", "the staged log did not end with its marker")
+    return staging
