@@ -65,8 +65,14 @@ SECRETS = 200  # a few hundred values to re-seal; the 100 000 are bench/bench_ro
 
 # Where the online run is stopped, in the order a run reaches them; each stopped run is
 # picked up by the next (the last one, without a crash point, finishes).
-CRASH_POINTS = ("stage:50", "fenced", "commit", "live:100", "rebuild")
-KILL_BACKEND_AT = "fenced"  # a backend is SIGKILLed and restarted while the run is stopped here
+# (actors/crashpoints.py: `stage` and `live` count messages published by the first copy and
+# the swap's refill, `rebuild` entries of the KV rebuild.)
+CRASH_POINTS = ("stage:50", "fenced", "commit", "live:100", "filled", "rebuild:20")
+# While the run is stopped after its fence, backend 0 is SIGKILLed and restarted (it must
+# come back on the fenced log); while it is stopped mid-swap (the live log half refilled),
+# backend 1 is SIGKILLed and started again, and must not say ready before the swap is done.
+KILL_WHILE_FENCED = "fenced"
+KILL_MID_SWAP = "live:100"
 
 
 def new_key() -> XKey:
@@ -213,12 +219,16 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
                     )
                     assert (done.returncode, done.stdout) == (1, b""), (point, done.stderr)
                     assert b"Traceback" not in done.stderr, point
-                    if point == KILL_BACKEND_AT:
+                    if point == KILL_WHILE_FENCED:
                         kills.append(await backends.kill(0))
                         await backends.start(0, both)
+                    if point == KILL_MID_SWAP:
+                        kills.append(await backends.kill(1))
+                        backends.spawn(1, both)
                 done = await cli(
                     rotation_env(transit, old, new), "rotate-key", "--online", "--nats-address", url
                 )
+                await backends.wait_ready(1)
                 assert done.returncode == 0, done.stderr
                 summary = done.stdout.decode()
                 assert summary.count("\n") == 1, summary
