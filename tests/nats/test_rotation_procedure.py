@@ -47,6 +47,7 @@ from support.harness import CLI, Identity, cli_env, run_cli
 from support.host import HostClient
 from support.leakcheck import remember
 from support.rotation_load import (
+    READY_LINE,
     Ack,
     Fleet,
     Load,
@@ -225,6 +226,8 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
                     if point == KILL_MID_SWAP:
                         kills.append(await backends.kill(1))
                         backends.spawn(1, both)
+                restarted = backends.slots[1].text()
+                assert READY_LINE.decode() not in restarted, "ready on a half-refilled log"
                 done = await cli(
                     rotation_env(transit, old, new), "rotate-key", "--online", "--nats-address", url
                 )
