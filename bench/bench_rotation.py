@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", default=str(Path(__file__).parent / "results" / "rotation.json")
     )
+    parser.add_argument("--quick", action="store_true", help="10 000 versions of 200 secrets")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.versions, args.secrets = 10_000, 200
     if args.versions < 1 or not 1 <= args.secrets <= args.versions:
         parser.error("--versions must be positive and --secrets between 1 and --versions")
     # SIGTERM unwinds like Ctrl-C, so the nats-server and backends this started stop too.
