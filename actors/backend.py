@@ -20,6 +20,7 @@ from actors.access_log import AccessLog
 from actors.decider import Decider
 from actors.gate import AdminGate
 from actors.health import Health
+from actors.keyswitch import SwapFollower, adopt_log_key, wait_for_swap
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
@@ -96,6 +97,8 @@ class Backend:
         self.health = Health()
         self.writer: KvWriter | None = None
         self._shredder: Shredder | None = None
+        # The one security core of this instance: its keyring (current and next key).
+        self.barrier = Barrier(self.config.encryption_key, self.config.next_encryption_key)
 
     def stop(self) -> None:
         self._stop.set()
@@ -107,7 +110,8 @@ class Backend:
             STATS_INCIDENTS: self.health.snapshot(),
             STATS_KEYS: {
                 "transit": self.config.transit_key.public_key,
-                "encryption": self.config.encryption_key.public_key,
+                "encryption": self.barrier.public_key,
+                "next_encryption": self.barrier.next_public_key,
                 "admin": sorted(self.config.admin_public_keys),
                 "previous_transit": [k.public_key for k in self.config.previous_transit_keys],
             },
@@ -119,8 +123,10 @@ class Backend:
         names = config.names
         options = replace(config.nats, inbox_prefix=inbox_prefix(names, NatsRole.BACKEND))
         nc = self.nc = await connect(options, name=f"secrets-nats-kv {names.name}", persistent=True)
-        barrier = Barrier(config.encryption_key)  # the one security core of this instance
+        barrier = self.barrier
         try:
+            await wait_for_swap(nc, names)  # a key rotation's swap under way: never half a log
+            await adopt_log_key(nc, names, barrier)
             event_log = EventLog(
                 nc,
                 backend_name=names.name,
@@ -171,6 +177,14 @@ class Backend:
                 shredder.submit(seq, effects)
 
             health = self.health
+            fences = SwapFollower(
+                nc,
+                names=names,
+                barrier=barrier,
+                writer=writer,
+                health=health,
+                replicas=config.replicas,
+            )
             view = self.view = LiveView(
                 event_log,
                 on_effects=on_effects,
@@ -179,6 +193,7 @@ class Backend:
                 ),
                 anchored=anchored,
                 on_forged_head=lambda detail: health.report(FORGED_API_ANSWERS, detail),
+                fences=fences,
             )
             gate = AdminGate(
                 config.transit_key,

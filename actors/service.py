@@ -27,7 +27,8 @@ SERVICE_NAME = "secrets-nats-kv"
 # What an instance adds to its endpoint's stats data, for `secrets-nats-kv status`.
 STATS_VIEW_SEQ = "view_seq"  # the last log sequence its view has applied
 STATS_INCIDENTS = "incidents"  # Health.snapshot()
-STATS_KEYS = "public_keys"  # {"transit": X…, "encryption": X…, "admin": [X…]}: never a seed
+# {"transit": X…, "encryption": X…, "next_encryption": X… | None, "admin": [X…]}: never a seed
+STATS_KEYS = "public_keys"
 STATS_PREVIOUS_TRANSIT = "previous_transit_keys"  # TransitKeys.snapshot(): last use, hosts
 
 

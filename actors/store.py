@@ -12,6 +12,7 @@ from actors.decider import Decider
 from actors.gate import AdminGate, Opened
 from actors.pool import Reply, Request
 from events.types import MappingAdded, MappingRemoved, SecretKind, SecretPut
+from projections.state import ViewState
 from secrets_nats_kv import limits, wire
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import (
@@ -69,13 +70,14 @@ class StoreActor:
         value = put.value_bytes()
         if len(value) > self._max_value:  # it would not fit a host's get reply
             raise SecretTooLarge.sized(len(value), self._max_value, self._max_payload)
-        event = SecretPut(
-            name=name,
-            sealed=self._at_rest.seal(value),
-            kind=kind,
-            **self._decider.provenance(opened, request_id),
-        )
-        return await self._decider.append_revision(lambda _: event, request_id)
+        provenance = self._decider.provenance(opened, request_id)
+
+        def decide(_: ViewState) -> SecretPut:
+            # Sealed here, on the state the append follows: a backend switching to a new
+            # key (an online rotation) switches both at once, never one without the other.
+            return SecretPut(name=name, sealed=self._at_rest.seal(value), kind=kind, **provenance)
+
+        return await self._decider.append_revision(decide, request_id)
 
     # --- mappings ---------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ an event, entries not tagged by our key as `Rejected`, and a broken chain raises
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import nats.errors
@@ -278,7 +278,7 @@ class EventLog:
 
     async def entries(
         self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
-    ) -> AsyncIterator[LogEntry]:
+    ) -> AsyncGenerator[LogEntry, None]:
         """Every verified position from `from_seq` (the entry before it has link `link`),
         gaps included; to the head as read now, then on if following.
 

@@ -16,6 +16,13 @@ it fails with the break (no secret is served from a log an attacker changed: the
 verified prefix may lack a revocation). An operator runs `secrets-nats-kv verify`, then
 `repair`, and restarts the backend. A break found while catching up at start-up fails
 `run`, so the backend never reports ready.
+
+An online key rotation (`WritesFenced`) is followed through a `FenceFollower`: once the
+fold holds a fence it says to wait at, the view stops following and stands still (no
+head reads, no stall restarts, no "log cut short" break: the rotation deletes, recreates
+and refills the stream), serving reads from the state as it stands while the follower
+waits for the rotated log; `rebase` then puts a fresh fold of that log in place, and the
+view follows on from there.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -43,6 +51,19 @@ CHAIN_BROKEN = "event-log-chain-broken"
 FOREIGN_ENTRIES = "event-log-foreign-entries"
 
 log = logging.getLogger(__name__)
+
+
+class FenceFollower(Protocol):
+    """What the view asks while an online key rotation fences writes (actors.keyswitch)."""
+
+    def pauses(self, state: ViewState) -> bool:
+        """Whether the view must stop following here (a fence it can follow the swap of)."""
+        ...
+
+    async def follow(self, view: LiveView) -> None:
+        """Wait for the fence to end (lifted on this log, or `view.rebase`d onto the
+        rotated one); the view follows its log on from where it then is."""
+        ...
 
 
 class _HeadRound:
@@ -67,8 +88,11 @@ class LiveView:
         report: Report | None = None,
         anchored: Anchored | StorageError | None = None,
         on_forged_head: Callable[[str], object] | None = None,
+        fences: FenceFollower | None = None,
     ) -> None:
         self._log = log_
+        self._fences = fences
+        self.paused = False  # standing at a rotation's fence: the log is not followed
         # Where the log stood when last anchored (events.anchor), or why the anchor could
         # not be read (judged after the log itself: a wrong key is the likelier news).
         self._anchor_error = anchored if isinstance(anchored, StorageError) else None
@@ -101,6 +125,16 @@ class LiveView:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Catch up with the log, report started (ready), then follow it and serve head reads."""
+        await self.catch_up()
+        self.ready.set()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow)
+            tg.start_soon(self._serve_head_reads)
+            tg.start_soon(self._watch_follow)
+            task_status.started()
+
+    async def catch_up(self) -> None:
+        """Fold the whole log to its head, verified, and hold it to its anchor, or raise."""
         await self._read(follow=False)  # the whole log verified to its head, or raise
         if self._anchor_error is not None:
             self._break(self._anchor_error)
@@ -116,16 +150,33 @@ class LiveView:
             )
             assert self.broken is not None
             raise self.broken
-        self.ready.set()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._follow)
-            tg.start_soon(self._serve_head_reads)
-            tg.start_soon(self._watch_follow)
-            task_status.started()
 
     async def _follow(self) -> None:
         with contextlib.suppress(ChainBroken, WrongKey):  # reported; the view stops here
-            await self._read(follow=True)
+            while True:
+                await self._read(follow=True)  # returns only at a fence to wait at
+                assert self._fences is not None
+                self.paused = True
+                try:
+                    await self._fences.follow(self)
+                finally:
+                    self.paused = False
+
+    def _at_fence(self) -> bool:
+        return self._fences is not None and self._fences.pauses(self.state)
+
+    def rebase(self, fresh: LiveView, effects: list[tuple[int, list[Effect]]]) -> None:
+        """Serve `fresh`, a verified fold of the rewritten log (same positions, new key).
+
+        `effects`: the fresh fold's KV writes past this view's position (the rotation
+        rebuilt the views up to its marker), handed on as if this view had folded them.
+        """
+        self.state, self.link, self.digests = fresh.state, fresh.link, fresh.digests
+        self._anchored = fresh._anchored
+        if self._on_effects is not None:
+            for seq, entry_effects in effects:
+                self._on_effects(seq, entry_effects)
+        self.applied.advance(self.state.last_seq)
 
     async def _read(self, *, follow: bool) -> None:
         """Fold the log from where the view is: to its head, or on and on if following.
@@ -134,16 +185,19 @@ class LiveView:
         raised (at start-up it stops `run` before the backend is ready).
         """
         delay = 0.1
-        while True:
+        while not (follow and self._at_fence()):
             with anyio.CancelScope() as scope:
                 self._follow_scope = scope
                 try:
                     entries = self._log.entries(
                         from_seq=self.state.last_seq + 1, link=self.link, follow=follow
                     )
-                    async for entry in entries:
-                        self._apply(entry)
-                        delay = 0.1
+                    async with contextlib.aclosing(entries):
+                        async for entry in entries:
+                            self._apply(entry)
+                            delay = 0.1
+                            if follow and self._at_fence():
+                                return
                     if not follow:
                         return
                 except (ChainBroken, WrongKey) as exc:
@@ -198,6 +252,8 @@ class LiveView:
         seen = self.state.last_seq
         while self.broken is None:
             await anyio.sleep(self.stall_after)  # a periodic check, not a wait for an event
+            if self.paused:
+                continue  # at a fence: the log is being swapped, not followed
             folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
@@ -224,6 +280,8 @@ class LiveView:
         """
         if self.broken is not None:
             raise self.broken
+        if self.paused:
+            return  # at a fence no write is acknowledged: the state as it stands is fresh
         current = self._round
         if current is None:
             current = self._round = _HeadRound()
@@ -307,7 +365,7 @@ class LiveView:
         """This view is an anchor too: a log whose head, read after the view had folded
         `folded` entries, is below that was cut short or replaced (stream deleted, an
         earlier part published again). The view may fold more while the read is out."""
-        if head < folded and self.broken is None:
+        if head < folded and self.broken is None and not self.paused:
             self._break(
                 ChainBroken(
                     head + 1,

@@ -95,6 +95,8 @@ class BackendConfig:
     transit_key: XKey
     encryption_key: XKey
     previous_transit_keys: tuple[XKey, ...] = ()  # still opened for gets (host key caches)
+    # The key an online rotation moves to: values and tags under it are accepted too.
+    next_encryption_key: XKey | None = None
     names: BackendNames = BackendNames()
     nats: NatsOptions = NatsOptions()
     max_secret_history: int = DEFAULT_MAX_SECRET_HISTORY
@@ -120,6 +122,11 @@ class BackendConfig:
             raise ConfigError("the transit and encryption keys must be curve seeds (SX…)")
         if not all(key.has_private for key in self.previous_transit_keys):
             raise ConfigError("previous transit keys must be curve seeds (SX…)")
+        following = self.next_encryption_key
+        if following is not None and not following.has_private:
+            raise ConfigError("the next encryption key must be a curve seed (SX…)")
+        if following is not None and following.public_key == self.encryption_key.public_key:
+            raise ConfigError("the next encryption key is the current one: give a new key")
         transit = [self.transit_key.public_key]
         transit += [key.public_key for key in self.previous_transit_keys]
         if len(set(transit)) != len(transit):

@@ -128,13 +128,16 @@ def _backend(names: BackendNames) -> Permissions:
         _kv_subjects(names.secrets_bucket),
         _kv_subjects(names.state_bucket),
         *_reading(events),
-        *_api(events, "CREATE", "UPDATE", "MSG.DELETE"),  # ensure, limits; destroy erases
+        # ensure, limits; destroy erases; MSG.GET: which key tags the log, and the entry
+        # after an online rotation's fence (actors.keyswitch)
+        *_api(events, "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
         # MSG.GET: the start-up and peer-write checks read what a revision holds
         *_api(secrets_kv, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *_api(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
         anchor_subject(names),  # where the chain stood after each append
         *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
+        *_api(staging_stream(names), "INFO"),  # a key rotation's swap under way?
     ]
     subscribe = [
         f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group

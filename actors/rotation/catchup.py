@@ -122,6 +122,18 @@ class LiveCopy:
 async def _from(
     run: RotationRun, subjects: str, first: int, until: int
 ) -> AsyncGenerator[RawMessage, None]:
-    """The live log's messages first..until, as the copy reads them."""
+    """The live log's messages first..until, as the copy reads them.
+
+    An ordered consumer ends at the first message at or past `until`; if `until` itself
+    is gone (erased), there may be no message at or after `first` at all and it would
+    wait forever, so such a range is read position by position. (A destroy that erases
+    `until` after this check is itself appended after it, and ends the consumer.)
+    """
+    if await run.get(run.live, until) is None:
+        for seq in range(first, until + 1):
+            raw = await run.get(run.live, seq)
+            if raw is not None:
+                yield raw
+        return
     async for message in stream_messages(run.nc, run.live, subjects, from_seq=first, until=until):
         yield RawMessage(message.seq, message.data, dict(message.headers or {}))

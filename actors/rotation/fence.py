@@ -70,12 +70,13 @@ async def standing_fence(log: EventLog) -> tuple[Fence | None, int, str]:
     return fence, seq, link
 
 
-async def lift_fence(run: RotationRun, reason: str) -> Fence | None:
-    """Append `FenceLifted` for the fence the live log leaves standing; which one it was."""
+async def lift_fence(run: RotationRun, reason: str, only_for: str | None = None) -> Fence | None:
+    """Append `FenceLifted` for the fence the live log leaves standing (only if it names
+    the key `only_for`, when given); which one it lifted."""
     log = old_log(run)
     for _ in range(LIFT_ATTEMPTS):
         fence, head, link = await standing_fence(log)
-        if fence is None:
+        if fence is None or (only_for is not None and fence.new_key != only_for):
             return None
         lifted = FenceLifted(at=time.time(), rotation=fence.rotation, reason=reason)
         try:

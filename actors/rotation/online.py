@@ -16,18 +16,22 @@ backends (which hold the new key as their next one, `precheck`):
 A re-run finishes from any point. Before the commit an incomplete staging stream is
 dropped and the copy redone (a fence this rotation already set stays standing and is
 simply copied, so it is not set twice); a complete one is reused if the live log still
-ends with its fence. After the commit the swap is finished (`plan`). `--abort`
+ends with its fence. A run that refuses after fencing lifts its fence (it gives up).
+After the commit the swap is finished (`plan`). `--abort`
 (`abort_staged`) lifts a standing fence with `FenceLifted` and drops staging, and is
 refused once committed: from there only finishing is safe.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from actors.rotation.catchup import LiveCopy
 from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
 from actors.rotation.copy import create_staging
 from actors.rotation.fence import append_fence, fence_event, lift_fence, new_rotation_id
 from actors.rotation.report import Counts, RotationRefused
+from actors.rotation.swap import commit, swap
 from events.types import UndecodableEvent, WritesFenced, decode_event
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
@@ -36,6 +40,35 @@ from secrets_nats_kv.nats.jetstream import stream_info
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 
 MAX_PASSES = 100  # copy passes before giving up on a log that never stands still
+
+
+async def rotate_online(run: RotationRun, staging: Staging | None) -> Counts:
+    """Stage (or reuse staging), commit, swap; the staged log's counts.
+
+    A run that refuses after writes were fenced for its key (the log grew after the
+    fence, a chain that breaks at the head) lifts that fence and drops its staging
+    before it says why: it gives up, so writes must not stay stopped.
+    """
+    try:
+        await stage_online(run, staging)
+        staging = complete(await run.inspect_staging())
+        await run.checkpoint("staged")
+        await refuse_if_grown(run, staging.last_seq - 1)
+    except RotationRefused as exc:
+        await _give_up(run, str(exc))
+        raise
+    await commit(run)
+    await run.checkpoint("commit")
+    return await swap(run, staging)
+
+
+async def _give_up(run: RotationRun, why: str) -> None:
+    """Lift a fence to this run's new key, drop uncommitted staging (best effort: the
+    refusal is what the operator must see; `--abort` does the same later)."""
+    with contextlib.suppress(RotationRefused, StorageError):
+        await lift_fence(run, f"the rotation gave up: {why}", only_for=run.new.public_key)
+    with contextlib.suppress(StorageError):
+        await run.delete(run.staging)
 
 
 async def stage_online(run: RotationRun, staging: Staging | None) -> None:
@@ -60,7 +93,7 @@ async def stage_online(run: RotationRun, staging: Staging | None) -> None:
             await publisher.publish(encoded.seq, subject, encoded.body, encoded.headers)
             await publisher.drain()
     except RotationRefused:
-        await run.delete(run.staging)  # uncommitted: nothing to keep (a fence stays: --abort)
+        await run.delete(run.staging)  # uncommitted: nothing to keep
         raise
     run.tick(copy.head + 1, copy.head + 1)
 
@@ -102,7 +135,7 @@ async def refuse_if_grown(run: RotationRun, fenced_head: int) -> None:
     if await run.live_head() != fenced_head:
         raise RotationRefused(
             f"the event log grew after the write fence at #{fenced_head} (a writer that "
-            "does not honour it?): stop it, then rotate-key --online --abort and run again"
+            "does not honour it?): stop it and run again"
         )
 
 

@@ -19,7 +19,7 @@ from actors.crashpoints import NO_CRASHES, CrashPoints
 from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
 from actors.rotation.copy import stage
 from actors.rotation.lock import RotationLock, RotationLockHeld
-from actors.rotation.online import abort_staged, complete, refuse_if_grown, stage_online
+from actors.rotation.online import abort_staged, rotate_online
 from actors.rotation.precheck import BackendKeys, check_backends
 from actors.rotation.report import Counts, Outcome, RotationRefused, RotationReport
 from actors.rotation.swap import commit, read_staging, swap
@@ -112,13 +112,7 @@ async def _decide(
     if online and not dry_run:
         if await _already_rotated(run, staging):
             return _report(run, "already rotated", Counts(), note)
-        await stage_online(run, staging)
-        staging = complete(await run.inspect_staging())
-        await run.checkpoint("staged")
-        await refuse_if_grown(run, staging.last_seq - 1)
-        await commit(run)
-        await run.checkpoint("commit")
-        return _report(run, "rotated", await swap(run, staging), note)
+        return _report(run, "rotated", await rotate_online(run, staging), note)
     live = await stream_info(run.nc, run.live, API_TIMEOUT)
     if live is None:
         raise RotationRefused(f"no event log {run.live}: nothing to rotate")

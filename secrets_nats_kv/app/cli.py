@@ -187,6 +187,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="XKEY",
         help="public xkey allowed to sign admin operations (repeatable; env ADMIN_XKEYS)",
     )
+    _add_next_encryption(parser)
     parser.add_argument(
         "--previous-transit-xkey-seeds-file",
         metavar="FILE",
@@ -220,6 +221,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="backend processes on this machine")
     _add_logging(parser)
+
+
+def _add_next_encryption(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--next-encryption-xkey-seed-file",
+        metavar="FILE",
+        help="the key an online rotate-key moves to, held beside the current one "
+        "(env NEXT_ENCRYPTION_XKEY_SEED)",
+    )
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--nats-address", default=config.DEFAULT_NATS_ADDRESS, help="where nats-server listens"
     )
+    _add_next_encryption(dev)
     _add_logging(dev)
     dev_commands = dev.add_subparsers(dest="dev_command", parser_class=_Parser, metavar="")
     dev_rotate = dev_commands.add_parser(

@@ -127,6 +127,33 @@ def previous_transit_keys(args: argparse.Namespace) -> tuple[XKey, ...]:
     return tuple(keys)
 
 
+def next_encryption_key(args: argparse.Namespace) -> XKey | None:
+    """NEXT_ENCRYPTION_XKEY_SEED or --next-encryption-xkey-seed-file: the key an online
+    rotation moves to, held beside the current one (None when neither is given)."""
+    path = getattr(args, "next_encryption_xkey_seed_file", None)
+    text = os.environ.get("NEXT_ENCRYPTION_XKEY_SEED", "").strip()
+    where = "NEXT_ENCRYPTION_XKEY_SEED"
+    if path:
+        if text:
+            raise ConfigError(
+                "give NEXT_ENCRYPTION_XKEY_SEED or --next-encryption-xkey-seed-file, not both"
+            )
+        where = f"--next-encryption-xkey-seed-file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"{where}: cannot read it: {why}") from None
+        if not text:
+            raise ConfigError(f"{where}: the file holds no curve seed (SX…)")
+    if not text:
+        return None
+    try:
+        return XKey.from_seed(text)
+    except InvalidKey as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def rewrite_layout(args: argparse.Namespace) -> KvLayout:
     """The buckets `rebuild` and `repair` recreate, with the run's settings from `args`."""
     from projections.kv import KvLayout
@@ -160,6 +187,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         transit_key=seed_from_env("TRANSIT_XKEY_SEED"),
         previous_transit_keys=previous_transit_keys(args),
         encryption_key=seed_from_env("ENCRYPTION_XKEY_SEED"),
+        next_encryption_key=next_encryption_key(args),
         names=backend_names(args),
         nats=nats_options(args),
         max_secret_history=args.max_secret_history,
@@ -248,7 +276,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
     if args.dev_command == "rotate-key":
         return await dev.rotate_dev_key(args.data_dir, args.nats_address)
-    return await dev.run_dev(args.data_dir, args.nats_address, args.shutdown)
+    return await dev.run_dev(
+        args.data_dir, args.nats_address, args.shutdown, next_key=next_encryption_key(args)
+    )
 
 
 # --- client commands -----------------------------------------------------------------------

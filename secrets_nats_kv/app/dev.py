@@ -222,7 +222,9 @@ async def _ready(server: NatsServer) -> None:
         raise
 
 
-async def run_dev(data_dir: str, address: str, shutdown: Shutdown) -> int:
+async def run_dev(
+    data_dir: str, address: str, shutdown: Shutdown, *, next_key: XKey | None = None
+) -> int:
     from secrets_nats_kv.app.commands import run_until_signalled
 
     host, port = _claim_address(data_dir, address)
@@ -240,6 +242,7 @@ async def run_dev(data_dir: str, address: str, shutdown: Shutdown) -> int:
         backend = BackendConfig(
             transit_key=transit,
             encryption_key=encryption,
+            next_encryption_key=next_key,
             nats=NatsOptions(servers=(config.url,)),
         )
         return await run_until_signalled(backend, shutdown)

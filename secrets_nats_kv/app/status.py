@@ -70,9 +70,14 @@ class Instance:
         return (
             f"{self.id}\tversion {self.version}\tview at {self.view_seq} of {log_seq}\t"
             f"transit {self.keys.get('transit')}\t{self._previous_transit()}"
-            f"encryption {self.keys.get('encryption')}\t"
+            f"encryption {self.keys.get('encryption')}\t{self._next_encryption()}"
             f"{plural(len(admin), 'admin key')}\t" + ("; ".join(problems) if problems else "ok")
         )
+
+    def _next_encryption(self) -> str:
+        """The key an online rotation may move to, when the instance holds one."""
+        following = self.keys.get("next_encryption")
+        return f"next encryption {following}\t" if following else ""
 
     def _previous_transit(self) -> str:
         """Per previous transit key: when a host last used it, so it can be dropped."""

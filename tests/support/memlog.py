@@ -14,7 +14,7 @@ runs the model against it: the actors' rules at thousands of steps a second.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +98,7 @@ class MemoryEventLog:
 
     async def entries(
         self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False
-    ) -> AsyncIterator[LogEntry]:
+    ) -> AsyncGenerator[LogEntry, None]:
         reader = ChainReader(self.codec, after=from_seq - 1, link=link)
         seq = from_seq
         while True:

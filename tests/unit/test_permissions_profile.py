@@ -89,7 +89,7 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"wasmcloud_secrets_access.{n}",
         f"$KV.{names.secrets_bucket}.>",
         f"$KV.SECRETS_{n}_state.>",
-        *verbs(events, "INFO", "CREATE", "UPDATE", "MSG.DELETE"),
+        *verbs(events, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *consumers(events),
         f"$JS.FC.{events}.>",
         *verbs(access, "INFO", "CREATE", "UPDATE"),
@@ -97,6 +97,7 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *verbs(state_kv, "INFO", "CREATE", "UPDATE", "MSG.GET"),
         f"wasmcloud_secrets_anchor.{n}",
         *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
+        *verbs(staging, "INFO"),
     ]
     backend_sub = [
         f"{prefix}.>",  # (queue group only: checked separately)

@@ -1,0 +1,271 @@
+"""A backend around an online key rotation: starting under the right key, following a swap.
+
+`rotate-key --online` (actors/rotation) copies the live log under the new key while
+backends serve, fences writes with a `WritesFenced` in the live log, then swaps: the live
+stream is deleted, recreated and refilled from staging, its `KeyRotated` marker written
+last (right after the fence's position), the KV views rebuilt, and the anchor reset under
+the new key. A backend holding the new key as its *next* key (`Barrier`'s keyring) lives
+through that without an incident:
+
+- `SwapFollower.pauses`: a fence naming the next key stops the live view at the fence.
+  Writes are refused by the fence itself (the decider), gets go on from the state as it
+  stands (its values open under the old key, which the keyring keeps).
+- `SwapFollower.follow` watches the position after the view. An entry there under the
+  current key means the rotation gave up (a `FenceLifted`): the view follows on. The
+  marker under the new key, once the anchor verifies under the new key too (the swap's
+  last step before dropping staging), means the swap is done: a fresh, verified fold of
+  the rewritten log is made beside the old one, the KV writer re-reads the rebuilt
+  buckets, and then, in one step with nothing awaited, the keyring adopts the new key
+  and the view is rebased onto the fresh fold (`LiveView.rebase`).
+- A fence naming a key this backend does not hold is one incident; the view keeps
+  following the old log (a lifted fence resumes writes; a swap it cannot read breaks it).
+
+At start-up, `wait_for_swap` waits (bounded) while a committed staging stream says a swap
+is under way, and `adopt_log_key` makes the next key current if the log is under it (a
+rotation finished while this backend was down).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+
+import anyio
+from nats.aio.client import Client as NATS
+
+from actors.health import Health
+from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, staging_stream_name
+from events.anchor import Anchor, Anchored, AnchorForged
+from events.chain import ChainBroken, WrongKey
+from events.log import EventLog, stream_name
+from events.types import KeyRotated, UndecodableEvent, decode_event
+from projections.kv import KvWriter
+from projections.live import LiveView
+from projections.state import Effect, Fence, ViewState
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER, Barrier
+from secrets_nats_kv.config import BackendNames
+from secrets_nats_kv.errors import NatsUnavailable, StorageError
+from secrets_nats_kv.nats.jetstream import stream_info
+from secrets_nats_kv.nats.reader import get_message
+
+log = logging.getLogger(__name__)
+
+ROTATION_KEY_UNKNOWN = "rotation-to-a-key-not-held"  # a fence naming a key we lack
+ROTATED_LOG_UNREADABLE = "rotated-log-unreadable"  # the swapped-in log did not verify
+SWAP_WAIT_S = 120.0  # at start-up: how long a committed swap may take to finish
+_PROBE_ENTRIES = 64  # entries read from the head back to tell which key tags the log
+
+
+class _Next(enum.Enum):
+    WAIT = "wait"  # nothing decided yet: look again
+    RESUME = "resume"  # the old log goes on (the fence was lifted): follow it
+    SWITCH = "switch"  # the rotated log is complete: fold it and serve it
+
+
+async def wait_for_swap(nc: NATS, names: BackendNames, *, within: float = SWAP_WAIT_S) -> None:
+    """Return once no committed staging stream is left (never "ready" on a half-filled
+    log); a swap that does not finish `within` seconds is a one-line refusal."""
+    staging = staging_stream_name(names.name)
+    if not await _committed(nc, staging):
+        return
+    log.info(
+        "an encryption key rotation is swapping the event log; waiting for it to finish",
+        extra={"staging": staging},
+    )
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        # Another process deletes the stream when it is done: no event tells us here.
+        await anyio.sleep(0.5)
+        if not await _committed(nc, staging):
+            return
+    raise StorageError(
+        "event log",
+        f"a key rotation's swap is under way ({staging} is committed) and did not finish "
+        f"within {within:g}s: run `secrets-nats-kv rotate-key` again to finish it",
+    )
+
+
+async def _committed(nc: NATS, staging: str) -> bool:
+    info = await stream_info(nc, staging, API_TIMEOUT)
+    return info is not None and (info.config.metadata or {}).get(STATE_KEY) == COMMITTED
+
+
+async def log_key(
+    nc: NATS, names: BackendNames, barrier: Barrier, *, probe: int = _PROBE_ENTRIES
+) -> str | None:
+    """The held key the live log is under, judged from its newest entries of ours; None
+    for an empty log or one none of the last `probe` positions is tagged by a held key."""
+    stream = stream_name(names.name)
+    info = await stream_info(nc, stream, API_TIMEOUT)
+    if info is None or info.state.messages == 0:
+        return None
+    seq = info.state.last_seq
+    while seq >= max(info.state.first_seq, 1) and probe > 0:
+        probe -= 1
+        raw = await get_message(nc, stream, seq)
+        if raw is not None:
+            found = barrier.tagged_by(seq, raw.data, raw.headers.get(ENTRY_TAG_HEADER))
+            if found is not None:
+                return found
+        seq -= 1
+    return None
+
+
+async def adopt_log_key(nc: NATS, names: BackendNames, barrier: Barrier) -> None:
+    """A log under the next key (a rotation finished while this backend was down): the
+    next key becomes the current one. Under neither, the log's reader refuses later."""
+    following = barrier.next_public_key
+    if following is None or await log_key(nc, names, barrier) != following:
+        return
+    old = barrier.public_key
+    barrier.adopt(following, keep_old=False)
+    log.info(
+        "the event log is under the next encryption key: it is the current key now",
+        extra={"encryption": following, "was": old},
+    )
+
+
+class SwapFollower:
+    """The live view's `FenceFollower`: waits at a fence, then follows the swap."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        names: BackendNames,
+        barrier: Barrier,
+        writer: KvWriter | None,
+        health: Health,
+        replicas: int = 1,
+    ) -> None:
+        self._nc = nc
+        self._names = names
+        self._barrier = barrier
+        self._writer = writer
+        self._health = health
+        self._replicas = replicas
+        self._stream = stream_name(names.name)
+        self._unheld: int | None = None  # the fence seq reported as naming a key we lack
+        self.poll_min, self.poll_max = 0.05, 0.5  # seconds between looks at the next position
+        self.switches = 0
+
+    # --- FenceFollower ------------------------------------------------------------------
+
+    def pauses(self, state: ViewState) -> bool:
+        fence = state.fence
+        if fence is None:
+            if self._unheld is not None:
+                self._unheld = None
+                self._health.resolve(ROTATION_KEY_UNKNOWN)
+            return False
+        if fence.new_key == self._barrier.next_public_key:
+            return True
+        if self._unheld != fence.seq:
+            self._unheld = fence.seq
+            self._health.report(
+                ROTATION_KEY_UNKNOWN,
+                f"a key rotation fenced writes at #{fence.seq} for {fence.new_key}, which this "
+                "backend does not hold as its next key: restart it with that key as "
+                "NEXT_ENCRYPTION_XKEY_SEED (writes are refused until the rotation ends)",
+            )
+        return False
+
+    async def follow(self, view: LiveView) -> None:
+        fence = view.state.fence
+        assert fence is not None
+        log.info(
+            "writes fenced for an encryption key rotation; following its swap",
+            extra={"rotation": fence.rotation, "new_key": fence.new_key, "fence_seq": fence.seq},
+        )
+        delay = self.poll_min
+        while True:
+            seq = view.state.last_seq + 1
+            try:
+                step = await self._look(seq, fence)
+            except (StorageError, NatsUnavailable):
+                step = _Next.WAIT  # NATS trouble, or the stream gone mid-swap: look again
+            if step is _Next.RESUME:
+                return
+            if step is _Next.SWITCH:
+                try:
+                    await self._switch(view, fence)
+                    return
+                except (ChainBroken, WrongKey, RotatedLogUnreadable) as exc:
+                    self._health.report(ROTATED_LOG_UNREADABLE, str(exc))
+                except (StorageError, NatsUnavailable) as exc:
+                    log.warning("could not read the rotated log yet", extra={"error": str(exc)})
+            # The swap happens in another process; its steps raise no event here.
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, self.poll_max)
+
+    # --- the steps ----------------------------------------------------------------------
+
+    async def _look(self, seq: int, fence: Fence) -> _Next:
+        """What the entry at `seq` (just after the view) says about the rotation."""
+        raw = await get_message(self._nc, self._stream, seq)
+        if raw is None:
+            return _Next.WAIT  # nothing yet, or the stream is being recreated and refilled
+        tag = raw.headers.get(ENTRY_TAG_HEADER)
+        under = self._barrier.tagged_by(seq, raw.data, tag)
+        if under != fence.new_key:
+            # The old log goes on (a lifted fence), or something not ours the view's own
+            # reader judges: either way the view follows its log again.
+            return _Next.RESUME
+        try:
+            event = decode_event(raw.data)
+        except UndecodableEvent:
+            return _Next.WAIT
+        if not (isinstance(event, KeyRotated) and event.new_key == fence.new_key):
+            return _Next.WAIT
+        anchored = await self._anchor_under(fence.new_key)
+        if anchored is None or anchored.seq < seq:
+            return _Next.WAIT  # the views are still being rebuilt: the anchor moves last
+        return _Next.SWITCH
+
+    async def _anchor_under(self, key: str) -> Anchored | None:
+        anchor = Anchor(self._nc, backend_name=self._names.name, barrier=self._barrier.alone(key))
+        try:
+            return await anchor.read()
+        except AnchorForged:
+            return None  # still the old key's anchor: the swap has not reset it yet
+
+    async def _switch(self, view: LiveView, fence: Fence) -> None:
+        """Fold the rotated log beside the served one, then serve it under the new key."""
+        new = self._barrier.alone(fence.new_key)
+        fresh_log = EventLog(
+            self._nc, backend_name=self._names.name, barrier=new, replicas=self._replicas
+        )
+        anchored = await self._anchor_under(fence.new_key)
+        start = view.state.last_seq
+        tail: list[tuple[int, list[Effect]]] = []
+
+        def keep(seq: int, effects: list[Effect]) -> None:
+            if seq > start:  # the rotation rebuilt the views up to its marker
+                tail.append((seq, effects))
+
+        fresh = LiveView(fresh_log, on_effects=keep, anchored=anchored)
+        await fresh.catch_up()  # from #1, chain verified, held to the new anchor
+        if fresh.state.encryption_key != fence.new_key or fresh.state.last_seq <= start:
+            raise RotatedLogUnreadable(
+                f"the rewritten log ends at #{fresh.state.last_seq} without the rotation's "
+                f"marker for {fence.new_key} after #{start}"
+            )
+        if self._writer is not None:
+            await self._writer.prepare()  # where the rebuilt buckets stand
+        # The switch: nothing below awaits, so no request sees half of it.
+        self._barrier.adopt(fence.new_key)
+        view.rebase(fresh, tail)
+        self._health.resolve(ROTATED_LOG_UNREADABLE)
+        self.switches += 1
+        log.info(
+            "encryption key rotated: serving the rewritten event log under the new key",
+            extra={"encryption": fence.new_key, "events": view.state.last_seq},
+        )
+
+
+class RotatedLogUnreadable(StorageError):
+    """The log swapped in by a rotation does not read as a complete log under its key."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__("rotated event log", why)
