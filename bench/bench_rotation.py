@@ -169,6 +169,7 @@ async def measure(url: str, workdir: Path, count: int, secrets: int, tail_s: flo
                 done, seconds = await anyio.to_thread.run_sync(
                     lambda: rotate(url, transit, k1, k2, "--online")
                 )
+                rotation_ended = time.monotonic()
                 await anyio.sleep(tail_s)  # the backends' switch falls inside the window
             online = speed(done, seconds)
             online.update(load.summary())
@@ -176,6 +177,11 @@ async def measure(url: str, workdir: Path, count: int, secrets: int, tail_s: flo
             host = HostClient(nc, NAMES)
             problems = await unserved_writes(host, entity_jwt, host_jwt, load.acks)
             online["acknowledged_writes_unserved"] = len(problems)
+            online["unserved_examples"] = problems[:10]
+            online["put_error_examples"] = load.put_errors[:10]
+            online["acks"] = [(a.name, a.version, round(a.at - load.started, 3)) for a in load.acks]
+            online["refusals"] = [round(at - load.started, 3) for at in load.refusals]
+            online["rotation_ended_s"] = round(rotation_ended - load.started, 3)
             results["online"] = online
         finally:
             await nc.close()

@@ -256,6 +256,8 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
             assert {(name, version) for _, name, version in puts_of(after)} == {
                 (ack.name, ack.version) for ack in acknowledged
             }, "the log's puts are not exactly the acknowledged writes"
+            others = [r["type"] for r in after[len(before) :] if r["type"] != "secret_put"]
+            assert others == ["writes_fenced", "key_rotated"], others  # one fence, one rotation
 
             old_traces, new_traces = await key_traces(nc, [old, new])
         assert old_traces.found() == [], old_traces.found()[:20]
