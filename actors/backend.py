@@ -125,7 +125,8 @@ class Backend:
         nc = self.nc = await connect(options, name=f"secrets-nats-kv {names.name}", persistent=True)
         barrier = self.barrier
         try:
-            await wait_for_swap(nc, names)  # a key rotation's swap under way: never half a log
+            # A key rotation's swap under way: wait, never ready on half a log.
+            await wait_for_swap(nc, names, barrier)
             await adopt_log_key(nc, names, barrier)
             event_log = EventLog(
                 nc,
@@ -160,6 +161,8 @@ class Backend:
 
             async def refill(gone: list[str]) -> None:
                 """Buckets deleted under a running backend: recreated, refilled from the log."""
+                if view.paused:  # a key rotation is rebuilding them: the writer retries
+                    raise StorageError("KV views", "being rebuilt by a key rotation")
                 self.health.report(
                     BUCKET_RECREATED, f"{', '.join(gone)} vanished; recreated from the event log"
                 )

@@ -10,7 +10,8 @@ stopping), `staged` once staging is complete but not committed, `commit` right a
 commit, `rebuild` counts entries of the KV rebuild, `cleanup` is just before the staging
 stream is deleted. `rotate-key --online` adds `catchup` (messages published by the copy
 passes after the first), `fenced` (the write fence just appended to the live log, not yet
-copied) and `filled` (the live log refilled but for its marker, before the KV rebuild).
+copied) and `filled` (the live log refilled but for its marker; online, `rebuild`
+comes after the marker).
 `import`: `append` counts entries sent (flushed first), `appended`
 once every entry is acknowledged, `dropped` once the original's streams are deleted,
 `refold` counts log entries folded into the new buckets.

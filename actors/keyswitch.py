@@ -21,8 +21,9 @@ through that without an incident:
   following the old log (a lifted fence resumes writes; a swap it cannot read breaks it).
 
 At start-up, `wait_for_swap` waits (bounded) while a committed staging stream says a swap
-is under way, and `adopt_log_key` makes the next key current if the log is under it (a
-rotation finished while this backend was down).
+is under way (unless the live log is still the old one, whole), and `adopt_log_key`
+makes the next key current if the log is under it (a rotation finished while this
+backend was down).
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ import anyio
 from nats.aio.client import Client as NATS
 
 from actors.health import Health
-from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, staging_stream_name
+from actors.rotation.context import (
+    API_TIMEOUT,
+    COMMITTED,
+    NEW_KEY_KEY,
+    OLD_KEY_KEY,
+    STATE_KEY,
+    staging_stream_name,
+)
 from events.anchor import Anchor, Anchored, AnchorForged
 from events.chain import ChainBroken, WrongKey
 from events.log import EventLog, stream_name
@@ -63,52 +71,93 @@ class _Next(enum.Enum):
     SWITCH = "switch"  # the rotated log is complete: fold it and serve it
 
 
-async def wait_for_swap(nc: NATS, names: BackendNames, *, within: float = SWAP_WAIT_S) -> None:
-    """Return once no committed staging stream is left (never "ready" on a half-filled
-    log); a swap that does not finish `within` seconds is a one-line refusal."""
+async def wait_for_swap(
+    nc: NATS, names: BackendNames, barrier: Barrier, *, within: float = SWAP_WAIT_S
+) -> None:
+    """Return once no committed staging stream says the live log is being swapped, or the
+    live log is whole anyway: still the old one (the fence, or a run stopped right after
+    its commit), or the rotated one with its views rebuilt (a run stopped before dropping
+    staging). Never "ready" on a half-filled log; a swap that does not finish `within`
+    seconds is a one-line refusal."""
     staging = staging_stream_name(names.name)
-    if not await _committed(nc, staging):
-        return
-    log.info(
-        "an encryption key rotation is swapping the event log; waiting for it to finish",
-        extra={"staging": staging},
-    )
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        # Another process deletes the stream when it is done: no event tells us here.
-        await anyio.sleep(0.5)
-        if not await _committed(nc, staging):
+    deadline, said = time.monotonic() + within, False
+    while (keys := await _committed_keys(nc, staging)) is not None:
+        if await _whole(nc, names, barrier, *keys):
             return
-    raise StorageError(
-        "event log",
-        f"a key rotation's swap is under way ({staging} is committed) and did not finish "
-        f"within {within:g}s: run `secrets-nats-kv rotate-key` again to finish it",
-    )
+        if not said:
+            said = True
+            log.info(
+                "an encryption key rotation is swapping the event log; waiting for it to finish",
+                extra={"staging": staging},
+            )
+        if time.monotonic() > deadline:
+            raise StorageError(
+                "event log",
+                f"a key rotation's swap is under way ({staging} is committed) and did not "
+                f"finish within {within:g}s: run `secrets-nats-kv rotate-key` again to finish it",
+            )
+        # Another process refills the log and drops staging: no event tells us here.
+        await anyio.sleep(0.5)
 
 
-async def _committed(nc: NATS, staging: str) -> bool:
+async def _committed_keys(nc: NATS, staging: str) -> tuple[str, str] | None:
+    """(old key, new key) of a committed staging stream (a swap under way), or None."""
     info = await stream_info(nc, staging, API_TIMEOUT)
-    return info is not None and (info.config.metadata or {}).get(STATE_KEY) == COMMITTED
+    metadata = (info.config.metadata or {}) if info is not None else {}
+    if metadata.get(STATE_KEY) != COMMITTED:
+        return None
+    return metadata.get(OLD_KEY_KEY, ""), metadata.get(NEW_KEY_KEY, "")
+
+
+async def _whole(nc: NATS, names: BackendNames, barrier: Barrier, old: str, new: str) -> bool:
+    """Whether the live log is whole under a held key: still the old one, or the rotated
+    one whose marker the anchor (reset under the new key once the views are rebuilt)
+    points at."""
+    if barrier.holds(old) and await log_key(nc, names, barrier) == old:
+        return True
+    if not barrier.holds(new):
+        return False
+    anchor = Anchor(nc, backend_name=names.name, barrier=barrier.alone(new))
+    try:
+        anchored = await anchor.read()
+    except AnchorForged:
+        return False  # still the old key's anchor: the views are not rebuilt yet
+    if anchored is None:
+        return False
+    return await marker_at(nc, names, barrier, anchored.seq, new)
+
+
+async def marker_at(nc: NATS, names: BackendNames, barrier: Barrier, seq: int, new: str) -> bool:
+    """Whether the live log holds at `seq` the rotation's `KeyRotated` to `new`, tagged by it."""
+    raw = await get_message(nc, stream_name(names.name), seq)
+    if raw is None or barrier.tagged_by(seq, raw.data, raw.headers.get(ENTRY_TAG_HEADER)) != new:
+        return False
+    try:
+        event = decode_event(raw.data)
+    except UndecodableEvent:
+        return False
+    return isinstance(event, KeyRotated) and event.new_key == new
 
 
 async def log_key(
     nc: NATS, names: BackendNames, barrier: Barrier, *, probe: int = _PROBE_ENTRIES
 ) -> str | None:
-    """The held key the live log is under, judged from its newest entries of ours; None
-    for an empty log or one none of the last `probe` positions is tagged by a held key."""
+    """The held key the live log is under, judged from its newest entries of ours, else
+    its oldest (junk appended by strangers must not hide it); None for an empty log or
+    one none of the `probe` positions at either end is tagged by a held key."""
     stream = stream_name(names.name)
     info = await stream_info(nc, stream, API_TIMEOUT)
     if info is None or info.state.messages == 0:
         return None
-    seq = info.state.last_seq
-    while seq >= max(info.state.first_seq, 1) and probe > 0:
-        probe -= 1
+    first, last = max(info.state.first_seq, 1), info.state.last_seq
+    newest = range(last, max(first, last - probe + 1) - 1, -1)
+    oldest = range(first, min(last, first + probe - 1) + 1)
+    for seq in (*newest, *oldest):
         raw = await get_message(nc, stream, seq)
         if raw is not None:
             found = barrier.tagged_by(seq, raw.data, raw.headers.get(ENTRY_TAG_HEADER))
             if found is not None:
                 return found
-        seq -= 1
     return None
 
 

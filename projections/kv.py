@@ -328,7 +328,9 @@ class KvWriter:
         headers = stored.headers or {}
         data = stored.data or b""
         tag = headers.get(KV_TAG_HEADER)
-        if stored.subject == write.subject and self._barrier.verify_kv(
+        # Either held key: a key rotation's rebuild tags the views under the next key
+        # before this backend switches to it.
+        if stored.subject == write.subject and self._barrier.kv_tagged_by(
             write.bucket, write.key, write.revision, data, tag
         ):
             return

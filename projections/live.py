@@ -154,13 +154,14 @@ class LiveView:
     async def _follow(self) -> None:
         with contextlib.suppress(ChainBroken, WrongKey):  # reported; the view stops here
             while True:
-                await self._read(follow=True)  # returns only at a fence to wait at
-                assert self._fences is not None
-                self.paused = True
-                try:
-                    await self._fences.follow(self)
-                finally:
-                    self.paused = False
+                fences = self._fences
+                if fences is not None and fences.pauses(self.state):
+                    self.paused = True
+                    try:
+                        await fences.follow(self)  # lifted, or rebased: follow on
+                    finally:
+                        self.paused = False
+                await self._read(follow=True)  # returns only once an entry ends at a fence
 
     def _at_fence(self) -> bool:
         return self._fences is not None and self._fences.pauses(self.state)
@@ -185,7 +186,7 @@ class LiveView:
         raised (at start-up it stops `run` before the backend is ready).
         """
         delay = 0.1
-        while not (follow and self._at_fence()):
+        while True:
             with anyio.CancelScope() as scope:
                 self._follow_scope = scope
                 try:

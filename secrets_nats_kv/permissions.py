@@ -167,6 +167,12 @@ def _admin(names: BackendNames) -> Permissions:
         *_reading(events),  # audit export, rotate-key
         *_api(events, "CREATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
         *_reading(access),  # audit export --access
+        # rotate-key re-tags the access log for the new key (each batch again, then erased)
+        access_subject(names),
+        *_api(access, "MSG.DELETE"),
+        # rotate-key --online: which keys the backends hold, and when they switched
+        f"{SRV}.STATS.{SERVICE_NAME}",
+        f"{SRV}.STATS.{SERVICE_NAME}.*",
         *_api(staging, "INFO", "CREATE", "UPDATE", "DELETE", "MSG.GET", "MSG.DELETE", "DIRECT.GET"),
         # get reads the bucket; rotate-key erases destroyed versions from it
         *_api(secrets_kv, "INFO", "CREATE", "DELETE", "MSG.GET", "MSG.DELETE"),

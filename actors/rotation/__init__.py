@@ -47,8 +47,9 @@ with `Nats-Expected-Last-Sequence`), reads are batched direct gets
 Online (`rotate-key --online`, `online`): the same staging and swap with backends
 running, which hold the new key as their next one (`precheck`). The copy catches up with
 the writes made meanwhile (`catchup`), then a write fence in the live log (`fence`)
-stops writes for the swap; the swap writes the marker last, after the views and the
-anchor, so backends switch to the new log once it is whole. `--abort` before the commit
+stops writes for the refill of the live log; the swap writes the marker after the
+refill and the anchor, so backends switch to the new log once it is whole, and rebuilds
+the KV views after it, with writes going on. `--abort` before the commit
 lifts the fence and drops staging.
 
 Rooms: `plan` (the entry point: what to do), `copy` (phase 1 and the copy loop),

@@ -9,13 +9,14 @@ and the new public key.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from actors.crashpoints import CrashPoints
+from actors.rotation.precheck import BackendKeys
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import KeyRotated, UndecodableEvent, decode_event
 from projections.kv import KvLayout
@@ -87,6 +88,8 @@ class RotationRun:
         self.started = time.monotonic()
         self.subjects = EventLog(nc, backend_name=names.name, barrier=None)
         self.fenced_seconds: float | None = None  # how long writes stood fenced (online)
+        self.backends: Sequence[BackendKeys] = ()  # online: the instances to wait for
+        self.unswitched: list[str] = []  # online: instances not on the new key in time
 
     def tick(self, done: int, total: int) -> None:
         if self.progress is not None:

@@ -10,8 +10,9 @@ backends (which hold the new key as their next one, `precheck`):
    catches up and the fence is tried again (a bounded number of times). From the fence
    on, backends refuse writes (`RotationInProgress`) and keep serving gets.
 3. Copy the fence, stage the `KeyRotated` marker right after it, commit, swap (`swap`
-   with the online order: the marker reaches the live log last, once the KV views and
-   the anchor are rebuilt under the new key, so a backend that sees it may switch).
+   with the online order: the refill, the anchor under the new key, then the marker,
+   which ends the fence: a backend that sees it switches; the KV views are rebuilt
+   after it, with writes going on).
 
 A re-run finishes from any point. Before the commit an incomplete staging stream is
 dropped and the copy redone (a fence this rotation already set stays standing and is

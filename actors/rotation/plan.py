@@ -52,15 +52,10 @@ async def rotate_key(
     where a test may stop the run (the product never stops).
     """
     run = RotationRun(nc, names, layout, old, new, progress, crash)
+    run.backends = backends
     note = ""
-    if online:
-        check_backends(backends, new.public_key)
-        if not backends and await run.backend_answers():
-            raise RotationRefused(
-                f"a backend answers on {names.subject('server_xkey')} but reported no keys "
-                "(not ready yet, or an older version): run again once `status` lists it"
-            )
-    elif await run.backend_answers():
+    # Online, the backends are checked once the run knows it is not finishing a swap.
+    if not online and await run.backend_answers():
         # Even with --force: a backend writing during the swap would have its acknowledged
         # writes dropped with the old log and their versions handed out again.
         if dry_run:
@@ -73,7 +68,7 @@ async def rotate_key(
             )
     del force  # kept for the CLI's compatibility; it no longer overrides the check
     if dry_run:
-        return await _decide(run, dry_run=True, note=note)
+        return await _decide(run, dry_run=True, note=note, online=online)
     try:
         async with RotationLock(nc, names.name):
             return await _decide(run, dry_run=False, note=note, online=online)
@@ -109,6 +104,8 @@ async def _decide(
         return _report(run, "resumed", await swap(run, staging), note)
     if run.old.public_key == run.new.public_key:
         raise RotationRefused("the old and the new encryption keys are the same key")
+    if online:
+        await _check_backends(run)
     if online and not dry_run:
         if await _already_rotated(run, staging):
             return _report(run, "already rotated", Counts(), note)
@@ -142,6 +139,9 @@ async def _decide(
 
 
 def _report(run: RotationRun, outcome: Outcome, counts: Counts, note: str) -> RotationReport:
+    if run.unswitched:
+        late = f"not yet serving under the new key: {', '.join(run.unswitched)}"
+        note = f"{note}; {late}" if note else late
     return RotationReport.of(
         outcome,
         run.new.public_key,
@@ -150,6 +150,17 @@ def _report(run: RotationRun, outcome: Outcome, counts: Counts, note: str) -> Ro
         note,
         fenced_seconds=run.fenced_seconds,
     )
+
+
+async def _check_backends(run: RotationRun) -> None:
+    """Online: every answering backend holds the new key (`precheck`); one that answers
+    without reporting its keys is refused too."""
+    check_backends(run.backends, run.new.public_key)
+    if not run.backends and await run.backend_answers():
+        raise RotationRefused(
+            f"a backend answers on {run.names.subject('server_xkey')} but reported no keys "
+            "(not ready yet, or an older version): run again once `status` lists it"
+        )
 
 
 async def _already_rotated(run: RotationRun, staging: Staging | None) -> bool:

@@ -14,9 +14,11 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+from actors.rotation.access import retag_access_log
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
 from actors.rotation.report import Counts
+from actors.rotation.switch import wait_for_switch
 from actors.rotation.verify import ExpectedBuckets
 from events.anchor import Anchor
 from events.log import EventLog
@@ -42,8 +44,10 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
     """Make the live log a copy of the committed staging stream, rebuild views, clean up.
 
     A staged log whose marker follows a write fence (an online rotation, backends
-    running) is swapped in the online order: the marker reaches the live log last,
-    after the KV views and the anchor, so a backend that sees it may switch at once.
+    running) is swapped in the online order: the refill, the anchor under the new key,
+    then the marker, which ends the fence (backends switch once they see it with the
+    anchor); the KV views are rebuilt after it, while backends may write again
+    (`rebuild_views` is safe with running writers), so the fence lasts the refill only.
     """
     assert staging.marker is not None
     marker = staging.marker
@@ -55,11 +59,9 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         and copied.headers.get(TAG_HEADER) == marker.headers.get(TAG_HEADER)
     ):
         counts, expected = await read_staging(run, staging, None, "scan")
-        if fence is not None:  # the online order: views and anchor are done already
-            await _drop_staging(run)
-            return counts
-        await _rebuild_checked(run, staging, expected)
-        await _reset_anchor(run, marker)
+        await _rebuild_checked(run, staging, expected, online=fence is not None)
+        if fence is None:  # online, the anchor moved before the marker (writers follow it)
+            await _reset_anchor(run, marker)
         await _drop_staging(run)
         return counts
     await run.delete(run.live)
@@ -74,10 +76,11 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
         run.tick(counts.entries, counts.entries)
         if fence is not None:
             await run.checkpoint("filled")
-            await _rebuild_checked(run, staging, expected)
             await _reset_anchor(run, marker)
             await _publish_marker(run, publisher, marker)
             run.fenced_seconds = max(time.time() - fence.at, 0.0)
+            expected.add(marker.seq, decode_event(marker.data))
+            await _rebuild_checked(run, staging, expected, online=True)
             await _drop_staging(run)
             return counts
     await _rebuild_checked(run, staging, expected)
@@ -101,8 +104,11 @@ async def staged_fence(run: RotationRun, staging: Staging) -> WritesFenced | Non
     return None
 
 
-async def _rebuild_checked(run: RotationRun, staging: Staging, expected: ExpectedBuckets) -> None:
-    """Rebuild both KV views from the live log; they must match the staged log's fold."""
+async def _rebuild_checked(
+    run: RotationRun, staging: Staging, expected: ExpectedBuckets, *, online: bool = False
+) -> None:
+    """Rebuild both KV views from the live log; they must match the staged log's fold
+    (online, once backends wrote after the marker, the rebuild must reach the marker)."""
     layout = dataclasses.replace(run.layout, replicas=max(run.layout.replicas, staging.replicas))
 
     def rebuild_progress(done: int, total: int) -> None:
@@ -117,6 +123,14 @@ async def _rebuild_checked(run: RotationRun, staging: Staging, expected: Expecte
         barrier=run.new_auth,
         progress=rebuild_progress,
     )
+    if online and await run.live_head() > expected.state.last_seq:
+        if rebuilt.events < expected.state.last_seq:
+            raise StorageError(
+                "rebuilt KV views",
+                f"folded {rebuilt.events} entries, the staged log has "
+                f"{expected.state.last_seq}; {run.staging} is kept: re-run rotate-key",
+            )
+        return  # backends write again: the views follow the log they extend
     secrets = await stream_info(run.nc, kv_stream(layout.secrets_bucket), API_TIMEOUT)
     mappings = await stream_info(run.nc, kv_stream(run.names.state_bucket), API_TIMEOUT)
     problem = expected.mismatch(
@@ -138,6 +152,10 @@ async def _reset_anchor(run: RotationRun, marker: RawMessage) -> None:
 
 
 async def _drop_staging(run: RotationRun) -> None:
+    """The last steps: the backends switched (`switch`, online), the access log re-tagged
+    (`access`), then staging deleted."""
+    run.unswitched = await wait_for_switch(run, run.backends)
+    await retag_access_log(run)
     await run.checkpoint("cleanup")
     await run.delete(run.staging)
 

@@ -21,18 +21,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
 from actors.rotation import STATE_KEY, RotationRefused, staging_stream_name
 from actors.rotation.lock import RotationLock
+from actors.service import STATS_KEYS
 from events.log import EventLog, stream_name
 from events.types import (
     Event,
     FenceLifted,
     KeyRotated,
     SecretDestroyed,
-    SecretPut,
     UndecodableEvent,
     WritesFenced,
     decode_event,
@@ -43,12 +44,15 @@ from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import RotationInProgress
 from secrets_nats_kv.nats.reader import RawMessage, get_message
-from secrets_nats_kv.xkeys import SealBox, XKey
-from support.harness import Keys, running_backend
+from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.xkeys import XKey
+from support.harness import Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remember
 from support.rotation import (
     NAMES,
     Model,
+    access_only_with,
+    append_directly,
     audit,
     client,
     comparable,
@@ -56,6 +60,8 @@ from support.rotation import (
     new_key,
     one_line,
     populated,
+    puts,
+    refuses_to_start,
     remembered_keys,
     rotate,
     rotate_cli,
@@ -66,6 +72,8 @@ from support.rotation import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from secrets_nats_kv.app.natsserver import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -117,24 +125,6 @@ class At:
 
     def stop(self) -> None:
         raise Crashed(self.stop_at)
-
-
-async def append_directly(url: str, key: XKey, events: list[Event]) -> list[int]:
-    """Append `events` at the live head, chained and tagged for `key`, as a decider does."""
-    async with client(url) as nc:
-        log = EventLog(nc, backend_name=NAMES.name, barrier=Barrier(key))
-        seq, link = await log.tail()
-        seqs = []
-        for event in events:
-            appended = await log.append(event, expected_last_seq=seq, previous=link)
-            seq, link = appended.seq, appended.link
-            seqs.append(seq)
-        return seqs
-
-
-def puts(key: XKey, values: list[tuple[str, str]]) -> list[Event]:
-    box = SealBox(key, key)
-    return [SecretPut(at=time.time(), name=name, sealed=box.seal(v.encode())) for name, v in values]
 
 
 async def destroy_first_version(url: str, key: XKey, name: str) -> int:
@@ -304,23 +294,22 @@ async def test_killed_at_each_online_point_a_rerun_finishes(nats_server: NatsSer
         async with client(url) as nc:
             state = await staging_state(nc)
             raw, event = await last_entry(nc, LIVE)
-            assert state == (
-                "staging" if point in ("stage:25", "fenced", "staged") else "committed"
-            )
+            uncommitted = point in ("stage:25", "fenced", "staged")
+            assert state == ("staging" if uncommitted else "committed"), point
             if point in ("fenced", "staged", "commit"):  # the fence ends the old log
                 assert isinstance(event, WritesFenced)
                 assert event.new_key == new.public_key
                 assert Barrier(old).verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER))
             if point == "filled":  # refilled but for the marker, which comes last
                 assert raw.seq == await head(nc, STAGING) - 1
-        if point in ("stage:25", "fenced", "staged", "commit"):
-            await serves_everything(url, old, model)  # still whole under the old key
+        if uncommitted:  # still whole under the old key (once committed, a backend that
+            await serves_everything(url, old, model)  # starts waits for the swap: keyswitch)
         done = await rotate_cli(url, old, new, "--online")
         assert done.returncode == 0, (point, done.stderr)
         line = one_line(done, old, new)
-        verb = "rotated" if point in ("stage:25", "fenced", "staged") else "finished"
+        verb = "rotated" if uncommitted else "finished"
         assert line.startswith(f"{verb} the "), (point, line)
-        if point != "cleanup":  # a run that only drops staging did not time the fence
+        if point not in ("rebuild:10", "cleanup"):  # the fence ended in the first run
             assert " online: " in line, line
             assert " values re-sealed, " in line, line
             assert " values/s, writes fenced for " in line, line
@@ -436,3 +425,90 @@ async def test_a_tail_deleted_during_the_copy_is_refused_not_laundered(
         assert f"#{cut[0]}" in str(refused.value)
         assert await staging_state(nc) is None
         assert await head(nc, LIVE) == cut[0]  # nothing after the cut: no fence was set
+
+
+@dataclass
+class Load:
+    """Gets and puts issued back to back through a running backend, counted."""
+
+    gets: int = 0
+    failed_gets: list[str] = field(default_factory=list)
+    acknowledged: list[tuple[int, str]] = field(default_factory=list)
+    refused: int = 0  # puts answered RotationInProgress (not acknowledged)
+    rotated: bool = False
+    resumed: anyio.Event = field(default_factory=anyio.Event)  # a put acked after the run
+
+
+async def test_online_with_a_running_backend_holding_both_keys(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Gets never fail, acknowledged puts survive at their versions, puts during the fence
+    are refused (not lost), and the backend switches to the new key without a restart."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    old = keys.encryption
+    model = await populated(url, keys)
+    _, expected = model.values["app-01"][max(model.values["app-01"])]
+    load = Load()
+    async with running_backend(url, keys, next_encryption_key=new) as clients:
+
+        async def get_loop() -> None:
+            while not load.resumed.is_set():
+                try:
+                    secret = await clients.get(model.reader, "app-01")
+                    if secret.value_bytes() != expected:
+                        load.failed_gets.append("wrong value")
+                except Exception as exc:  # every failure is counted, none may happen
+                    load.failed_gets.append(type(exc).__name__)
+                load.gets += 1
+
+        async def put_loop() -> None:
+            round_ = 0
+            while not load.resumed.is_set():
+                value = f"under load {round_} {os.urandom(4).hex()}"
+                remember(value.encode(), "secret value")
+                round_ += 1
+                try:
+                    revision = await clients.admin.put_secret("app-03", value)
+                except RotationInProgress:
+                    load.refused += 1
+                    continue
+                load.acknowledged.append((revision, value))
+                if load.rotated:
+                    load.resumed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get_loop)
+            tg.start_soon(put_loop)
+            done = await rotate_cli(url, old, new, "--online")
+            load.rotated = True
+        assert done.returncode == 0, done.stderr
+        line = one_line(done, old, new)
+        assert line.startswith(f"rotated the encryption key to {new.public_key} online: "), line
+        status = clients.backend.status()
+        public_keys = status[STATS_KEYS]
+        assert isinstance(public_keys, dict)
+        assert public_keys["encryption"] == new.public_key  # switched, not restarted
+    assert load.failed_gets == []
+    assert load.gets > 0
+    assert load.refused > 0  # the fence held writes back; none of them was acknowledged
+    for revision, value in load.acknowledged:
+        model.put("app-03", revision, value)
+    model.deleted.discard("app-03")
+    revisions = [revision for revision, _ in load.acknowledged]
+    assert revisions == sorted(set(revisions))  # no version handed out twice
+    async with client(url) as nc:
+        await sealed_only_with(nc, new, [old], written_after=True)
+        assert await access_only_with(nc, new, [old]) > 0  # the gets' records, re-tagged
+    await serves_everything(url, new, model)
+    await refuses_to_start(url, old)
+    # The audit export under the new key still verifies (signed checkpoints, offline).
+    signer = SigningKey.generate(Role.ACCOUNT)
+    out = tmp_path / "audit.jsonl"
+    env = {**cli_env(Keys(encryption=new)), "AUDIT_SIGNING_SEED": signer.seed}
+    exported = run_cli("audit", "export", "--output", str(out), "--nats-address", url, env=env)
+    assert exported.returncode == 0, exported.stderr
+    verified = run_cli(
+        "audit", "verify", str(out), "--public-key", signer.public_key, env=cli_env()
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.decode().startswith("audit export verified: ")

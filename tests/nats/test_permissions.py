@@ -106,9 +106,14 @@ def backends() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 async def start_backend(
-    bus: Bus, keys: Keys, procs: list[subprocess.Popen[bytes]], log: Path
+    bus: Bus,
+    keys: Keys,
+    procs: list[subprocess.Popen[bytes]],
+    log: Path,
+    next_key: XKey | None = None,
 ) -> subprocess.Popen[bytes]:
-    env = bus.env(NatsRole.BACKEND, keys)
+    extra = {} if next_key is None else {"NEXT_ENCRYPTION_XKEY_SEED": next_key.seed}
+    env = bus.env(NatsRole.BACKEND, keys, **extra)
     proc = spawn_run(bus.url, env, "--nats-user", user_name(NatsRole.BACKEND), log=log)
     procs.append(proc)
     try:
@@ -179,6 +184,32 @@ async def test_every_role_works_under_its_permissions(
     assert (got.version, got.string_secret) == ("2", value)
     assert await admin(bus, rotated, "get", SECRET) == value + "\n"
 
+    assert bus.violations() == []
+
+
+async def test_an_online_rotation_works_under_the_admin_profile(
+    bus: Bus, backends: list[subprocess.Popen[bytes]], host_nc: NATS, tmp_path: Path
+) -> None:
+    """`rotate-key --online` as the admin: the stats of the backends (precheck, switch), the
+    log, staging and access log (re-tagged) with no permission violation."""
+    keys, identity, new = Keys(), Identity(), XKey.generate()
+    remember(new.seed, "new encryption seed")
+    value = f"value-{secrets.token_hex(8)}"
+    remember(value, "secret value")
+    await start_backend(bus, keys, backends, tmp_path / "run-1.log", next_key=new)
+    await admin(bus, keys, "put", SECRET, SECRET_STRING_VALUE=value)
+    await admin(bus, keys, "add-mapping", identity.entity_key, "--secret", SECRET)
+    host = HostClient(host_nc, NAMES)
+    await host.get(SECRET, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt())
+
+    said = await admin(bus, keys, "rotate-key", "--online", NEW_ENCRYPTION_XKEY_SEED=new.seed)
+    assert said.startswith(f"rotated the encryption key to {new.public_key} online: "), said
+    rotated = Keys(transit=keys.transit, encryption=new)
+    audit = await admin(bus, rotated, "audit", "export", "--access")
+    kinds = [json.loads(line).get("type") for line in audit.splitlines()]
+    assert kinds.count("get") == 1, kinds  # the get before the rotation, re-tagged
+    got = await host.get(SECRET, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt())
+    assert (got.version, got.string_secret) == ("1", value)
     assert bus.violations() == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,16 +21,18 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from actors.rotation import rotate_key, staging_stream_name
+from events.access import access_stream_name, access_subject
 from events.chain import WrongKey
 from events.log import EventLog, stream_name, subject_prefix
-from events.types import KeyRotated, MappingAdded, SecretPut, decode_event, encode_event
+from events.types import Event, KeyRotated, MappingAdded, SecretPut, decode_event, encode_event
 from projections.audit import AuditRecord, audit_records
 from projections.kv import KvLayout
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
-from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendNames, NatsOptions, kv_stream
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized
 from secrets_nats_kv.nats.connection import connect
+from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER
 from secrets_nats_kv.nats.reader import read_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 from support.crash import program as crash_program
@@ -219,14 +222,18 @@ def comparable(records: list[AuditRecord]) -> list[AuditRecord]:
     return [msgspec.structs.replace(r, time="") if r.type in timeless else r for r in records]
 
 
-async def sealed_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
+async def sealed_only_with(
+    nc: NATS, new: XKey, old_keys: list[XKey], *, written_after: bool = False
+) -> int:
     """Every event is tagged for `new` only; every sealed blob opens with `new`, none with
-    an old key. Returns how many blobs were checked."""
+    an old key; the log ends with the rotation to `new` (or, `written_after`: has it as
+    its last rotation, backends having written after it). Returns the blobs checked."""
     new_auth, new_box = Barrier(new), SealBox(new, new)
     olds = [(Barrier(k), SealBox(k, k)) for k in old_keys]
     assert staging_stream_name(NAMES.name) not in await streams(nc)
     blobs: list[bytes] = []
     last: object = None
+    rotation = KeyRotated(at=0.0, old_key="", new_key="")  # the log's last KeyRotated
     async for raw in read_stream(nc, stream_name(NAMES.name), f"{subject_prefix(NAMES.name)}.>"):
         tag = raw.headers.get(TAG_HEADER)
         if tag is None and not raw.data:
@@ -236,8 +243,10 @@ async def sealed_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
         last = event = decode_event(raw.data)
         if isinstance(event, SecretPut):
             blobs.append(event.sealed)
-    assert isinstance(last, KeyRotated)
-    assert last.new_key == new.public_key
+        if isinstance(event, KeyRotated):
+            rotation = event
+    assert rotation.new_key == new.public_key
+    assert written_after or last is rotation
     kv = kv_stream(NAMES.secrets_bucket)
     async for raw in read_stream(nc, kv, f"$KV.{NAMES.secrets_bucket}.>"):
         if raw.data:
@@ -280,3 +289,47 @@ def one_line(proc: subprocess.CompletedProcess[bytes], *seeds: XKey) -> str:
 async def populated(url: str, keys: Keys) -> Model:
     async with running_backend(url, keys) as clients, client(url) as nc:
         return await populate(clients, nc)
+
+
+async def access_only_with(nc: NATS, new: XKey, old_keys: list[XKey]) -> int:
+    """Every access-log batch is tagged for `new` and for no old key; how many there are."""
+    stream, subject = access_stream_name(NAMES.name), access_subject(NAMES.name)
+    new_auth, olds = Barrier(new), [Barrier(k) for k in old_keys]
+    checked = 0
+    async for raw in read_stream(nc, stream, subject):
+        batch_id, tag = raw.headers.get(MSG_ID_HEADER, ""), raw.headers.get(KV_TAG_HEADER)
+        assert new_auth.verify_kv(stream, batch_id, 0, raw.data, tag), raw.seq
+        assert not any(auth.verify_kv(stream, batch_id, 0, raw.data, tag) for auth in olds)
+        checked += 1
+    return checked
+
+
+# --- writing to the live log as a backend would, without one ------------------------------
+
+
+async def append_directly(url: str, key: XKey, events: list[Event]) -> list[int]:
+    """Append `events` at the live head, chained and tagged for `key`, as a decider does."""
+    async with client(url) as nc:
+        log = EventLog(nc, backend_name=NAMES.name, barrier=Barrier(key))
+        seq, link = await log.tail()
+        seqs = []
+        for event in events:
+            appended = await log.append(event, expected_last_seq=seq, previous=link)
+            seq, link = appended.seq, appended.link
+            seqs.append(seq)
+        return seqs
+
+
+def puts(key: XKey, values: list[tuple[str, str]]) -> list[Event]:
+    box = SealBox(key, key)
+    return [SecretPut(at=time.time(), name=name, sealed=box.seal(v.encode())) for name, v in values]
+
+
+async def put_directly(url: str, key: XKey, name: str, value: str) -> int:
+    """One put appended directly (as a backend still running would); its revision."""
+    remember(value.encode(), "secret value")
+    await append_directly(url, key, puts(key, [(name, value)]))
+    async with client(url) as nc:
+        revision = (await audit(nc, key))[-1].revision
+    assert revision is not None
+    return revision

@@ -1,0 +1,97 @@
+"""The online rotation's pure rules: the precheck, the patched destroy, the summary line."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors.rotation import BackendKeys, RotationRefused, RotationReport
+from actors.rotation.access import retagged_id
+from actors.rotation.precheck import check_backends
+from actors.rotation.reseal import patched_destroy
+from events.types import SecretDestroyed, decode_event, encode_event
+
+NEW = "XNEW" + "A" * 52
+_keys = st.sampled_from([None, NEW, "XOLD" + "B" * 52, "XOTHER" + "C" * 50])
+_backends = st.lists(
+    st.builds(BackendKeys, st.from_regex(r"[A-Za-z0-9]{6,12}", fullmatch=True), _keys, _keys),
+    max_size=6,
+)
+
+
+@given(_backends)
+def test_the_precheck_refuses_iff_a_backend_lacks_the_new_key_and_names_the_first(
+    backends: list[BackendKeys],
+) -> None:
+    lacking = [b for b in backends if NEW not in (b.current, b.next)]
+    if not lacking:
+        check_backends(backends, NEW)
+        return
+    with pytest.raises(RotationRefused) as refused:
+        check_backends(backends, NEW)
+    message = str(refused.value)
+    assert f"backend instance {lacking[0].instance} does not hold the new key {NEW}" in message
+    assert "\n" not in message
+
+
+def test_keys_are_read_from_the_stats_public_keys() -> None:
+    keys = BackendKeys.of("i1", {"encryption": "XA", "next_encryption": None, "transit": "XT"})
+    assert (keys.instance, keys.current, keys.next) == ("i1", "XA", None)
+    assert BackendKeys.of("i2", {"next_encryption": 7}).next is None  # not a key: ignored
+
+
+_digest = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 10_000), _digest), min_size=1, max_size=8, unique_by=lambda t: t[0]
+    ),
+    st.data(),
+)
+def test_a_patched_destroy_replaces_only_the_staged_digests_and_keeps_unknown_fields(
+    erased: list[tuple[int, str]], data: st.DataObject
+) -> None:
+    seqs = tuple(seq for seq, _ in erased)
+    event = SecretDestroyed(
+        at=1.0,
+        name="s",
+        versions=(1,),
+        erased_seqs=seqs,
+        erased_digests=tuple(d for _, d in erased),
+    )
+    document = msgspec.json.decode(encode_event(event))
+    document["field_of_a_later_version"] = {"kept": True}
+    body = msgspec.json.encode(document)
+    staged = data.draw(st.dictionaries(st.sampled_from(seqs), _digest))
+    patched = patched_destroy(body, event, staged)
+    again = decode_event(patched)
+    assert isinstance(again, SecretDestroyed)
+    assert again.erased_seqs == seqs
+    assert again.erased_digests == tuple(staged.get(seq, d) for seq, d in erased)
+    assert msgspec.json.decode(patched)["field_of_a_later_version"] == {"kept": True}
+
+
+def test_the_online_summary_is_one_line_with_its_numbers() -> None:
+    report = RotationReport(
+        outcome="rotated",
+        new_key=NEW,
+        entries=120,
+        events=110,
+        resealed=100,
+        seconds=2.0,
+        fenced_seconds=0.25,
+    )
+    line = report.summary()
+    assert line == (
+        f"rotated the encryption key to {NEW} online: 100 values re-sealed, 120 entries, "
+        "50 values/s, writes fenced for 0.25s, 2.00s in all"
+    )
+
+
+@given(st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
+def test_a_retagged_batch_id_is_new_and_the_same_on_every_run(batch_id: str) -> None:
+    assert retagged_id(batch_id, NEW) == retagged_id(batch_id, NEW) != batch_id
+    assert retagged_id(batch_id, NEW) != retagged_id(batch_id, "XOTHER" + "D" * 50)
