@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from secrets_nats_kv.app import cli
+from secrets_nats_kv.app.commands import next_encryption_key
+from secrets_nats_kv.xkeys import XKey
+from support.leakcheck import exempt
 
 MAX = 2**64 - 1
 
@@ -88,3 +92,24 @@ def test_help_never_shows_a_password_or_seed_taken_from_the_environment(
 )
 def test_the_originals_flags_parse(argv: list[str], dest: str, value: object) -> None:
     assert getattr(cli.build_parser().parse_args(argv), dest) == value
+
+
+@pytest.mark.parametrize("command", [["run"], ["dev"]])
+def test_run_and_dev_take_the_next_encryption_key_from_a_file(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    following = XKey.generate()
+    seed_file = tmp_path / "next.seed"
+    seed_file.write_text(f"{following.seed}\n")
+    exempt(seed_file)
+    monkeypatch.delenv("NEXT_ENCRYPTION_XKEY_SEED", raising=False)
+    flag = "--next-encryption-xkey-seed-file"
+    args = cli.build_parser().parse_args([*command, flag, str(seed_file)])
+    key = next_encryption_key(args)
+    assert key is not None
+    assert key.public_key == following.public_key
+    assert next_encryption_key(cli.build_parser().parse_args(command)) is None
+    monkeypatch.setenv("NEXT_ENCRYPTION_XKEY_SEED", following.seed)
+    from_env = next_encryption_key(cli.build_parser().parse_args(command))
+    assert from_env is not None
+    assert from_env.public_key == following.public_key
