@@ -65,6 +65,7 @@ from tests.support.tokens import mint_component_jwt, mint_host_jwt
 
 NAMES = BackendNames()
 RESEALED = re.compile(r"(\d+) values re-sealed")
+FENCED = re.compile(r"writes fenced for ([0-9.]+)s")  # the online summary's own measure
 
 
 @contextlib.contextmanager
@@ -118,11 +119,13 @@ def speed(done: subprocess.CompletedProcess[bytes], seconds: float) -> dict[str,
     line = done.stdout.decode(errors="replace").strip()
     match = RESEALED.search(line)
     resealed = int(match.group(1)) if match else 0
+    fenced = FENCED.search(line)
     return {
         "ok": done.returncode == 0,
         "seconds": seconds,
         "values_resealed": resealed,
         "values_per_s": resealed / seconds if seconds else 0.0,
+        "fenced_s": float(fenced.group(1)) if fenced else None,
         "summary": line,
         "error": done.stderr.decode(errors="replace").strip()[-500:],
     }
@@ -223,6 +226,7 @@ def table(results: dict[str, Any]) -> str:
             f"during the online run: {online['gets']} gets, {online['failed_gets']} failed, "
             f"{online['wrong_values']} wrong; {online['acknowledged_puts']} puts acknowledged, "
             f"{online['refused_puts']} refused by the fence, {online['put_errors']} errors; "
+            f"writes fenced for {online['fenced_s']}s (the command's count), "
             f"longest write pause {online['longest_write_pause_s']:.2f}s; "
             f"{online['acknowledged_writes_unserved']} acknowledged writes not served after"
         )
