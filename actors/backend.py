@@ -20,7 +20,7 @@ from actors.access_log import AccessLog
 from actors.decider import Decider
 from actors.gate import AdminGate
 from actors.health import Health
-from actors.keyswitch import SwapFollower, adopt_log_key, wait_for_swap
+from actors.keyswitch import SwapFollower, adopt_log_key, swap_under_way, wait_for_swap
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
@@ -161,7 +161,8 @@ class Backend:
 
             async def refill(gone: list[str]) -> None:
                 """Buckets deleted under a running backend: recreated, refilled from the log."""
-                if view.paused:  # a key rotation is rebuilding them: the writer retries
+                if view.paused or await swap_under_way(nc, names):
+                    # A key rotation is rebuilding them: the writer retries its write.
                     raise StorageError("KV views", "being rebuilt by a key rotation")
                 self.health.report(
                     BUCKET_RECREATED, f"{', '.join(gone)} vanished; recreated from the event log"

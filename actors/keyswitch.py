@@ -2,26 +2,33 @@
 
 `rotate-key --online` (actors/rotation) copies the live log under the new key while
 backends serve, fences writes with a `WritesFenced` in the live log, then swaps: the live
-stream is deleted, recreated and refilled from staging, its `KeyRotated` marker written
-last (right after the fence's position), the KV views rebuilt, and the anchor reset under
-the new key. A backend holding the new key as its *next* key (`Barrier`'s keyring) lives
-through that without an incident:
+stream is deleted, recreated and refilled from staging, the anchor reset under the new
+key, the `KeyRotated` marker written last, right after the fence's position, and then
+the KV views rebuilt (with backends writing again: their writers and the rebuild write
+each revision once, whoever comes first). A backend holding the new key as its *next*
+key (`Barrier`'s keyring) lives through that without an incident:
 
 - `SwapFollower.pauses`: a fence naming the next key stops the live view at the fence.
   Writes are refused by the fence itself (the decider), gets go on from the state as it
   stands (its values open under the old key, which the keyring keeps).
 - `SwapFollower.follow` watches the position after the view. An entry there under the
   current key means the rotation gave up (a `FenceLifted`): the view follows on. The
-  marker under the new key, once the anchor verifies under the new key too (the swap's
-  last step before dropping staging), means the swap is done: a fresh, verified fold of
-  the rewritten log is made beside the old one, the KV writer re-reads the rebuilt
-  buckets, and then, in one step with nothing awaited, the keyring adopts the new key
+  marker under the new key, once the anchor verifies under the new key too, means the
+  rewritten log is complete: a fresh, verified fold of
+  the rewritten log is made beside the old one, the KV writer re-reads where the
+  buckets stand, and then, in one step with nothing awaited, the keyring adopts the new key
   and the view is rebased onto the fresh fold (`LiveView.rebase`).
+- Until its switch a backend answers from its own state: a write another backend took
+  after switching first is served here once this one has switched too (the time to fold
+  the log), never a value the new key sealed before this backend holds that state.
 - A fence naming a key this backend does not hold is one incident; the view keeps
   following the old log (a lifted fence resumes writes; a swap it cannot read breaks it).
+- While a committed swap is under way (`swap_under_way`) the backend's KV writer does
+  not recreate a bucket it finds missing: the rotation is rebuilding it.
 
 At start-up, `wait_for_swap` waits (bounded) while a committed staging stream says a swap
-is under way (unless the live log is still the old one, whole), and `adopt_log_key`
+is under way (unless the live log is whole anyway: still the old one, or the rotated one
+up to its marker, the anchor on it), and `adopt_log_key`
 makes the next key current if the log is under it (a rotation finished while this
 backend was down).
 """
@@ -76,9 +83,9 @@ async def wait_for_swap(
 ) -> None:
     """Return once no committed staging stream says the live log is being swapped, or the
     live log is whole anyway: still the old one (the fence, or a run stopped right after
-    its commit), or the rotated one with its views rebuilt (a run stopped before dropping
-    staging). Never "ready" on a half-filled log; a swap that does not finish `within`
-    seconds is a one-line refusal."""
+    its commit), or the rotated one up to its marker (the views may still be rebuilt:
+    the writer and the rebuild share that). Never "ready" on a half-filled log; a swap
+    that does not finish `within` seconds is a one-line refusal."""
     staging = staging_stream_name(names.name)
     deadline, said = time.monotonic() + within, False
     while (keys := await _committed_keys(nc, staging)) is not None:
@@ -100,6 +107,11 @@ async def wait_for_swap(
         await anyio.sleep(0.5)
 
 
+async def swap_under_way(nc: NATS, names: BackendNames) -> bool:
+    """Whether a committed staging stream says a key rotation is still swapping the log."""
+    return await _committed_keys(nc, staging_stream_name(names.name)) is not None
+
+
 async def _committed_keys(nc: NATS, staging: str) -> tuple[str, str] | None:
     """(old key, new key) of a committed staging stream (a swap under way), or None."""
     info = await stream_info(nc, staging, API_TIMEOUT)
@@ -111,8 +123,7 @@ async def _committed_keys(nc: NATS, staging: str) -> tuple[str, str] | None:
 
 async def _whole(nc: NATS, names: BackendNames, barrier: Barrier, old: str, new: str) -> bool:
     """Whether the live log is whole under a held key: still the old one, or the rotated
-    one whose marker the anchor (reset under the new key once the views are rebuilt)
-    points at."""
+    one whose marker the anchor (reset under the new key) points at."""
     if barrier.holds(old) and await log_key(nc, names, barrier) == old:
         return True
     if not barrier.holds(new):

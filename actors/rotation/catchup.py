@@ -35,6 +35,7 @@ from secrets_nats_kv.nats.reader import RawMessage, read_stream, stream_messages
 
 API_TIMEOUT = 5.0
 DESTROY_TAG = b'"secret_destroyed"'  # in every encoded `SecretDestroyed`
+KEPT_ENTRIES = 250_000  # staged entries kept in memory for the refill (about 1 KB each)
 
 
 class LiveCopy:
@@ -49,6 +50,18 @@ class LiveCopy:
         self.fence: Fence | None = None  # the fence the copied log leaves standing
         self._staged_digests: dict[int, dict[int, str]] = {}  # destroy seq -> staged digests
         self._to_erase: list[int] = []
+        # What staging holds, kept for the refill (see `kept`); None once past the cap.
+        self._kept: dict[int, RawMessage] | None = {}
+
+    @property
+    def kept(self) -> dict[int, RawMessage] | None:
+        """Staging's entries by position as written (gaps left out), if within the cap.
+
+        The refill copies them into the live log while writes are fenced; reading them back
+        from the staging stream costs most of that time (nats-py parses every header), so a
+        fresh run hands them over from memory. Values in it are sealed: nothing plain.
+        """
+        return self._kept
 
     @property
     def caught_up(self) -> bool:
@@ -78,11 +91,18 @@ class LiveCopy:
         )
         for seq in self._to_erase:  # after the drain in `replay`: the staged bytes are there
             await erase_message(run.nc, run.staging, seq, API_TIMEOUT)
+            if self._kept is not None:
+                self._kept.pop(seq, None)
         self._to_erase.clear()
         self.head = until
 
     def _convert(self, raw: RawMessage) -> Converted:
         converted = self.resealer.convert(raw, self._staged_digests.pop(raw.seq, None))
+        if self._kept is not None:
+            _, body, headers = converted
+            self._kept[raw.seq] = RawMessage(raw.seq, body, headers or {})
+            if len(self._kept) > KEPT_ENTRIES:
+                self._kept = None  # a log this large is read back from staging instead
         event = self.resealer.last_event
         if isinstance(event, WritesFenced):
             self.fence = Fence(event.new_key, event.rotation, raw.seq)

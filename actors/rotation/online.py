@@ -39,6 +39,7 @@ from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_info
 from secrets_nats_kv.nats.positioned import PositionedPublisher
+from secrets_nats_kv.nats.reader import RawMessage
 
 MAX_PASSES = 100  # copy passes before giving up on a log that never stands still
 
@@ -51,7 +52,7 @@ async def rotate_online(run: RotationRun, staging: Staging | None) -> Counts:
     before it says why: it gives up, so writes must not stay stopped.
     """
     try:
-        await stage_online(run, staging)
+        kept = await stage_online(run, staging)
         staging = complete(await run.inspect_staging())
         await run.checkpoint("staged")
         await refuse_if_grown(run, staging.last_seq - 1)
@@ -60,7 +61,7 @@ async def rotate_online(run: RotationRun, staging: Staging | None) -> Counts:
         raise
     await commit(run)
     await run.checkpoint("commit")
-    return await swap(run, staging)
+    return await swap(run, staging, kept)
 
 
 async def _give_up(run: RotationRun, why: str) -> None:
@@ -72,14 +73,15 @@ async def _give_up(run: RotationRun, why: str) -> None:
         await run.delete(run.staging)
 
 
-async def stage_online(run: RotationRun, staging: Staging | None) -> None:
-    """Make staging complete (the fence, then the marker, at the live head), or reuse it."""
+async def stage_online(run: RotationRun, staging: Staging | None) -> dict[int, RawMessage] | None:
+    """Make staging complete (the fence, then the marker, at the live head), or reuse it;
+    what it staged, by position, when it fits in memory (`LiveCopy.kept`)."""
     info = await stream_info(run.nc, run.live, API_TIMEOUT)
     if info is None:
         raise RotationRefused(f"no event log {run.live}: nothing to rotate")
     last_seq = info.state.last_seq
     if staging is not None and await _reusable(run, staging, last_seq):
-        return
+        return None
     if staging is not None:
         await run.delete(run.staging)  # uncommitted, so the live log is intact
     counts = Counts()
@@ -97,6 +99,7 @@ async def stage_online(run: RotationRun, staging: Staging | None) -> None:
         await run.delete(run.staging)  # uncommitted: nothing to keep
         raise
     run.tick(copy.head + 1, copy.head + 1)
+    return copy.kept
 
 
 async def _copy_and_fence(run: RotationRun, copy: LiveCopy) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 
 from actors.rotation.access import retag_access_log
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
@@ -40,7 +40,9 @@ async def commit(run: RotationRun) -> None:
     await update_stream(run.nc, config, API_TIMEOUT)
 
 
-async def swap(run: RotationRun, staging: Staging) -> Counts:
+async def swap(
+    run: RotationRun, staging: Staging, kept: dict[int, RawMessage] | None = None
+) -> Counts:
     """Make the live log a copy of the committed staging stream, rebuild views, clean up.
 
     A staged log whose marker follows a write fence (an online rotation, backends
@@ -48,6 +50,8 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
     then the marker, which ends the fence (backends switch once they see it with the
     anchor); the KV views are rebuilt after it, while backends may write again
     (`rebuild_views` is safe with running writers), so the fence lasts the refill only.
+    `kept`: the staged entries as this run wrote them (the refill reads them from memory
+    instead of the staging stream; they are checked the same way).
     """
     assert staging.marker is not None
     marker = staging.marker
@@ -71,7 +75,7 @@ async def swap(run: RotationRun, staging: Staging) -> Counts:
     await event_log.ensure()
     async with PositionedPublisher(run.nc, run.live, run.live_prefix) as publisher:
         counts, expected = await read_staging(
-            run, staging, publisher, "live", with_marker=fence is None
+            run, staging, publisher, "live", with_marker=fence is None, kept=kept
         )
         run.tick(counts.entries, counts.entries)
         if fence is not None:
@@ -168,6 +172,11 @@ async def _publish_marker(
     await publisher.drain()
 
 
+async def _from_memory(kept: dict[int, RawMessage]) -> AsyncGenerator[RawMessage, None]:
+    for raw in kept.values():
+        yield raw
+
+
 def _check_staged(
     run: RotationRun, counts: Counts, expected: ExpectedBuckets
 ) -> Callable[[RawMessage], Converted]:
@@ -208,6 +217,7 @@ async def read_staging(
     phase: str,
     *,
     with_marker: bool = True,
+    kept: dict[int, RawMessage] | None = None,
 ) -> tuple[Counts, ExpectedBuckets]:
     """Read the staged log, checking it, and copy it through `publisher` if one is given:
     every entry but the marker at its position, then the marker last (`with_marker`:
@@ -216,7 +226,10 @@ async def read_staging(
     marker = staging.marker
     assert marker is not None
     counts, expected = Counts(), ExpectedBuckets(run.layout.max_history)
-    source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
+    if kept is None:
+        source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
+    else:
+        source = _from_memory(kept)
     await replay(
         run,
         source,

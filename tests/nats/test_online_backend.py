@@ -410,3 +410,26 @@ async def test_a_backend_started_after_the_swap_but_before_the_cleanup_serves_at
         assert keys_of(clients.backend) == (new.public_key, None)
         await serves(clients, reader, values)
     assert not waiting.seen.is_set()
+
+
+async def test_a_rotation_killed_while_rebuilding_the_views_leaves_the_switched_backend_serving(
+    nats_server: NatsServer,
+) -> None:
+    """The fence ends at the marker; the views are rebuilt after it. Killed mid-rebuild,
+    the backend has switched and serves, with no incident; a re-run finishes the views."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    reader = Identity()
+    async with backend_on(url, keys, next_encryption_key=new) as clients, client(url) as nc:
+        values = await store(clients, reader)
+        killed = await rotate_cli(url, keys.encryption, new, "--online", crash_at="rebuild:2")
+        assert killed.returncode == 1, killed.stderr
+        await caught_up(clients, nc)
+        assert keys_of(clients.backend) == (new.public_key, None)
+        await serves(clients, reader, values)
+        assert clients.backend.health.incidents == {}
+        done = await rotate_cli(url, keys.encryption, new, "--online")
+        assert done.returncode == 0, done.stderr
+        revision = await clients.admin.put_secret(SECRETS[0], "after the re-run")
+        assert (await clients.get(reader, SECRETS[0])).version == str(revision)
+        assert clients.backend.health.incidents == {}
+        assert await only_under(nc, new, keys.encryption) == len(values) * 2 + 2
