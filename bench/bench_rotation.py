@@ -131,7 +131,9 @@ def speed(done: subprocess.CompletedProcess[bytes], seconds: float) -> dict[str,
     }
 
 
-async def measure(url: str, workdir: Path, count: int, secrets: int, tail_s: float) -> Any:
+async def measure(
+    url: str, monitor_url: str, workdir: Path, count: int, secrets: int, tail_s: float
+) -> Any:
     transit, k0, k1, k2 = (XKey.generate() for _ in range(4))
     account = SigningKey.generate(Role.ACCOUNT)
     reader = SigningKey.generate(Role.MODULE)
@@ -151,7 +153,7 @@ async def measure(url: str, workdir: Path, count: int, secrets: int, tail_s: flo
     if not results["offline"]["ok"]:
         return results
 
-    backends = Fleet(url, workdir)
+    backends = Fleet(url, workdir, monitor_url)
     try:
         both = backend_env(transit, k1, k2)
         starts = []
@@ -198,7 +200,9 @@ async def measure(url: str, workdir: Path, count: int, secrets: int, tail_s: flo
 
 def run(count: int, secrets: int, tail_s: float, workdir: Path) -> Any:
     with nats_server(workdir) as server:
-        return anyio.run(measure, server.url, workdir, count, secrets, tail_s)
+        return anyio.run(
+            measure, server.url, server.config.monitor_url, workdir, count, secrets, tail_s
+        )
 
 
 def table(results: dict[str, Any]) -> str:

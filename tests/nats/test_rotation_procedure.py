@@ -50,6 +50,7 @@ from support.rotation_load import (
     READY_LINE,
     Ack,
     Fleet,
+    Kill,
     Load,
     backend_env,
     fleet,
@@ -156,7 +157,7 @@ async def test_rolling_restarts_and_a_sigkill_under_load_fail_no_get(
     acknowledged write is lost, and the scan finds the (only) key in every stream kind."""
     url, transit, key = nats_server.url, new_key(), new_key()
     env = backend_env(transit, key)
-    with fleet(url, tmp_path) as backends:
+    with fleet(url, tmp_path, nats_server.config.monitor_url) as backends:
         await backends.roll(env)
         async with client(url) as nc:
             admin = AdminClient(nc, NAMES, transit)
@@ -169,7 +170,7 @@ async def test_rolling_restarts_and_a_sigkill_under_load_fail_no_get(
                 await backends.start(1, env)
                 await backends.roll(env)
             print("load:", load.summary())
-            assert load.failed_gets_outside([kill]) == [], load.failed_gets
+            assert load.failed_gets_outside([kill]) == [], (kill, load.failed_gets)
             assert load.wrong_values == []
             assert load.put_errors == []
             assert load.refusals == []  # no rotation: nothing fences writes
@@ -190,7 +191,7 @@ async def test_rolling_restarts_and_a_sigkill_under_load_fail_no_get(
 
 async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_path: Path) -> None:
     url, transit, old, new = nats_server.url, new_key(), new_key(), new_key()
-    with fleet(url, tmp_path) as backends:
+    with fleet(url, tmp_path, nats_server.config.monitor_url) as backends:
         await backends.roll(backend_env(transit, old))
         async with client(url) as nc:
             admin = AdminClient(nc, NAMES, transit)
@@ -205,7 +206,7 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
 
             both = backend_env(transit, old, new)
             load = Load(nc, NAMES, transit, *tokens(reader), secrets, written, value)
-            kills: list[float] = []
+            kills: list[Kill] = []
             async with load.running():
                 # Step 1: current + next, one backend at a time.
                 await backends.roll(both)
@@ -242,7 +243,7 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
                 await backends.roll(backend_env(transit, new))
             print("load:", load.summary(), "| rotation:", summary.strip())
 
-            assert load.failed_gets_outside(kills) == [], load.failed_gets
+            assert load.failed_gets_outside(kills) == [], (kills, load.failed_gets)
             assert load.wrong_values == []
             assert load.put_errors == []
             assert len(load.acks) > 0

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,8 @@ class Fleet:
 
     url: str
     directory: Path
+    monitor_url: str  # the server's HTTP monitor: who is in the queue group (`kill`)
+    names: BackendNames = field(default_factory=BackendNames)
     size: int = 2
     slots: list[Slot] = field(default_factory=list)
 
@@ -183,14 +187,31 @@ class Fleet:
         code = await anyio.to_thread.run_sync(proc.wait, 30)
         assert code == 0, self.slots[index].text()[-2000:]
 
-    async def kill(self, index: int) -> float:
-        """SIGKILL, like a crash; returns the moment it was sent (`time.monotonic`)."""
+    async def kill(self, index: int, deadline: float = 30.0) -> Kill:
+        """SIGKILL, like a crash. Returns when it was sent and when the server had dropped
+        the process's connection (until then NATS may still hand it requests)."""
         proc = self.slots[index].proc
         assert proc is not None
+        members = await anyio.to_thread.run_sync(self.queue_members)
         at = time.monotonic()
         proc.kill()
         await anyio.to_thread.run_sync(proc.wait, 30)
-        return at
+        with anyio.fail_after(deadline):
+            while await anyio.to_thread.run_sync(self.queue_members) >= members:
+                await anyio.sleep(0.01)  # polling the server's monitor for the disconnect
+        return Kill(at, time.monotonic())
+
+    def queue_members(self) -> int:
+        """Connections with a subscription in the backends' queue group, per the server."""
+        url = f"{self.monitor_url}/connz?subs=detail&limit=1024"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            connz = json.load(reply)
+        return sum(
+            any(sub.get("qgroup") == self.names.queue_group for sub in subs)
+            for subs in (
+                conn.get("subscriptions_list_detail") or () for conn in connz["connections"]
+            )
+        )
 
     async def roll(self, env: Mapping[str, str]) -> None:
         """The operator's rolling restart: one backend at a time, each ready before the next."""
@@ -212,10 +233,18 @@ class Fleet:
                 slot.proc.wait(15)
 
 
+@dataclass(frozen=True)
+class Kill:
+    """A SIGKILL of a backend: sent `at`, and the server had noticed by `noticed`."""
+
+    at: float
+    noticed: float
+
+
 @contextlib.contextmanager
-def fleet(url: str, directory: Path, size: int = 2) -> Iterator[Fleet]:
+def fleet(url: str, directory: Path, monitor_url: str) -> Iterator[Fleet]:
     """A `Fleet` whose processes are all gone on exit."""
-    running = Fleet(url, directory, size)
+    running = Fleet(url, directory, monitor_url)
     try:
         yield running
     finally:
@@ -333,13 +362,16 @@ class Load:
         marks = [self.started, *(ack.at for ack in self.acks), self.ended or time.monotonic()]
         return max(b - a for a, b in itertools.pairwise(marks))
 
-    def failed_gets_outside(self, kills: Sequence[float]) -> list[FailedGet]:
-        """Failed gets not explained by a SIGKILL: a get sent before a kill and timed out
-        after it may have been taken by the killed process, which can never answer."""
+    def failed_gets_outside(self, kills: Sequence[Kill]) -> list[FailedGet]:
+        """Failed gets not explained by a SIGKILL: a get sent before the server noticed a
+        kill, and timed out after the kill, may have been handed to the killed process,
+        which can never answer."""
 
         def explained(failure: FailedGet) -> bool:
             timed_out = failure.error == BackendNotAnswering.__name__
-            return timed_out and any(failure.sent <= kill <= failure.failed for kill in kills)
+            return timed_out and any(
+                failure.sent <= kill.noticed and failure.failed >= kill.at for kill in kills
+            )
 
         return [failure for failure in self.failed_gets if not explained(failure)]
 
