@@ -197,8 +197,10 @@ class Fleet:
         proc.kill()
         await anyio.to_thread.run_sync(proc.wait, 30)
         with anyio.fail_after(deadline):
-            while await anyio.to_thread.run_sync(self.queue_members) >= members:
-                await anyio.sleep(0.01)  # polling the server's monitor for the disconnect
+            # No event tells a client that the server dropped another's connection: poll
+            # the server's monitor, bounded.
+            while await anyio.to_thread.run_sync(self.queue_members) >= members:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
         return Kill(at, time.monotonic())
 
     def queue_members(self) -> int:
@@ -206,11 +208,10 @@ class Fleet:
         url = f"{self.monitor_url}/connz?subs=detail&limit=1024"
         with urllib.request.urlopen(url, timeout=5) as reply:
             connz = json.load(reply)
+        group = self.names.queue_group
         return sum(
-            any(sub.get("qgroup") == self.names.queue_group for sub in subs)
-            for subs in (
-                conn.get("subscriptions_list_detail") or () for conn in connz["connections"]
-            )
+            any(sub.get("qgroup") == group for sub in conn.get("subscriptions_list_detail") or ())
+            for conn in connz["connections"]
         )
 
     async def roll(self, env: Mapping[str, str]) -> None:
