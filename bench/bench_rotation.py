@@ -186,6 +186,15 @@ async def measure(
             online["put_error_examples"] = load.put_errors[:10]
             online["acks"] = [(a.name, a.version, round(a.at - load.started, 3)) for a in load.acks]
             online["refusals"] = [round(at - load.started, 3) for at in load.refusals]
+            online["failed_get_examples"] = [
+                (
+                    f.name,
+                    f.error,
+                    round(f.sent - load.started, 3),
+                    round(f.failed - load.started, 3),
+                )
+                for f in load.failed_gets[:: max(1, len(load.failed_gets) // 20)]
+            ]
             online["rotation_ended_s"] = round(rotation_ended - load.started, 3)
             results["online"] = online
         finally:
