@@ -89,8 +89,8 @@ async def wait_for_swap(
     staging = staging_stream_name(names.name)
     deadline, said = time.monotonic() + within, False
     while (keys := await _committed_keys(nc, staging)) is not None:
-        if await _whole(nc, names, barrier, *keys):
-            return
+        if await _whole(nc, names, barrier, *keys) or not barrier.holds(keys[1]):
+            return  # whole; or rotated to a key not held here: the log's reader refuses it
         if not said:
             said = True
             log.info(
@@ -207,7 +207,7 @@ class SwapFollower:
         self._replicas = replicas
         self._stream = stream_name(names.name)
         self._unheld: int | None = None  # the fence seq reported as naming a key we lack
-        self.poll_min, self.poll_max = 0.05, 0.5  # seconds between looks at the next position
+        self.poll_min, self.poll_max = 0.05, 0.25  # seconds between looks at the next position
         self.switches = 0
 
     # --- FenceFollower ------------------------------------------------------------------

@@ -76,18 +76,17 @@ class RotationReport:
         )
         if self.rejected:
             counts += f", {self.rejected} rejected entries kept"
+        verb = "rotated" if self.outcome == "rotated" else "finished the rotation of"
         if self.outcome == "already rotated":
             line = f"the event log is already rotated to {self.new_key}: nothing to do"
         elif self.outcome == "dry run":
             line = f"dry run, nothing changed: would write {counts} under {self.new_key}"
         elif self.fenced_seconds is not None:
-            verb = "rotated" if self.outcome == "rotated" else "finished the rotation of"
             line = (
                 f"{verb} the encryption key to {self.new_key} online: {self.resealed} values "
                 f"re-sealed, {self.entries} entries, {self.values_per_second:.0f} values/s, "
                 f"writes fenced for {self.fenced_seconds:.2f}s, {self.seconds:.2f}s in all"
             )
         else:
-            verb = "rotated" if self.outcome == "rotated" else "finished the rotation"
             line = f"{verb} the encryption key to {self.new_key}: {counts} in {self.seconds:.2f}s"
         return f"{line} ({self.note})" if self.note else line

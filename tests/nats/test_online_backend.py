@@ -28,7 +28,12 @@ from events.types import FenceLifted, SecretPut, WritesFenced, decode_event
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.config import kv_stream
-from secrets_nats_kv.errors import DecryptionError, ProtocolError, RotationInProgress
+from secrets_nats_kv.errors import (
+    DecryptionError,
+    ProtocolError,
+    RotationInProgress,
+    StorageError,
+)
 from secrets_nats_kv.nats.reader import read_stream
 from secrets_nats_kv.xkeys import SealBox, XKey
 from support.cliproc import one_line_error
@@ -44,7 +49,14 @@ from support.harness import (
 )
 from support.harness import running_backend as backend_on
 from support.leakcheck import exempt, remembered
-from support.rotation import NAMES, client, head, new_key, remembered_keys, rotate_cli
+from support.rotation import (
+    NAMES,
+    client,
+    head,
+    new_key,
+    remembered_keys,
+    rotate_cli,
+)
 
 if TYPE_CHECKING:
     from secrets_nats_kv.app.natsserver import NatsServer
@@ -324,6 +336,16 @@ async def test_a_backend_started_during_a_swap_waits_for_it(
         values = await store(clients, reader)
     filled = await rotate_cli(url, keys.encryption, new, "--online", crash_at="filled")
     assert filled.returncode == 1, filled.stderr
+    # Without the new key there is nothing to wait for: the half-filled log is refused
+    # (not under this key, or not the log the anchor holds), at once.
+    refused = False
+    try:
+        async with backend_on(url, keys):
+            pytest.fail("a backend started on a half-filled log it cannot read")
+    except* StorageError:
+        refused = True
+    assert refused
+    assert not waiting.seen.is_set()
     backend = Backend(backend_config(url, keys, next_encryption_key=new))
     async with anyio.create_task_group() as tg:
         tg.start_soon(backend.run)

@@ -42,7 +42,7 @@ from projections.audit import AuditRecord
 from secrets_nats_kv.app.status import gather
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
-from secrets_nats_kv.errors import RotationInProgress
+from secrets_nats_kv.errors import RotationInProgress, UpstreamError
 from secrets_nats_kv.nats.reader import RawMessage, get_message
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.xkeys import XKey
@@ -435,6 +435,9 @@ class Load:
     failed_gets: list[str] = field(default_factory=list)
     acknowledged: list[tuple[int, str]] = field(default_factory=list)
     refused: int = 0  # puts answered RotationInProgress (not acknowledged)
+    # Puts answered UpstreamError (not acknowledged; maybe stored): on a loaded machine a
+    # put right after the switch can time out waiting for the KV views being rebuilt.
+    unsettled: int = 0
     rotated: bool = False
     resumed: anyio.Event = field(default_factory=anyio.Event)  # a put acked after the run
 
@@ -472,6 +475,9 @@ async def test_online_with_a_running_backend_holding_both_keys(
                 except RotationInProgress:
                     load.refused += 1
                     continue
+                except UpstreamError:
+                    load.unsettled += 1
+                    continue
                 load.acknowledged.append((revision, value))
                 if load.rotated:
                     load.resumed.set()
@@ -488,6 +494,9 @@ async def test_online_with_a_running_backend_holding_both_keys(
         public_keys = status[STATS_KEYS]
         assert isinstance(public_keys, dict)
         assert public_keys["encryption"] == new.public_key  # switched, not restarted
+        # No incident from the swap (the forged mapping of the history is the one known).
+        incidents = {str(i["kind"]) for i in clients.backend.health.snapshot()}
+        assert incidents <= {"event-log-foreign-entries"}, incidents
     assert load.failed_gets == []
     assert load.gets > 0
     assert load.refused > 0  # the fence held writes back; none of them was acknowledged

@@ -95,3 +95,8 @@ def test_the_online_summary_is_one_line_with_its_numbers() -> None:
 def test_a_retagged_batch_id_is_new_and_the_same_on_every_run(batch_id: str) -> None:
     assert retagged_id(batch_id, NEW) == retagged_id(batch_id, NEW) != batch_id
     assert retagged_id(batch_id, NEW) != retagged_id(batch_id, "XOTHER" + "D" * 50)
+
+
+def test_a_resumed_run_says_it_finished_the_rotation() -> None:
+    line = RotationReport(outcome="resumed", new_key=NEW, events=3, seconds=1.0).summary()
+    assert line.startswith(f"finished the rotation of the encryption key to {NEW}: 3 events")
