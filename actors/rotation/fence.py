@@ -16,9 +16,10 @@ from actors.rotation.context import RotationRun
 from actors.rotation.report import RotationRefused
 from events.chain import ChainBroken, WrongKey
 from events.log import ConcurrentAppend, EventLog
-from events.types import FenceLifted, KeyRotated, WritesFenced
+from events.types import FenceLifted, KeyRotated, UndecodableEvent, WritesFenced, decode_event
 from projections.state import Fence
-from secrets_nats_kv.barrier import GENESIS
+from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
+from secrets_nats_kv.barrier import GENESIS, Barrier
 
 LIFT_ATTEMPTS = 5  # a fenced log does not move; a retry only covers a stray writer
 
@@ -87,3 +88,17 @@ async def lift_fence(run: RotationRun, reason: str, only_for: str | None = None)
     raise RotationRefused(
         f"the event log kept changing while lifting the write fence ({LIFT_ATTEMPTS} tries)"
     )
+
+
+async def fence_at(run: RotationRun, stream: str, seq: int, auth: Barrier) -> WritesFenced | None:
+    """The fence to the new key at `seq` of `stream` if `auth` authenticates it there."""
+    raw = await run.get(stream, seq) if seq > 0 else None
+    if raw is None or not auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
+        return None
+    try:
+        event = decode_event(raw.data)
+    except UndecodableEvent:
+        return None
+    if isinstance(event, WritesFenced) and event.new_key == run.new.public_key:
+        return event
+    return None

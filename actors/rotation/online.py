@@ -30,12 +30,15 @@ import contextlib
 from actors.rotation.catchup import LiveCopy
 from actors.rotation.context import API_TIMEOUT, COMMITTED, RotationRun, Staging
 from actors.rotation.copy import create_staging
-from actors.rotation.fence import append_fence, fence_event, lift_fence, new_rotation_id
+from actors.rotation.fence import (
+    append_fence,
+    fence_at,
+    fence_event,
+    lift_fence,
+    new_rotation_id,
+)
 from actors.rotation.report import Counts, RotationRefused
 from actors.rotation.swap import commit, swap
-from events.types import UndecodableEvent, WritesFenced, decode_event
-from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
-from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_info
 from secrets_nats_kv.nats.positioned import PositionedPublisher
@@ -153,20 +156,6 @@ async def _reusable(run: RotationRun, staging: Staging, last_seq: int) -> bool:
     ):
         return False
     return await fence_at(run, run.live, last_seq, run.old_auth) is not None
-
-
-async def fence_at(run: RotationRun, stream: str, seq: int, auth: Barrier) -> WritesFenced | None:
-    """The fence to the new key at `seq` of `stream` if `auth` authenticates it there."""
-    raw = await run.get(stream, seq) if seq > 0 else None
-    if raw is None or not auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
-        return None
-    try:
-        event = decode_event(raw.data)
-    except UndecodableEvent:
-        return None
-    if isinstance(event, WritesFenced) and event.new_key == run.new.public_key:
-        return event
-    return None
 
 
 async def abort_staged(run: RotationRun, staging: Staging | None) -> str:

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from actors.rotation.access import retag_access_log
 from actors.rotation.context import API_TIMEOUT, COMMITTED, STATE_KEY, RotationRun, Staging
 from actors.rotation.copy import Converted, replay
+from actors.rotation.fence import fence_at
 from actors.rotation.report import Counts
 from actors.rotation.switch import wait_for_switch
 from actors.rotation.verify import ExpectedBuckets
@@ -96,16 +97,7 @@ async def swap(
 async def staged_fence(run: RotationRun, staging: Staging) -> WritesFenced | None:
     """The write fence to the new key right before the staged marker, if there is one."""
     assert staging.marker is not None
-    raw = await run.get(run.staging, staging.marker.seq - 1) if staging.marker.seq > 1 else None
-    if raw is None or not run.new_auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
-        return None
-    try:
-        event = decode_event(raw.data)
-    except UndecodableEvent:
-        return None
-    if isinstance(event, WritesFenced) and event.new_key == run.new.public_key:
-        return event
-    return None
+    return await fence_at(run, run.staging, staging.marker.seq - 1, run.new_auth)
 
 
 async def _rebuild_checked(
