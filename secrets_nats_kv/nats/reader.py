@@ -55,6 +55,9 @@ class _NoBatchGet(Exception):
     """The server does not answer batched direct gets (nats-server before 2.11)."""
 
 
+_SLICE = 128  # messages handled between two chances for other tasks to run
+
+
 async def stream_messages(
     nc: NATS,
     stream: str,
@@ -107,7 +110,11 @@ async def stream_messages(
                 with contextlib.suppress(anyio.WouldBlock):
                     while True:
                         batch.append(receive.receive_nowait())
-                for msg in batch:
+                for count, msg in enumerate(batch, 1):
+                    if count % _SLICE == 0:
+                        # A long batch (a catch-up, a key switch's fresh fold) must not
+                        # starve the requests this process serves on the same loop.
+                        await anyio.lowlevel.checkpoint()
                     meta = msg.metadata
                     seq = meta.sequence.stream
                     if seq < from_seq:
