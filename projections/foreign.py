@@ -184,7 +184,7 @@ def check_tagged(found: BucketFound, message: RawStreamMsg, barrier: Barrier | N
     """Refuse an entry without this backend's KV tag for its bucket, key and revision."""
     if barrier is None:
         return
-    key = (message.subject or "").removeprefix(f"$KV.{found.bucket}.")
+    key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     tag = (message.headers or {}).get(KV_TAG_HEADER)
     if not barrier.verify_kv(found.bucket, key, message.seq or 0, message.data or b"", tag):
         raise UnexplainedEntries(
@@ -214,7 +214,6 @@ async def check_tail(
         raise to_backend_error(f"read {found.stream} #{found.last_seq}", exc) from None
     if any(found.last_seq in versions for versions in state.destroyed.values()):
         return  # destroyed by the log; its erasure may not have happened yet
-    check_tagged(found, message, barrier)
     expected = expected_at(state, found.last_seq)
     key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     operation = (message.headers or {}).get("KV-Operation")
@@ -230,6 +229,9 @@ async def check_tail(
             "explain (another writer, or the original secrets-nats-kv still running?): stop "
             f"it; if the bucket holds the original's data, {_RUN_IMPORT}"
         )
+    # Content the log explains, but is it ours? (Checked second: a write the log does not
+    # explain at all is likelier the original still running, and says so.)
+    check_tagged(found, message, barrier)
 
 
 async def check_state_tail(
@@ -249,7 +251,6 @@ async def check_state_tail(
         return
     except nats.errors.Error as exc:
         raise to_backend_error(f"read {found.stream} #{found.last_seq}", exc) from None
-    check_tagged(found, message, barrier)
     key = (message.subject or "").removeprefix(kv_subject_prefix(found.bucket))
     if state.last_mapping:
         names = sorted(state.mappings.get(state.last_mapping, ()))
@@ -261,3 +262,4 @@ async def check_state_tail(
             f"{found.stream} revision {found.last_seq} holds a mapping the event log does not "
             "explain (another writer, or the original secrets-nats-kv still running?): stop it"
         )
+    check_tagged(found, message, barrier)  # explained content: is it ours?

@@ -40,6 +40,7 @@ from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
+from secrets_nats_kv.streams import anchor_stream
 from secrets_nats_kv.xkeys import XKey
 from support.cliproc import PREFIX
 from support.crash import program as crash_program
@@ -261,9 +262,17 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
             assert others == ["writes_fenced", "key_rotated"], others  # one fence, one rotation
 
             old_traces, new_traces = await key_traces(nc, [old, new])
-        assert old_traces.found() == [], old_traces.found()[:20]
+        # The old key opens nothing anywhere, and authenticates nothing but the anchor's
+        # history from before the rotation: the stream denies deletes (the backend's
+        # signed checkpoints), and no backend trusts an anchor under the old key again
+        # (the newest one, the only one read, is under the new key).
+        history = f"{anchor_stream(NAMES.name)}#"
+        assert old_traces.opened == [], old_traces.opened[:20]
+        stray = [where for where in old_traces.tagged if not where.startswith(history)]
+        assert stray == [], stray[:20]
         assert new_traces.opened
-        assert new_traces.tagged
+        assert any(where.startswith(history) for where in new_traces.tagged)
+        assert any(not where.startswith(history) for where in new_traces.tagged)
         await integrity_checks(url, new, tmp_path)
         assert backend_problems(backends) == []
 
