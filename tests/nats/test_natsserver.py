@@ -204,7 +204,14 @@ async def test_r3_stream_survives_losing_its_leader(nats_cluster: NatsCluster) -
         await js.add_stream(
             name=STREAM, subjects=[SUBJECT], storage=StorageType.FILE, num_replicas=3
         )
-        await js.publish(SUBJECT, b"one", headers={"Nats-Msg-Id": "one"})
+
+        async def publish_one_replicated() -> int:
+            # A new R3 stream answers publishes once its leader is elected: until then
+            # "no responders". The same Nats-Msg-Id on every try, so it lands once.
+            ack = await js.publish(SUBJECT, b"one", headers={"Nats-Msg-Id": "one"}, timeout=2)
+            return ack.seq
+
+        assert await poll_until("first publish to the new stream", publish_one_replicated) == 1
         info = await js.stream_info(STREAM)
     finally:
         await nc.close()
