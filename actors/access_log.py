@@ -22,7 +22,13 @@ from nats.js import api
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
 from secrets_nats_kv import limits
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.nats.jetstream import MSG_ID_HEADER, ensure_stream, update_stream
+from secrets_nats_kv.nats.jetstream import (
+    MSG_ID_HEADER,
+)
+from secrets_nats_kv.nats.provisioning import (
+    ensure_stream,
+    update_stream,
+)
 
 log = logging.getLogger(__name__)
 

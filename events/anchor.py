@@ -45,11 +45,13 @@ from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import (
     EXPECTED_LAST_SEQUENCE_HEADER,
     WRONG_LAST_SEQUENCE,
-    ensure_stream,
     stored_message,
     stream_state,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nats.provisioning import (
+    ensure_stream,
+)
 from secrets_nats_kv.nkeys import SigningKey, verify
 
 log = logging.getLogger(__name__)

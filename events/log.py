@@ -47,14 +47,16 @@ from secrets_nats_kv.nats.jetstream import (
     HeadReader,
     StreamState,
     WrongLastSequence,
-    ensure_stream,
     erase_message,
     stream_info,
     stream_state,
-    update_stream,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
 from secrets_nats_kv.nats.positioned import PositionedPublisher
+from secrets_nats_kv.nats.provisioning import (
+    ensure_stream,
+    update_stream,
+)
 from secrets_nats_kv.nats.reader import StoredMessage, stream_messages
 
 log = logging.getLogger(__name__)

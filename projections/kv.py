@@ -45,12 +45,14 @@ from secrets_nats_kv.nats.jetstream import (
     api_error,
     api_request,
     delete_stream,
-    ensure_stream,
     erase_message,
     pub_ack_decoder,
     stored_message,
     stream_info,
     stream_state,
+)
+from secrets_nats_kv.nats.provisioning import (
+    ensure_stream,
     update_stream,
 )
 from secrets_nats_kv.streams import kv_stream, kv_subject, kv_subjects

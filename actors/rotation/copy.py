@@ -25,8 +25,13 @@ from actors.rotation.context import (
 )
 from actors.rotation.report import Counts, RotationRefused
 from actors.rotation.reseal import Converted, Resealer
-from secrets_nats_kv.nats.jetstream import create_stream, erase_message
+from secrets_nats_kv.nats.jetstream import (
+    erase_message,
+)
 from secrets_nats_kv.nats.positioned import PositionedPublisher
+from secrets_nats_kv.nats.provisioning import (
+    create_stream,
+)
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
 
 __all__ = ["Converted", "create_staging", "replay", "stage"]

@@ -28,8 +28,14 @@ from projections.rebuild import rebuild_views
 from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.errors import StorageError
-from secrets_nats_kv.nats.jetstream import stream_config, stream_info, update_stream
+from secrets_nats_kv.nats.jetstream import (
+    stream_info,
+)
 from secrets_nats_kv.nats.positioned import PositionedPublisher
+from secrets_nats_kv.nats.provisioning import (
+    stream_config,
+    update_stream,
+)
 from secrets_nats_kv.nats.reader import RawMessage, read_stream
 from secrets_nats_kv.streams import kv_stream
 

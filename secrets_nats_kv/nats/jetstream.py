@@ -36,6 +36,8 @@ NUM_PENDING_HEADER = "Nats-Num-Pending"  # only in batched direct get replies
 
 # --- error codes (JetStream's err_code) ---------------------------------------------------
 
+NO_SUITABLE_PEERS = 10005  # "no suitable peers for placement": a cluster still forming
+CLUSTER_NOT_AVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
 NO_MESSAGE_FOUND = 10037
 DELETE_FAILED = 10043  # generic: "... not found" in its description means already gone
 SEQUENCE_NOT_FOUND = 10057
@@ -231,57 +233,6 @@ async def delete_stream(nc: NATS, stream: str, api_timeout: float) -> None:
     if reply.error is None or reply.error.err_code == STREAM_NOT_FOUND:
         return
     raise api_error(f"delete stream {stream}", reply.error)
-
-
-async def create_stream(nc: NATS, config: api.StreamConfig, api_timeout: float) -> None:
-    """Create a stream that must not exist yet (`StreamNameInUse` if one does, differently)."""
-    try:
-        await nc.jetstream(timeout=api_timeout).add_stream(config)
-    except nats.errors.Error as exc:
-        raise to_backend_error(f"create stream {config.name}", exc) from None
-
-
-async def ensure_stream(
-    nc: NATS, config: api.StreamConfig, api_timeout: float
-) -> api.StreamInfo | None:
-    """Create the stream if it is missing: its info if it existed, None if created here.
-
-    Two processes starting at once may both find it missing; the loser's create fails
-    with "already in use", which is what it wanted.
-    """
-    js = nc.jetstream(timeout=api_timeout)
-    name = config.name or ""
-    try:
-        return await js.stream_info(name)
-    except nats.js.errors.NotFoundError:
-        pass
-    except nats.errors.Error as exc:
-        raise to_backend_error(f"stream info {name}", exc) from None
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError as exc:
-        if "already in use" not in str(exc.description or ""):
-            raise to_backend_error(f"create stream {name}", exc) from None
-    except nats.errors.Error as exc:
-        raise to_backend_error(f"create stream {name}", exc) from None
-    return None
-
-
-async def update_stream(nc: NATS, config: api.StreamConfig, api_timeout: float) -> None:
-    """Replace a stream's configuration (one atomic update)."""
-    try:
-        await nc.jetstream(timeout=api_timeout).update_stream(config)
-    except nats.errors.Error as exc:
-        raise to_backend_error(f"update stream {config.name}", exc) from None
-
-
-async def stream_config(nc: NATS, stream: str, api_timeout: float) -> api.StreamConfig:
-    """A stream's whole configuration, to change a field and `update_stream` it."""
-    try:
-        info = await nc.jetstream(timeout=api_timeout).stream_info(stream)
-    except nats.errors.Error as exc:
-        raise to_backend_error(f"stream info {stream}", exc) from None
-    return info.config
 
 
 async def stored_message(
