@@ -161,7 +161,7 @@ class Backend:
             await anchor.ensure()
             anchored: Anchored | StorageError | None
             try:
-                anchored = await anchor.read()
+                anchored = await anchor.read_past_strangers()
             except AnchorForged as exc:  # refuses the start, once the log has been judged
                 anchored = exc
 

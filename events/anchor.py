@@ -167,19 +167,58 @@ class Anchor:
                 raise convert("read anchor", exc) from None
             await anyio.sleep(delay)  # waiting out a leader election, bounded
             delay = min(delay * 2, 1.0)
+        found = self._ours(msg.seq or 0, msg)
+        if found is None:
+            raise AnchorForged()
+        return found
+
+    async def read_past_strangers(self) -> Anchored | None:
+        """The newest anchor this key tagged, passing over strangers' messages above it.
+
+        On an open bus anyone can publish on the anchor subject. A stranger's message on
+        top hides nothing: it cannot verify (the tag covers its own sequence, so even a
+        genuine anchor published again does not), and the anchors kept below it are the
+        newest genuine ones (the stream drops the oldest first). So the backend reads
+        past it, warns once, and its next write puts a genuine anchor back on top; only
+        when no kept anchor verifies at all (a wrong key, or a flood that pushed every
+        genuine one out) is the anchor `AnchorForged`, and the start refused.
+        """
+        try:
+            return await self.read()
+        except AnchorForged:
+            pass
+        state = await stream_state(self._nc, self.stream, self._timeout)
+        passed = 1  # the newest, read above
+        for position in range(state.last_seq - 1, state.first_seq - 1, -1):
+            msg = await stored_message(self._nc, self.stream, position, self._timeout)
+            if msg is None or msg.subject != self.subject:
+                continue
+            found = self._ours(position, msg)
+            if found is not None:
+                log.warning(
+                    "messages on the anchor subject not tagged by this key were passed "
+                    "over (someone publishes there: see the permissions profile)",
+                    extra={"stream": self.stream, "passed": passed, "anchor": found.seq},
+                )
+                return found
+            passed += 1
+        raise AnchorForged()
+
+    def _ours(self, position: int, msg: api.RawStreamMsg) -> Anchored | None:
+        """The anchor stored at `position`, if this key tagged it there; else None."""
         data = msg.data or b""
         tag = (msg.headers or {}).get(KV_TAG_HEADER)
-        if not self._barrier.verify_kv(self.stream, self.subject, msg.seq or 0, data, tag):
-            raise AnchorForged()
+        if not self._barrier.verify_kv(self.stream, self.subject, position, data, tag):
+            return None
         try:
             return _decoder.decode(data)
         except msgspec.DecodeError:
-            raise AnchorForged() from None
+            return None
 
     async def advance(self, seq: int, link: str) -> None:
         """Record (seq, link) unless the anchor is already at or past `seq`."""
         for _ in range(_ATTEMPTS):
-            current = await self.read()
+            current = await self.read_past_strangers()
             if current is not None and current.seq >= seq:
                 return
             if await self._write(seq, link):

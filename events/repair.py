@@ -80,7 +80,7 @@ def _check_at_anchor(anchored: Anchored | None, seq: int, stored: bool, link: st
 
 async def verify_log(event_log: EventLog) -> Verification:
     codec = _codec(event_log)
-    anchored = await _anchor(event_log, codec).read()
+    anchored = await _anchor(event_log, codec).read_past_strangers()
     return verify_raw(codec, await read_raw(event_log), anchored)
 
 
@@ -141,7 +141,7 @@ async def repair_log(event_log: EventLog, *, admin_key: str, reason: str) -> App
     anchor = _anchor(event_log, codec)
     await anchor.ensure()
     try:
-        anchored = await anchor.read()
+        anchored = await anchor.read_past_strangers()
     except AnchorForged:
         anchored = None  # replaced below, on the record
     raws = await read_raw(event_log)

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
-from events.anchor import AnchorForged, anchor_stream_name, anchor_subject
+from events.anchor import Anchor, AnchorForged, anchor_stream_name, anchor_subject
 from events.chain import ChainBroken
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import Event, LogRepaired, MappingAdded, SecretPut
@@ -259,20 +259,87 @@ async def test_an_emptied_log_under_full_views_is_refused(nats_server: NatsServe
     assert b"backend ready" not in refused.stderr + refused.stdout
 
 
-async def test_a_forged_or_replayed_anchor_is_refused(nats_server: NatsServer) -> None:
-    url, keys = nats_server.url, Keys()
+async def test_a_stranger_on_the_anchor_subject_is_passed_over_never_believed(
+    nats_server: NatsServer,
+) -> None:
+    """Junk and a genuine anchor published again, on top of the anchor's history: neither
+    verifies (the tag covers the sequence it was written at), so the backend reads past
+    them to the newest anchor of its own, starts, serves, and its next write puts a
+    genuine anchor back on top. One junk message used to refuse every start."""
+    url, keys, reader = nats_server.url, Keys(), Identity()
     async with running_backend(url, keys) as clients:
         assert await clients.admin.put_secret("db", "first") == 1
         assert await clients.admin.put_secret("db", "second") == 2
+        await clients.admin.add_mapping(reader.entity_key, ["db"])
+    anchors = anchor_stream_name("nats-kv")
     async with attacker(url) as nc:
         js = nc.jetstream()
-        genuine = await js.get_last_msg(anchor_stream_name("nats-kv"), anchor_subject("nats-kv"))
-        # The genuine anchor, published again: its tag names the sequence it was written at.
+        genuine = await js.get_last_msg(anchors, anchor_subject("nats-kv"))
         tag = {KV_TAG_HEADER: (genuine.headers or {})[KV_TAG_HEADER]}
         await js.publish(anchor_subject("nats-kv"), genuine.data or b"", headers=tag)
+        await js.publish(anchor_subject("nats-kv"), b'{"seq":1,"link":"forged"}')
+    async with running_backend(url, keys) as clients:
+        assert (await clients.get(reader, "db")).string_secret == "second"
+        assert await clients.admin.put_secret("db", "third") == 3
+        assert (await clients.get(reader, "db")).string_secret == "third"
+    async with attacker(url) as nc:
+        head = (await nc.jetstream().stream_info(STREAM)).state.last_seq
+        anchor = Anchor(nc, backend_name="nats-kv", barrier=Barrier(keys.encryption))
+        newest = await anchor.read()  # strict: the message on top, and only it
+    assert newest is not None
+    assert newest.seq == head
+
+
+async def test_a_cut_log_under_an_older_anchor_replayed_is_refused(
+    nats_server: NatsServer,
+) -> None:
+    """What passing over strangers must not open: an attacker cuts the log back and
+    publishes the anchor that matched the shorter log. It does not verify where it now
+    sits, so the newest anchor of the backend's own still names the cut."""
+    url, keys, reader = nats_server.url, Keys(), Identity()
+    async with running_backend(url, keys) as clients:
+        admin = clients.admin
+        assert await admin.put_secret("db", "first") == 1
+        await admin.add_mapping(reader.entity_key, ["db"])
+        await admin.remove_mapping(reader.entity_key, ["db"])
+    anchors = anchor_stream_name("nats-kv")
+    async with attacker(url) as nc:
+        js = nc.jetstream()
+        state = (await js.stream_info(anchors)).state
+        older = [await js.get_msg(anchors, seq) for seq in range(state.first_seq, state.last_seq)]
+        matching = [m for m in older if json.loads(m.data or b"{}").get("seq") == 2]
+        assert matching  # the anchor the cut log would agree with, from the kept history
+        kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
+        config = (await js.stream_info(STREAM)).config
+        await js.delete_stream(STREAM)
+        await js.add_stream(config)
+        for message in kept:
+            headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
+            await js.publish(message.subject, message.data or b"", headers=headers)
+        replayed = matching[-1]
+        tag = {KV_TAG_HEADER: (replayed.headers or {})[KV_TAG_HEADER]}
+        await js.publish(anchor_subject("nats-kv"), replayed.data or b"", headers=tag)
+    assert await start_refused(url, keys) == 3
+
+
+async def test_an_anchor_stream_with_no_anchor_of_ours_refuses_the_start(
+    nats_server: NatsServer,
+) -> None:
+    """Passing over strangers is bounded below: when no kept anchor verifies (a wrong
+    key, or every genuine anchor pushed out), the start is refused as before."""
+    url, keys = nats_server.url, Keys()
+    async with running_backend(url, keys) as clients:
+        assert await clients.admin.put_secret("db", "first") == 1
+    async with attacker(url) as nc:
+        js = nc.jetstream()
+        anchors = anchor_stream_name("nats-kv")
+        config = (await js.stream_info(anchors)).config
+        config.max_msgs_per_subject = 1  # the attacker's flood, pushing the history out
+        await js.update_stream(config)
+        await js.publish(anchor_subject("nats-kv"), b'{"seq":0,"link":"forged"}')
     try:
         async with running_backend(url, keys):
-            pytest.fail("a backend started on a replayed anchor")
+            pytest.fail("a backend started with no anchor of its own")
     except* AnchorForged:
         pass
 
