@@ -20,6 +20,7 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
 from events.anchor import Anchor, AnchorForged, anchor_stream_name, anchor_subject
@@ -207,6 +208,18 @@ async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writi
         assert sum(1 for i in incidents if i["kind"] == CHAIN_BROKEN) == 1
 
 
+async def cut_back_to(js: JetStreamContext, keep: int) -> None:
+    """Replace the log by its first `keep` entries, as an attacker can on an open bus:
+    delete the stream, recreate it, publish those entries again (tags and all)."""
+    kept = [await js.get_msg(STREAM, seq) for seq in range(1, keep + 1)]
+    config = (await js.stream_info(STREAM)).config
+    await js.delete_stream(STREAM)
+    await js.add_stream(config)
+    for message in kept:
+        headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
+        await js.publish(message.subject or "", message.data or b"", headers=headers)
+
+
 async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
     nats_server: NatsServer,
 ) -> None:
@@ -219,15 +232,7 @@ async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
         await admin.remove_mapping(reader.entity_key, ["db"])
     async with attacker(url) as nc:
         js = nc.jetstream()
-        kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
-        config = (await js.stream_info(STREAM)).config
-        await js.delete_stream(STREAM)
-        await js.add_stream(config)
-        for message in kept:
-            headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-            await js.publish(
-                f"{subject_prefix('nats-kv')}.secret.db", message.data or b"", headers=headers
-            )
+        await cut_back_to(js, 2)
     assert await start_refused(url, keys) == 3
     env = cli_env(keys)
     verify = run_cli("verify", "--nats-address", url, env=env)
@@ -309,13 +314,7 @@ async def test_a_cut_log_under_an_older_anchor_replayed_is_refused(
         older = [await js.get_msg(anchors, seq) for seq in range(state.first_seq, state.last_seq)]
         matching = [m for m in older if json.loads(m.data or b"{}").get("seq") == 2]
         assert matching  # the anchor the cut log would agree with, from the kept history
-        kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
-        config = (await js.stream_info(STREAM)).config
-        await js.delete_stream(STREAM)
-        await js.add_stream(config)
-        for message in kept:
-            headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-            await js.publish(message.subject, message.data or b"", headers=headers)
+        await cut_back_to(js, 2)
         replayed = matching[-1]
         tag = {KV_TAG_HEADER: (replayed.headers or {})[KV_TAG_HEADER]}
         await js.publish(anchor_subject("nats-kv"), replayed.data or b"", headers=tag)
