@@ -16,6 +16,7 @@ import pytest
 
 from secrets_nats_kv.app import cli
 from secrets_nats_kv.app.commands import (
+    SeedSource,
     audit_signer,
     next_encryption_key,
     previous_transit_keys,
@@ -258,3 +259,8 @@ def test_an_unreadable_next_key_file_is_named(tmp_path: Path) -> None:
     assert refusal(lambda: next_encryption_key(run_args(NEXT_FLAG, str(binary)))) == (
         f"{NEXT_FLAG} {binary}: cannot read it: not UTF-8 text"
     )
+
+
+def test_a_seed_source_never_shows_its_text() -> None:
+    seed = curve_key().seed
+    assert seed not in repr(SeedSource("NEXT_ENCRYPTION_XKEY_SEED", seed))
