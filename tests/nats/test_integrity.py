@@ -30,13 +30,13 @@ from projections.kv import KV_FOREIGN_REVISION
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import BackendNames, NatsOptions
+from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized, UpstreamError
-from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
+from support.attacks import attacker, cut_back
 from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remember
 from support.store import log_entries
@@ -44,16 +44,6 @@ from support.store import log_entries
 pytestmark = pytest.mark.anyio
 
 STREAM = stream_name("nats-kv")
-
-
-@contextlib.asynccontextmanager
-async def attacker(url: str) -> AsyncIterator[NATS]:
-    """A plain connection: no seed, no credentials, only the bus."""
-    nc = await connect(NatsOptions(servers=(url,)), name="attacker", persistent=False)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 async def history(clients: Clients, identity: Identity) -> int:
@@ -187,16 +177,7 @@ async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writi
         assert await admin.put_secret("db", "second") == 2
         await admin.remove_mapping(reader.entity_key, ["db"])
         async with attacker(url) as nc:
-            js = nc.jetstream()
-            kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
-            config = (await js.stream_info(STREAM)).config
-            await js.delete_stream(STREAM)
-            await js.add_stream(config)
-            for message in kept:
-                headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-                await js.publish(
-                    f"{subject_prefix('nats-kv')}.secret.db", message.data or b"", headers=headers
-                )
+            await cut_back(nc, STREAM, f"{subject_prefix('nats-kv')}.secret.db", keep=2)
         # The rolled-back log grants `reader` again: the backend serves nothing from it.
         with pytest.raises(UpstreamError, match="folded it to #4"):
             await clients.get(reader, "db")
@@ -218,16 +199,7 @@ async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
         await admin.add_mapping(reader.entity_key, ["db"])
         await admin.remove_mapping(reader.entity_key, ["db"])
     async with attacker(url) as nc:
-        js = nc.jetstream()
-        kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
-        config = (await js.stream_info(STREAM)).config
-        await js.delete_stream(STREAM)
-        await js.add_stream(config)
-        for message in kept:
-            headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-            await js.publish(
-                f"{subject_prefix('nats-kv')}.secret.db", message.data or b"", headers=headers
-            )
+        await cut_back(nc, STREAM, f"{subject_prefix('nats-kv')}.secret.db", keep=2)
     assert await start_refused(url, keys) == 3
     env = cli_env(keys)
     verify = run_cli("verify", "--nats-address", url, env=env)
