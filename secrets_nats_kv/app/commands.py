@@ -2,7 +2,8 @@
 
 `run` builds the backend's configuration from the flags and the environment's seeds and
 serves until a signal, then drains; `dev` does the same on a bundled nats-server. The
-seeds are read here (`seed_from_env`, `previous_transit_keys`) for every command.
+seeds are read here for every command: each reader finds the text (a variable, a file)
+and `SeedSource` parses it, its refusals naming where the text came from.
 Which function runs which command is `secrets_nats_kv.app.dispatch`; the client
 commands are `admin_commands`, `get_command` and `operator_commands`.
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -39,6 +42,33 @@ if TYPE_CHECKING:
     from secrets_nats_kv.config import BackendNames
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+
+
+@dataclass(frozen=True, slots=True)
+class SeedSource:
+    """Text that should hold a seed, and how an error names where it came from (a
+    variable, a flag and its file, a file's line): never the text itself, nor its repr."""
+
+    where: str
+    text: str = field(repr=False)
+
+    def parse(self, parse: Callable[[str], K]) -> K:
+        """The key in the text (stripped); one line naming `where` if it holds none."""
+        try:
+            return parse(self.text.strip())
+        except InvalidKey as exc:
+            raise ConfigError(f"{self.where}: {exc}") from None
+
+
+def read_seed_file(path: str, cannot_read: str, *, ascii_only: bool = False) -> str:
+    """A seed file's text; if it cannot be read, one line: `cannot_read`, then why."""
+    try:
+        return Path(path).read_text(encoding="ascii" if ascii_only else "utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        undecodable = "not a seed" if ascii_only else "not UTF-8 text"
+        why = (exc.strerror if isinstance(exc, OSError) else None) or undecodable
+        raise ConfigError(f"{cannot_read}: {why}") from None
 
 
 def seed_from_env(*names: str) -> XKey:
@@ -46,62 +76,46 @@ def seed_from_env(*names: str) -> XKey:
     for name in names:
         text = os.environ.get(name)
         if text:
-            try:
-                return XKey.from_seed(text.strip())
-            except InvalidKey as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+            return SeedSource(name, text).parse(XKey.from_seed)
     raise ConfigError(f"set {' or '.join(names)} to a curve seed (SX…)")
 
 
 def audit_signer() -> SigningKey | None:
     """AUDIT_SIGNING_SEED (an account seed, SA…), or the file AUDIT_SIGNING_SEED_FILE
     names: signs the export's checkpoints (`audit export`) and each anchor (`run`)."""
-    source, text = "AUDIT_SIGNING_SEED", os.environ.get("AUDIT_SIGNING_SEED")
+    text = os.environ.get("AUDIT_SIGNING_SEED")
     path = os.environ.get("AUDIT_SIGNING_SEED_FILE")
-    if not text and path:
-        source = "AUDIT_SIGNING_SEED_FILE"
-        try:
-            with open(path, encoding="ascii") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not a seed"
-            raise ConfigError(f"{source}: cannot read {path}: {reason}") from None
-    if not text:
+    if text:
+        source = SeedSource("AUDIT_SIGNING_SEED", text)
+    elif path:
+        where = "AUDIT_SIGNING_SEED_FILE"
+        source = SeedSource(
+            where, read_seed_file(path, f"{where}: cannot read {path}", ascii_only=True)
+        )
+    else:
         return None
-    try:
-        return SigningKey.from_seed(text.strip(), Role.ACCOUNT)
-    except InvalidKey as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    if not source.text:
+        return None  # an empty file, as an empty variable, is no signer
+    return source.parse(lambda seed: SigningKey.from_seed(seed, Role.ACCOUNT))
 
 
 def previous_transit_keys(args: argparse.Namespace) -> tuple[XKey, ...]:
     """PREVIOUS_TRANSIT_XKEY_SEEDS (comma-separated) and --previous-transit-xkey-seeds-file."""
-    texts = [
-        (f"PREVIOUS_TRANSIT_XKEY_SEEDS item {i + 1}", t.strip())
-        for i, t in enumerate(os.environ.get("PREVIOUS_TRANSIT_XKEY_SEEDS", "").split(","))
-        if t.strip()
+    items = os.environ.get("PREVIOUS_TRANSIT_XKEY_SEEDS", "").split(",")
+    sources = [
+        SeedSource(f"previous transit key (PREVIOUS_TRANSIT_XKEY_SEEDS item {i})", item)
+        for i, item in enumerate(items, 1)
+        if item.strip()
     ]
     path = getattr(args, "previous_transit_xkey_seeds_file", None)
     if path:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"--previous-transit-xkey-seeds-file: cannot read {path}: "
-                f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}"
-            ) from None
-        texts += [
-            (f"{path} line {n}", line.strip())
-            for n, line in enumerate(lines, 1)
+        listed = read_seed_file(path, f"--previous-transit-xkey-seeds-file: cannot read {path}")
+        sources += [
+            SeedSource(f"previous transit key ({path} line {n})", line)
+            for n, line in enumerate(listed.splitlines(), 1)
             if line.strip() and not line.lstrip().startswith("#")
         ]
-    keys: list[XKey] = []
-    for where, text in texts:
-        try:
-            keys.append(XKey.from_seed(text))
-        except InvalidKey as exc:
-            raise ConfigError(f"previous transit key ({where}): {exc}") from None
-    return tuple(keys)
+    return tuple(source.parse(XKey.from_seed) for source in sources)
 
 
 # --- run ---------------------------------------------------------------------------------
@@ -112,26 +126,20 @@ def next_encryption_key(args: argparse.Namespace) -> XKey | None:
     rotation moves to, held beside the current one (None when neither is given)."""
     path = getattr(args, "next_encryption_xkey_seed_file", None)
     text = os.environ.get("NEXT_ENCRYPTION_XKEY_SEED", "").strip()
-    where = "NEXT_ENCRYPTION_XKEY_SEED"
     if path:
         if text:
             raise ConfigError(
                 "give NEXT_ENCRYPTION_XKEY_SEED or --next-encryption-xkey-seed-file, not both"
             )
         where = f"--next-encryption-xkey-seed-file {path}"
-        try:
-            text = Path(path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise ConfigError(f"{where}: cannot read it: {why}") from None
-        if not text:
+        source = SeedSource(where, read_seed_file(path, f"{where}: cannot read it"))
+        if not source.text.strip():
             raise ConfigError(f"{where}: the file holds no curve seed (SX…)")
-    if not text:
+    elif text:
+        source = SeedSource("NEXT_ENCRYPTION_XKEY_SEED", text)
+    else:
         return None
-    try:
-        return XKey.from_seed(text)
-    except InvalidKey as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    return source.parse(XKey.from_seed)
 
 
 def backend_config(args: argparse.Namespace) -> BackendConfig:

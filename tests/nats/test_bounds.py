@@ -81,8 +81,7 @@ async def test_junk_on_the_log_is_one_incident_with_a_count(
     identity = Identity()
     caplog.set_level(logging.INFO)
     async with running_backend(module_nats_server.url, names=names) as clients:
-        assert await clients.admin.put_secret("s", "v") == 1
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", "v") == 1
         nc = clients.host.nc
         for i in range(500):
             await nc.publish(f"{subject_prefix(names.name)}.secret.s", b"junk %d" % i)
@@ -285,8 +284,7 @@ async def test_the_limit_follows_a_raised_max_payload(make_nats_server: MakeNats
         raised = limits.max_secret_size(nc.max_payload)
         assert raised == 4 * LIMIT + 3 * limits.ENVELOPE
         value = "r" * raised
-        assert await clients.admin.put_secret("s", value) == 1
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", value) == 1
         assert (await clients.get(identity, "s")).string_secret == value
         with pytest.raises(SecretTooLarge):
             await unchecked_put(clients, "s", value + "r")
@@ -324,8 +322,7 @@ async def test_deep_json_anywhere_is_the_protocols_error_for_that_field(
         account,
     )
     async with running_backend(module_nats_server.url, names=fresh_names()) as clients:
-        await clients.admin.put_secret("s", "v")
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        await clients.put_readable(identity, "s", "v")
         transit = XKey.from_public(await clients.host.server_xkey())
 
         async def raw_get(body: bytes) -> object:
@@ -380,14 +377,11 @@ async def test_a_bucket_deleted_under_a_running_backend_is_recreated_and_refille
     names = fresh_names()
     identity, other = Identity(), Identity()
     async with running_backend(module_nats_server.url, names=names) as clients:
-        admin = clients.admin
-        assert await admin.put_secret("s", "v1") == 1
-        await admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", "v1") == 1
         js = clients.host.nc.jetstream()
         for bucket in (names.secrets_bucket, names.state_bucket):
             assert await js.delete_stream(kv_stream(bucket))
-        assert await admin.put_secret("s", "v2") == 2
-        await admin.add_mapping(other.entity_key, ["s"])
+        assert await clients.put_readable(other, "s", "v2") == 2
         box = SealBox(clients.keys.encryption, clients.keys.encryption)
         entry = await js.get_last_msg(
             kv_stream(names.secrets_bucket), f"$KV.{names.secrets_bucket}.s"
@@ -414,8 +408,7 @@ async def test_an_event_log_deleted_under_a_running_backend_is_an_incident_not_a
     caplog.set_level(logging.INFO)
     async with running_backend(module_nats_server.url, names=names) as clients:
         keys = clients.keys
-        assert await clients.admin.put_secret("s", "v1") == 1
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", "v1") == 1
         assert (await clients.get(identity, "s")).string_secret == "v1"
         js = clients.host.nc.jetstream()
         assert await js.delete_stream(stream_name(names.name))
@@ -478,12 +471,9 @@ async def forging_stream_info(
 async def test_a_forged_low_head_is_caught_and_never_hides_a_write(
     module_nats_server: NatsServer,
 ) -> None:
-    names = fresh_names()
-    identity = Identity()
-    url = module_nats_server.url
+    names, identity, url = fresh_names(), Identity(), module_nats_server.url
     async with running_backend(url, names=names) as clients:
-        assert await clients.admin.put_secret("s", "v1") == 1
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", "v1") == 1
         log = EventLog(
             clients.host.nc, backend_name=names.name, barrier=Barrier(clients.keys.encryption)
         )
@@ -508,12 +498,9 @@ async def test_a_forged_low_head_is_caught_and_never_hides_a_write(
 async def test_a_forged_high_head_delays_a_get_at_most_the_freshness_timeout(
     module_nats_server: NatsServer,
 ) -> None:
-    names = fresh_names()
-    identity = Identity()
-    url = module_nats_server.url
+    names, identity, url = fresh_names(), Identity(), module_nats_server.url
     async with running_backend(url, names=names) as clients:
-        assert await clients.admin.put_secret("s", "v1") == 1
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", "v1") == 1
         clients.host.timeout = 30.0  # the backend answers after its freshness timeout
         async with forging_stream_info(url, stream_name(names.name), 10**9) as answered:
             outcomes = []
@@ -534,12 +521,9 @@ async def test_a_forged_stream_not_found_is_outvoted_by_jetstream(
     module_nats_server: NatsServer,
 ) -> None:
     """A stranger claiming the log is gone does not make the backend report it deleted."""
-    names = fresh_names()
-    identity = Identity()
-    url = module_nats_server.url
+    names, identity, url = fresh_names(), Identity(), module_nats_server.url
     async with running_backend(url, names=names) as clients:
-        assert await clients.admin.put_secret("s", "v1") == 1
-        await clients.admin.add_mapping(identity.entity_key, ["s"])
+        assert await clients.put_readable(identity, "s", "v1") == 1
         async with forging_stream_info(url, stream_name(names.name), None) as answered:
             for _ in range(3):
                 assert (await clients.get(identity, "s")).string_secret == "v1"

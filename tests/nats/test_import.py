@@ -8,10 +8,12 @@ purged key, a non-UTF-8 value and two entities, then drives the real CLI and bac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +35,17 @@ from support.crash import program as crash_program
 from support.harness import (
     CLI,
     REPO,
+    Clients,
     Identity,
     Keys,
+    backend_flags,
     cli_env,
     fresh_names,
     run_cli,
     running_backend,
 )
 from support.leakcheck import remember
-from support.original import Original, stock_view, stream_config
+from support.original import Original, stock_view, stream_config, write_behind_the_log
 
 pytestmark = pytest.mark.anyio
 
@@ -63,11 +67,19 @@ class Built:
 
     def args(self, url: str) -> list[str]:
         """For `run` and the commands that read the buckets themselves."""
-        return [*self.client_args(url), "-b", self.names.secrets_bucket]
+        return backend_flags(url, self.names, bucket=True)
 
     def client_args(self, url: str) -> list[str]:
         """For the commands a backend answers: its bucket is its own (`-b` is refused)."""
-        return ["--nats-address", url, "--name", self.names.name]
+        return backend_flags(url, self.names)
+
+    def every_version(self) -> Iterator[tuple[Identity, str, int, bytes]]:
+        """(the reader mapped to it, name, revision, value) of each version to be served."""
+        first, second = self.readers
+        for name, versions in self.versions.items():
+            reader = first if name in self.mappings[first.entity_key] else second
+            for revision, value in versions.items():
+                yield reader, name, revision, value
 
 
 async def build_original(nc: NATS, *, deny_delete: bool = True) -> Built:
@@ -130,6 +142,14 @@ async def imported(nc: NATS, url: str) -> Built:
     built = await build_original(nc)
     assert run_cli("import", *built.args(url), env=cli_env(built.keys)).returncode == 0
     return built
+
+
+@contextlib.asynccontextmanager
+async def serving_an_import(nc: NATS, url: str) -> AsyncIterator[tuple[Built, Clients]]:
+    """`imported`, with a backend running on what it took over."""
+    built = await imported(nc, url)
+    async with running_backend(url, built.keys, names=built.names) as clients:
+        yield built, clients
 
 
 def one_line(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -333,11 +353,11 @@ async def test_a_write_the_log_does_not_explain_is_an_incident_that_stops_writes
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
     url = module_nats_server.url
-    built = await imported(nc, url)
-    async with running_backend(url, built.keys, names=built.names) as clients:
+    async with serving_an_import(nc, url) as (built, clients):
         # An old instance still running writes the bucket behind the log's back.
-        kv = await nc.jetstream().key_value(built.names.secrets_bucket)
-        await kv.put("api-token", b"sealed-by-someone-else")
+        await write_behind_the_log(
+            nc, built.names.secrets_bucket, "api-token", b"sealed-by-someone-else"
+        )
         remember(b"after-foreign-write", "value")
         with pytest.raises(UpstreamError):
             await clients.admin.put_secret("api-token", "after-foreign-write")
@@ -374,8 +394,7 @@ async def test_an_import_killed_twice_part_way_finishes_with_nothing_lost_or_dou
         value = f"value-{i:04d}".encode()
         expected[name] = (await original.put(name, value, track=False), value)
     await original.set_mapping(reader.entity_key, sorted(expected))
-    args = ["--nats-address", module_nats_server.url, "--name", names.name, "-b",
-            names.secrets_bucket]  # fmt: skip
+    args = backend_flags(module_nats_server.url, names, bucket=True)
     log_ = EventLog(nc, backend_name=names.name, barrier=Barrier(keys.encryption))
 
     # A real SIGKILL, sent once 700 of its appends have been seen on the log's subjects.
@@ -443,8 +462,7 @@ async def test_a_write_by_an_old_instance_before_the_replace_is_read_again_not_l
     reader = Identity()
     first = await original.put("app-key", b"first-value-0001")
     await original.set_mapping(reader.entity_key, ["app-key", "late"])
-    args = ["--nats-address", module_nats_server.url, "--name", names.name]
-    args += ["-b", names.secrets_bucket]
+    args = backend_flags(module_nats_server.url, names, bucket=True)
     crashed = run_cli("import", *args, env=cli_env(keys), program=crash_program("appended"))
     assert crashed.returncode == 1
     # The log is whole but nothing replaced; an old instance still running writes.
@@ -472,7 +490,7 @@ async def test_import_refuses_a_log_it_did_not_write_and_a_log_under_another_key
     async with running_backend(url, keys, names=names) as clients:
         remember(b"own-value-0001", "value")
         await clients.admin.put_secret("own", "own-value-0001")
-    args = ["--nats-address", url, "--name", names.name, "-b", names.secrets_bucket]
+    args = backend_flags(url, names, bucket=True)
     err = one_line(run_cli("import", *args, env=cli_env(keys)))
     assert "no import wrote" in err
 
@@ -502,12 +520,9 @@ async def test_killed_at_any_point_then_run_again_the_import_is_whole(
     assert isinstance(record, OriginalImported)
     assert [e.seq for e in entries] == list(range(1, record.entries + 2))  # none doubled
     async with running_backend(url, built.keys, names=built.names) as clients:
-        first, second = built.readers
-        for name, versions in built.versions.items():
-            reader = first if name in built.mappings[first.entity_key] else second
-            for revision, value in versions.items():
-                got = await clients.get(reader, name, version=str(revision))
-                assert _value(got) == value
+        for reader, name, revision, value in built.every_version():
+            got = await clients.get(reader, name, version=str(revision))
+            assert _value(got) == value
 
 
 async def test_an_imported_deployment_rotates_its_key_keeping_every_number(
@@ -520,15 +535,12 @@ async def test_an_imported_deployment_rotates_its_key_keeping_every_number(
     rotated = run_cli("rotate-key", *built.args(url), env=env, timeout=120)
     assert rotated.returncode == 0, rotated.stderr
     async with running_backend(url, new, names=built.names) as clients:
-        first, second = built.readers
-        for name, versions in built.versions.items():
-            reader = first if name in built.mappings[first.entity_key] else second
-            for revision, value in versions.items():
-                got = await clients.get(reader, name, version=str(revision))
-                assert _value(got) == value
+        for reader, name, revision, value in built.every_version():
+            got = await clients.get(reader, name, version=str(revision))
+            assert _value(got) == value
         for revision in built.dropped["api-token"]:
             with pytest.raises(SecretNotFound):
-                await clients.get(first, "api-token", version=str(revision))
+                await clients.get(built.readers[0], "api-token", version=str(revision))
         remember(b"after-rotation-0001", "value")
         assert await clients.admin.put_secret("api-token", "after-rotation-0001") == (
             built.last_revision + 1
@@ -539,11 +551,12 @@ async def test_a_mapping_written_behind_the_logs_back_stops_writes_and_a_restart
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
     url = module_nats_server.url
-    built = await imported(nc, url)
-    first = built.readers[0]
-    async with running_backend(url, built.keys, names=built.names) as clients:
-        kv = await nc.jetstream().key_value(built.names.state_bucket)
-        await kv.put(first.entity_key, b'["everything"]')  # an old instance's add_mapping
+    async with serving_an_import(nc, url) as (built, clients):
+        first = built.readers[0]
+        # An old instance still running maps an entity behind the log's back.
+        await write_behind_the_log(
+            nc, built.names.state_bucket, first.entity_key, b'["everything"]'
+        )
         with pytest.raises(UpstreamError):
             await clients.admin.add_mapping(first.entity_key, ["db-password"])
         assert clients.backend.health.incidents[BUCKET_AHEAD].blocks_writes
@@ -555,10 +568,10 @@ async def test_after_a_foreign_write_a_rebuild_repairs_the_bucket_and_writes_res
     module_nats_server: NatsServer, nc: NATS
 ) -> None:
     url = module_nats_server.url
-    built = await imported(nc, url)
-    async with running_backend(url, built.keys, names=built.names) as clients:
-        kv = await nc.jetstream().key_value(built.names.secrets_bucket)
-        await kv.put("api-token", b"sealed-by-someone-else")
+    async with serving_an_import(nc, url) as (built, clients):
+        await write_behind_the_log(
+            nc, built.names.secrets_bucket, "api-token", b"sealed-by-someone-else"
+        )
         remember(b"stored-but-not-written", "value")
         with pytest.raises(UpstreamError):
             await clients.admin.put_secret("api-token", "stored-but-not-written")

@@ -20,7 +20,6 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from events.access import AccessRecord, access_stream_name, access_subject, encode_access
 from events.anchor import Anchor, AnchorForged, anchor_stream_name, anchor_subject
@@ -31,13 +30,13 @@ from projections.kv import KV_FOREIGN_REVISION
 from projections.live import CHAIN_BROKEN
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.barrier import KV_TAG_HEADER, Barrier
-from secrets_nats_kv.config import BackendNames, NatsOptions
+from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import DecryptionError, SecretNotFound, Unauthorized, UpstreamError
-from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nkeys import Role, SigningKey
 from secrets_nats_kv.streams import kv_stream
 from secrets_nats_kv.wire import HOST_XKEY_HEADER
 from secrets_nats_kv.xkeys import XKey
+from support.attacks import attacker, cut_back
 from support.harness import Clients, Identity, Keys, cli_env, run_cli, running_backend
 from support.leakcheck import remember
 from support.store import log_entries
@@ -45,16 +44,6 @@ from support.store import log_entries
 pytestmark = pytest.mark.anyio
 
 STREAM = stream_name("nats-kv")
-
-
-@contextlib.asynccontextmanager
-async def attacker(url: str) -> AsyncIterator[NATS]:
-    """A plain connection: no seed, no credentials, only the bus."""
-    nc = await connect(NatsOptions(servers=(url,)), name="attacker", persistent=False)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 async def history(clients: Clients, identity: Identity) -> int:
@@ -188,16 +177,7 @@ async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writi
         assert await admin.put_secret("db", "second") == 2
         await admin.remove_mapping(reader.entity_key, ["db"])
         async with attacker(url) as nc:
-            js = nc.jetstream()
-            kept = [await js.get_msg(STREAM, seq) for seq in (1, 2)]
-            config = (await js.stream_info(STREAM)).config
-            await js.delete_stream(STREAM)
-            await js.add_stream(config)
-            for message in kept:
-                headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-                await js.publish(
-                    f"{subject_prefix('nats-kv')}.secret.db", message.data or b"", headers=headers
-                )
+            await cut_back(nc, STREAM, f"{subject_prefix('nats-kv')}.secret.db", keep=2)
         # The rolled-back log grants `reader` again: the backend serves nothing from it.
         with pytest.raises(UpstreamError, match="folded it to #4"):
             await clients.get(reader, "db")
@@ -206,18 +186,6 @@ async def test_a_log_cut_back_under_a_running_backend_stops_it_serving_and_writi
         incidents = clients.backend.health.snapshot()
         assert [i["kind"] for i in incidents if i["blocks_writes"]] == [CHAIN_BROKEN]
         assert sum(1 for i in incidents if i["kind"] == CHAIN_BROKEN) == 1
-
-
-async def cut_back_to(js: JetStreamContext, keep: int) -> None:
-    """Replace the log by its first `keep` entries, as an attacker can on an open bus:
-    delete the stream, recreate it, publish those entries again (tags and all)."""
-    kept = [await js.get_msg(STREAM, seq) for seq in range(1, keep + 1)]
-    config = (await js.stream_info(STREAM)).config
-    await js.delete_stream(STREAM)
-    await js.add_stream(config)
-    for message in kept:
-        headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-        await js.publish(message.subject or "", message.data or b"", headers=headers)
 
 
 async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
@@ -231,8 +199,7 @@ async def test_a_log_cut_back_is_refused_at_start_by_its_anchor_until_repaired(
         await admin.add_mapping(reader.entity_key, ["db"])
         await admin.remove_mapping(reader.entity_key, ["db"])
     async with attacker(url) as nc:
-        js = nc.jetstream()
-        await cut_back_to(js, 2)
+        await cut_back(nc, STREAM, f"{subject_prefix('nats-kv')}.secret.db", keep=2)
     assert await start_refused(url, keys) == 3
     env = cli_env(keys)
     verify = run_cli("verify", "--nats-address", url, env=env)
@@ -314,7 +281,7 @@ async def test_a_cut_log_under_an_older_anchor_replayed_is_refused(
         older = [await js.get_msg(anchors, seq) for seq in range(state.first_seq, state.last_seq)]
         matching = [m for m in older if json.loads(m.data or b"{}").get("seq") == 2]
         assert matching  # the anchor the cut log would agree with, from the kept history
-        await cut_back_to(js, 2)
+        await cut_back(nc, STREAM, f"{subject_prefix('nats-kv')}.secret.db", keep=2)
         replayed = matching[-1]
         tag = {KV_TAG_HEADER: (replayed.headers or {})[KV_TAG_HEADER]}
         await js.publish(anchor_subject("nats-kv"), replayed.data or b"", headers=tag)

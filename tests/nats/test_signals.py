@@ -25,6 +25,7 @@ from secrets_nats_kv.app.dev import PID_FILE
 from secrets_nats_kv.app.natsserver import NatsServer, free_port
 from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
+from support.devproc import spawn_dev
 from support.harness import CLI, REPO, Keys, cli_env, spawn_run
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -51,14 +52,15 @@ def stop(proc: subprocess.Popen[bytes], sig: signal.Signals, log: Path) -> tuple
     return code, text
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+def serving_run(
+    url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`run` started on `url` and serving (it logged "backend ready"), and its log."""
+    log = tmp_path / "run.log"
+    proc = spawn_run(url, cli_env(Keys()), log=log)
+    processes.append(proc)
+    wait_for_line(log, "backend ready", proc)
+    return proc, log
 
 
 @pytest.fixture
@@ -75,14 +77,14 @@ def silent_listener() -> Iterator[socket.socket]:
 
 @SIGNALS
 def test_run_while_connecting_to_an_unreachable_nats_stops_with_0(
-    sig: signal.Signals, tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+    sig: signal.Signals, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     with socket.socket() as held:  # bound, never listening: connections are refused
         held.bind(("127.0.0.1", 0))
         url = f"nats://127.0.0.1:{held.getsockname()[1]}"
         log = tmp_path / "run.log"
         proc = spawn_run(url, cli_env(Keys()), log=log)
-        spawned.append(proc)
+        processes.append(proc)
         wait_for_line(log, "NATS connection error", proc)
         code, text = stop(proc, sig, log)
     assert code == 0, text  # it never took a request: nothing was left undrained
@@ -94,12 +96,9 @@ def test_run_serving_stops_with_0_after_a_clean_drain(
     sig: signal.Signals,
     nats_server: NatsServer,
     tmp_path: Path,
-    spawned: list[subprocess.Popen[bytes]],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
-    log = tmp_path / "run.log"
-    proc = spawn_run(nats_server.url, cli_env(Keys()), log=log)
-    spawned.append(proc)
-    wait_for_line(log, "backend ready", proc)
+    proc, log = serving_run(nats_server.url, tmp_path, processes)
     code, text = stop(proc, sig, log)
     assert code == 0, text
 
@@ -109,12 +108,9 @@ def test_run_whose_nats_died_stops_with_the_signal_code_in_one_line(
     sig: signal.Signals,
     nats_server: NatsServer,
     tmp_path: Path,
-    spawned: list[subprocess.Popen[bytes]],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
-    log = tmp_path / "run.log"
-    proc = spawn_run(nats_server.url, cli_env(Keys()), log=log)
-    spawned.append(proc)
-    wait_for_line(log, "backend ready", proc)
+    proc, log = serving_run(nats_server.url, tmp_path, processes)
     nats_server.kill()
     wait_for_line(log, "reconnecting", proc)
     code, text = stop(proc, sig, log)
@@ -125,27 +121,11 @@ def test_run_whose_nats_died_stops_with_the_signal_code_in_one_line(
 
 
 def test_dev_stops_with_0_on_sigterm(
-    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    from secrets_nats_kv.app.natsserver import free_port
-
     log = tmp_path / "dev.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                *CLI,
-                "dev",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--nats-address",
-                f"127.0.0.1:{free_port()}",
-            ],
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-            cwd=REPO,
-        )
-    spawned.append(proc)
+    proc = spawn_dev(tmp_path / "data", f"127.0.0.1:{free_port()}", log)
+    processes.append(proc)
     wait_for_line(log, "backend ready", proc)
     code, text = stop(proc, signal.SIGTERM, log)
     assert code == 0, text
@@ -182,13 +162,13 @@ def test_client_command_while_connecting(
     command: list[str],
     silent_listener: socket.socket,
     tmp_path: Path,
-    spawned: list[subprocess.Popen[bytes]],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     address = f"127.0.0.1:{silent_listener.getsockname()[1]}"
     command = [str(tmp_path / "out") if word == "OUT" else word for word in command]
     log = tmp_path / "client.log"
     proc = spawn_client(command, cli_env(Keys(), NATS_ADDRESS=address), log)
-    spawned.append(proc)
+    processes.append(proc)
     silent_listener.settimeout(30)
     connection, _ = silent_listener.accept()  # it is connecting now, and will wait for INFO
     with connection:
@@ -221,7 +201,7 @@ def test_client_command_waiting_for_a_reply(
     sig: signal.Signals,
     nats_server: NatsServer,
     tmp_path: Path,
-    spawned: list[subprocess.Popen[bytes]],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     log = tmp_path / "client.log"
     env = cli_env(Keys(), NATS_ADDRESS=nats_server.url.removeprefix("nats://"))
@@ -232,7 +212,7 @@ def test_client_command_waiting_for_a_reply(
         async with anyio.create_task_group() as tg:
             await tg.start(_hold_requests, nats_server.url, arrived)
             proc = spawn_client(["list"], env, log)
-            spawned.append(proc)
+            processes.append(proc)
             with anyio.fail_after(30):
                 await arrived.wait()  # the request is in flight, its reply will never come
             codes.append(await anyio.to_thread.run_sync(stop, proc, sig, log))
@@ -246,22 +226,15 @@ def test_client_command_waiting_for_a_reply(
 
 @SIGNALS
 def test_dev_whose_nats_died_stops_in_one_line_without_a_traceback(
-    sig: signal.Signals, tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+    sig: signal.Signals, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """`dev`'s own nats-server killed under it: `dev` ends in one line, never a traceback,
     whether it notices first (its server is gone) or the signal does."""
 
     log = tmp_path / "dev.log"
     data = tmp_path / "data"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*CLI, "dev", "--data-dir", str(data), "--nats-address", f"127.0.0.1:{free_port()}"],
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-            cwd=REPO,
-        )
-    spawned.append(proc)
+    proc = spawn_dev(data, f"127.0.0.1:{free_port()}", log)
+    processes.append(proc)
     wait_for_line(log, "backend ready", proc)
     server_pid = int((data / "nats" / PID_FILE).read_text().strip())
     os.kill(server_pid, signal.SIGKILL)

@@ -93,6 +93,19 @@ class Devs:
                 dev.proc.wait(15)
 
 
+def spawn_dev(data_dir: Path, address: str, log: Path) -> subprocess.Popen[bytes]:
+    """`dev` with its stderr (where it logs) in `log` and its banner thrown away: for the
+    tests that only watch the log and signal the process (test_signals)."""
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [*CLI, "dev", "--data-dir", str(data_dir), "--nats-address", address],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=REPO,
+        )
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -95,6 +95,13 @@ class Clients:
             key, entity_jwt=identity.entity_jwt(), host_jwt=identity.host_jwt(), **kwargs
         )
 
+    async def put_readable(self, reader: Identity, name: str, value: str | bytes) -> int:
+        """Store `value` as `name` and map `reader` to it (a secret that reader may get):
+        the revision the put was given."""
+        revision = await self.admin.put_secret(name, value)
+        await self.admin.add_mapping(reader.entity_key, [name])
+        return revision
+
 
 def fresh_names() -> BackendNames:
     """Names no other test uses: a backend of its own on a shared server."""
@@ -162,6 +169,14 @@ def run_cli(
         check=False,
         cwd=REPO,
     )
+
+
+def backend_flags(url: str, names: BackendNames, *, bucket: bool = False) -> list[str]:
+    """`--nats-address URL --name NAME`, for the CLI to reach the backend named; with
+    `bucket`, `-b BUCKET` too, for the commands that read its buckets themselves (`run`,
+    `import`, `get`): those a backend answers take no `-b`."""
+    flags = ["--nats-address", url, "--name", names.name]
+    return [*flags, "-b", names.secrets_bucket] if bucket else flags
 
 
 def spawn_run(url: str, env: Mapping[str, str], *extra: str, log: Path) -> subprocess.Popen[bytes]:

@@ -113,6 +113,13 @@ class Original:
 StockEntry = tuple[str, int, bytes, str]  # key, revision, value, operation
 
 
+async def write_behind_the_log(nc: NATS, bucket: str, key: str, value: bytes) -> None:
+    """What an instance of the original still running does after an import: a write
+    straight to the bucket, which the event log cannot explain."""
+    kv = await nc.jetstream().key_value(bucket)
+    await kv.put(key, value)
+
+
 async def stock_view(nc: NATS, bucket: str) -> dict[str, list[StockEntry]]:
     """Every key's history as a stock KV reader sees it (nats-py's KV API)."""
     js = nc.jetstream(timeout=10)

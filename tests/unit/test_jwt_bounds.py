@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import secrets
 import tracemalloc
+from collections.abc import Iterator
 
 import pytest
 
@@ -86,24 +87,52 @@ def test_a_cached_token_is_still_refused_once_its_issuer_is_untrusted() -> None:
         jwt.verify_entity_jwt(token, trusted_issuers=frozenset({other.public_key}))
 
 
+def big_unique_tokens(account: SigningKey, count: int) -> Iterator[str]:
+    """Tokens at the size limit, each new (the attack: nothing a cache could share)."""
+    for _ in range(count):
+        yield padded_token(account, jwt.MAX_TOKEN_LENGTH - 64)
+
+
 def test_many_big_unique_tokens_cost_at_most_the_cache_bound() -> None:
-    """The issue's attack at the size limit: memory stays within CACHE_BYTES plus margin
-    (bench/bench_abuse.py measures the backend's RSS under 6,000 such gets)."""
+    """The issue's attack at the size limit: memory stays within the byte bound plus margin
+    (bench/bench_abuse.py measures the backend's RSS under 6,000 such gets).
+
+    Measured on a verifier built with a bound of 1 MiB rather than `CACHE_BYTES`: the
+    accounting is the same code, and it takes 400 tokens rather than thousands to show
+    it (tracemalloc makes each one slow). Bounded in entries only, those 400 tokens would
+    keep about 11 MiB, well over the 3 MiB allowed; bounded in bytes they keep under 1 MiB.
+    """
     account = SigningKey.generate(Role.ACCOUNT)
-    size = jwt.MAX_TOKEN_LENGTH - 64
-    jwt._verified.cache_clear()
+    bound = 1 * MIB
+    verifier = jwt._Verifier(jwt.CACHE_SIZE, bound)
     gc.collect()
     tracemalloc.start()
     try:
         baseline = tracemalloc.get_traced_memory()[0]
-        for _ in range(1500):
-            assert jwt.verify_entity_jwt(padded_token(account, size)).iss == account.public_key
+        for token in big_unique_tokens(account, 400):
+            assert verifier(token, False, frozenset()).iss == account.public_key
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - baseline
-        kept = jwt._verified.cache_info()
     finally:
         tracemalloc.stop()
+    kept = verifier.cache_info()
+    assert kept.bytes <= bound
+    assert kept.currsize < 400 <= jwt.CACHE_SIZE  # the bytes evicted them, not the count
+    assert grown < 3 * bound, f"{grown / MIB:.1f} MiB"
+
+
+def test_the_backends_cache_stops_at_cache_bytes() -> None:
+    """The verifier every `get` goes through applies `CACHE_BYTES`: tokens worth a quarter
+    more than it leave the cache at or under it, having evicted by bytes (far fewer
+    tokens than `CACHE_SIZE`)."""
+    account = SigningKey.generate(Role.ACCOUNT)
+    count = 5 * jwt.CACHE_BYTES // (4 * 2 * jwt.MAX_TOKEN_LENGTH)
+    jwt._verified.cache_clear()
+    try:
+        for token in big_unique_tokens(account, count):
+            assert jwt.verify_entity_jwt(token).iss == account.public_key
+        kept = jwt._verified.cache_info()
+    finally:
         jwt._verified.cache_clear()
     assert kept.bytes <= jwt.CACHE_BYTES
-    # Bounded in entries only, 1,500 tokens of 16 KiB would keep about 48 MiB.
-    assert grown < 12 * MIB, f"{grown / MIB:.1f} MiB"
+    assert kept.currsize < count < jwt.CACHE_SIZE

@@ -42,6 +42,22 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert command in ci.splitlines()
 
 
+# Lint, format and types: CI runs them as a step after the tests (not as tests, so the
+# unit tier stays fast), and fails if any of them fails.
+STATIC_CHECKS = ["ruff check", "ruff format --check", "mypy", "mypy bench"]
+
+
+def test_ci_runs_every_static_check_after_the_tests() -> None:
+    lines = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    tests_at = lines.index(bash_blocks()[1].strip())
+    start = lines.index("checks=(")
+    end = lines.index(")", start)
+    checks = [shlex.split(line)[0].removesuffix(" --no-cache .") for line in lines[start + 1 : end]]
+    assert tests_at < start
+    assert checks == STATIC_CHECKS
+    assert any("-m $check" in line for line in lines[end:])  # each one run, in a loop
+
+
 def readme_invocations() -> list[list[str]]:
     """Every `secrets-nats-kv …` command line in the README's bash blocks, as argv."""
     found = []
