@@ -143,6 +143,10 @@ def _backend(names: BackendNames) -> Permissions:
         *(f"{SRV}.{verb}" for verb in _SRV_VERBS),  # discovery: all services, ...
         *(f"{SRV}.{verb}.{SERVICE_NAME}" for verb in _SRV_VERBS),  # ... ours, ...
         *(f"{SRV}.{verb}.{SERVICE_NAME}.*" for verb in _SRV_VERBS),  # ... one instance
+        # a key rotation's swap: its log recreated or deleted, staging dropped (swapwatch)
+        streams.stream_advisory(streams.STREAM_CREATED, events),
+        streams.stream_advisory(streams.STREAM_DELETED, events),
+        streams.stream_advisory(streams.STREAM_DELETED, staging_stream(names)),
     ]
     return Permissions(NatsRole.BACKEND, tuple(publish), tuple(subscribe), allow_responses=True)
 

@@ -98,6 +98,9 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *(f"$SRV.{verb}" for verb in ("PING", "INFO", "STATS")),
         *(f"$SRV.{verb}.secrets-nats-kv" for verb in ("PING", "INFO", "STATS")),
         *(f"$SRV.{verb}.secrets-nats-kv.*" for verb in ("PING", "INFO", "STATS")),
+        f"$JS.EVENT.ADVISORY.STREAM.CREATED.{events}",  # a rotation's swap: the log recreated,
+        f"$JS.EVENT.ADVISORY.STREAM.DELETED.{events}",  # deleted,
+        f"$JS.EVENT.ADVISORY.STREAM.DELETED.{staging}",  # staging dropped
     ]
     admin_pub = [
         f"_INBOX_SNKV.{n}.admin.>",
