@@ -15,10 +15,12 @@ key (`Barrier`'s keyring) lives through that without an incident:
   `actors.swapwatch`: an entry arriving there, the log recreated). An entry there under the
   current key means the rotation gave up (a `FenceLifted`): the view follows on. The
   marker under the new key, once the anchor verifies under the new key too, means the
-  rewritten log is complete: a fresh, verified fold of
-  the rewritten log is made beside the old one, the KV writer re-reads where the
-  buckets stand, and then, in one step with nothing awaited, the keyring adopts the new key
-  and the view is rebased onto the fresh fold (`LiveView.rebase`).
+  rewritten log is complete: a fresh, verified fold of the rewritten log is taken
+  (the fold of committed staging made while the swap refilled the log, `actors.prefold`,
+  if it is the log the anchor names; else the live log is folded now), the KV writer
+  re-reads where the buckets stand, and then, in one step with nothing awaited, the
+  keyring adopts the new key and the view is rebased onto the fresh fold
+  (`LiveView.rebase`).
 - Until its switch a backend answers from its own state: a write another backend took
   after switching first is served here once this one has switched too (the time to fold
   the log), never a value the new key sealed before this backend holds that state.
@@ -41,9 +43,11 @@ import logging
 import time
 
 import anyio
+from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 
 from actors.health import Health
+from actors.prefold import StagedFold
 from actors.rotation.context import (
     API_TIMEOUT,
     COMMITTED,
@@ -60,7 +64,7 @@ from events.types import KeyRotated, UndecodableEvent, decode_event
 from projections.kv import KvWriter
 from projections.live import LiveView
 from projections.state import Effect, Fence, ViewState
-from secrets_nats_kv.barrier import ENTRY_TAG_HEADER, Barrier
+from secrets_nats_kv.barrier import CHAIN_HEADER, ENTRY_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import stream_info
@@ -232,6 +236,7 @@ class SwapFollower:
         self._unheld: int | None = None  # the fence seq reported as naming a key we lack
         self.fallback = FALLBACK_S  # the longest wait between two looks without an event
         self.switches = 0
+        self.prefolded = 0  # switches that took the fold of staging made during the refill
 
     # --- FenceFollower ------------------------------------------------------------------
 
@@ -261,38 +266,57 @@ class SwapFollower:
             "writes fenced for an encryption key rotation; following its swap",
             extra={"rotation": fence.rotation, "new_key": fence.new_key, "fence_seq": fence.seq},
         )
+        staged = StagedFold(
+            self._nc, self._names, self._barrier.alone(fence.new_key), view.state.last_seq
+        )
+        async with SwapSignals(self._nc, self._names) as signals, anyio.create_task_group() as tg:
+            try:
+                await self._follow_swap(view, fence, signals, staged, tg)
+            finally:
+                tg.cancel_scope.cancel()  # a fold of staging still going is not needed now
+
+    async def _follow_swap(
+        self,
+        view: LiveView,
+        fence: Fence,
+        signals: SwapSignals,
+        staged: StagedFold,
+        tg: TaskGroup,
+    ) -> None:
         retry = _RETRY_MIN_S
-        async with SwapSignals(self._nc, self._names) as signals:
-            while True:
-                seq = view.state.last_seq + 1
-                try:
-                    step = await self._look(seq, fence)
-                    if step is _Next.SWITCH:
-                        await self._switch(view, fence)
-                        return
-                except (ChainBroken, WrongKey, RotatedLogUnreadable) as exc:
-                    # Only a re-run of the rotation mends it, and that deletes and
-                    # recreates the log: the advisories wake this.
-                    self._health.report(ROTATED_LOG_UNREADABLE, str(exc))
-                    step = _Next.WAIT
-                except (StorageError, NatsUnavailable) as exc:
-                    # A read failed: NATS trouble, the log gone between two reads, or
-                    # (switching) a KV bucket the rotation's rebuild drops and recreates
-                    # right after the marker. This role is sent no event for the buckets'
-                    # return (it has no grant on their advisories): a short backoff, then
-                    # a fresh look, doubling up to the fallback.
-                    log.warning("could not read the rotated log yet", extra={"error": str(exc)})
-                    await anyio.sleep(retry)
-                    retry = min(retry * 2, self.fallback)
-                    continue
-                if step is _Next.RESUME:
+        while True:
+            seq = view.state.last_seq + 1
+            try:
+                if not staged.started and await staged.committed():
+                    staged.started = True  # final from now on: fold it during the refill
+                    tg.start_soon(staged.run)
+                step = await self._look(seq, fence)
+                if step is _Next.SWITCH:
+                    await self._switch(view, fence, staged)
                     return
-                retry = _RETRY_MIN_S
-                # The swap is made by another process: wait for its next step (the entry
-                # at `seq` arriving, the log recreated or deleted), or the fallback. With
-                # an entry already at `seq` that decided nothing (a marker before its
-                # anchor: the offline order) no watched event follows: the fallback only.
-                await signals.changed(seq if step is _Next.EMPTY else None, within=self.fallback)
+            except (ChainBroken, WrongKey, RotatedLogUnreadable) as exc:
+                # Only a re-run of the rotation mends it, and that deletes and
+                # recreates the log: the advisories wake this.
+                self._health.report(ROTATED_LOG_UNREADABLE, str(exc))
+                step = _Next.WAIT
+            except (StorageError, NatsUnavailable) as exc:
+                # A read failed: NATS trouble, the log gone between two reads, or
+                # (switching) a KV bucket the rotation's rebuild drops and recreates
+                # right after the marker. This role is sent no event for the buckets'
+                # return (it has no grant on their advisories): a short backoff, then
+                # a fresh look, doubling up to the fallback.
+                log.warning("could not read the rotated log yet", extra={"error": str(exc)})
+                await anyio.sleep(retry)
+                retry = min(retry * 2, self.fallback)
+                continue
+            if step is _Next.RESUME:
+                return
+            retry = _RETRY_MIN_S
+            # The swap is made by another process: wait for its next step (the entry
+            # at `seq` arriving, the log recreated or deleted), or the fallback. With
+            # an entry already at `seq` that decided nothing (a marker before its
+            # anchor: the offline order) no watched event follows: the fallback only.
+            await signals.changed(seq if step is _Next.EMPTY else None, within=self.fallback)
 
     # --- the steps ----------------------------------------------------------------------
 
@@ -325,22 +349,39 @@ class SwapFollower:
         except AnchorForged:
             return None  # still the old key's anchor: the swap has not reset it yet
 
-    async def _switch(self, view: LiveView, fence: Fence) -> None:
-        """Fold the rotated log beside the served one, then serve it under the new key."""
+    async def _switch(self, view: LiveView, fence: Fence, staged: StagedFold) -> None:
+        """Serve the rotated log under the new key: the fold of committed staging made
+        during the refill if it is the log the rotation anchored (`StagedFold.matches`),
+        else a fold of the live log beside the served one, made now."""
         new = self._barrier.alone(fence.new_key)
         fresh_log = EventLog(
             self._nc, backend_name=self._names.name, barrier=new, replicas=self._replicas
         )
         anchored = await self._anchor_under(fence.new_key)
         start = view.state.last_seq
+        marker = await get_message(self._nc, self._stream, start + 1)
+        if staged.started:
+            # A fold of a stream that no longer changes ends, unless NATS fails it for
+            # good (its reads are retried): bounded, then the live log is folded instead.
+            with anyio.move_on_after(SWAP_WAIT_S):
+                await staged.done.wait()
+        fresh = LiveView(fresh_log, anchored=anchored)
         tail: list[tuple[int, list[Effect]]] = []
+        link = marker.headers.get(CHAIN_HEADER, "") if marker is not None else ""
+        prefolded = staged.view is not None and staged.matches(anchored, start + 1, link)
+        if prefolded and staged.view is not None:
+            # The served view takes the staged fold, held to the anchor from here on.
+            fresh.state, fresh.link = staged.view.state, staged.view.link
+            fresh.digests = staged.view.digests
+            tail = staged.tail
+        else:
 
-        def keep(seq: int, effects: list[Effect]) -> None:
-            if seq > start:  # the rotation rebuilt the views up to its marker
-                tail.append((seq, effects))
+            def keep(seq: int, effects: list[Effect]) -> None:
+                if seq > start:  # the rotation rebuilt the views up to its marker
+                    tail.append((seq, effects))
 
-        fresh = LiveView(fresh_log, on_effects=keep, anchored=anchored)
-        await fresh.catch_up()  # from #1, chain verified, held to the new anchor
+            fresh = LiveView(fresh_log, on_effects=keep, anchored=anchored)
+            await fresh.catch_up()  # from #1, chain verified, held to the new anchor
         if fresh.state.encryption_key != fence.new_key or fresh.state.last_seq <= start:
             raise RotatedLogUnreadable(
                 f"the rewritten log ends at #{fresh.state.last_seq} without the rotation's "
@@ -353,9 +394,14 @@ class SwapFollower:
         view.rebase(fresh, tail)
         self._health.resolve(ROTATED_LOG_UNREADABLE)
         self.switches += 1
+        self.prefolded += prefolded
         log.info(
             "encryption key rotated: serving the rewritten event log under the new key",
-            extra={"encryption": fence.new_key, "events": view.state.last_seq},
+            extra={
+                "encryption": fence.new_key,
+                "events": view.state.last_seq,
+                "folded_ahead": prefolded,  # from staging, during the refill
+            },
         )
 
 

@@ -136,6 +136,9 @@ def _backend(names: BackendNames) -> Permissions:
         anchor_subject(names),  # where the chain stood after each append
         *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
         *_api(staging_stream(names), "INFO"),  # a key rotation's swap under way?
+        # ...and its committed copy folded while the swap refills the log (actors.prefold)
+        *_api(staging_stream(names), "CONSUMER.CREATE"),
+        f"{JS_FLOW_CONTROL}.{staging_stream(names)}.>",
     ]
     subscribe = [
         f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group

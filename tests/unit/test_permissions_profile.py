@@ -91,6 +91,8 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"wasmcloud_secrets_anchor.{n}",
         *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
         *verbs(staging, "INFO"),
+        *consumers(staging),  # a rotation's committed copy, folded during the refill
+        f"$JS.FC.{staging}.>",
     ]
     backend_sub = [
         f"{prefix}.>",  # (queue group only: checked separately)
