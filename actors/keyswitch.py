@@ -11,13 +11,16 @@ key (`Barrier`'s keyring) lives through that without an incident:
 - `SwapFollower.pauses`: a fence naming the next key stops the live view at the fence.
   Writes are refused by the fence itself (the decider), gets go on from the state as it
   stands (its values open under the old key, which the keyring keeps).
-- `SwapFollower.follow` watches the position after the view. An entry there under the
+- `SwapFollower.follow` watches the position after the view (woken by the swap's steps,
+  `actors.swapwatch`: an entry arriving there, the log recreated). An entry there under the
   current key means the rotation gave up (a `FenceLifted`): the view follows on. The
   marker under the new key, once the anchor verifies under the new key too, means the
-  rewritten log is complete: a fresh, verified fold of
-  the rewritten log is made beside the old one, the KV writer re-reads where the
-  buckets stand, and then, in one step with nothing awaited, the keyring adopts the new key
-  and the view is rebased onto the fresh fold (`LiveView.rebase`).
+  rewritten log is complete: a fresh, verified fold of the rewritten log is taken
+  (the fold of committed staging made while the swap refilled the log, `actors.prefold`,
+  if it is the log the anchor names; else the live log is folded now), the KV writer
+  re-reads where the buckets stand, and then, in one step with nothing awaited, the
+  keyring adopts the new key and the view is rebased onto the fresh fold
+  (`LiveView.rebase`).
 - Until its switch a backend answers from its own state: a write another backend took
   after switching first is served here once this one has switched too (the time to fold
   the log), never a value the new key sealed before this backend holds that state.
@@ -26,11 +29,11 @@ key (`Barrier`'s keyring) lives through that without an incident:
 - While a committed swap is under way (`swap_under_way`) the backend's KV writer does
   not recreate a bucket it finds missing: the rotation is rebuilding it.
 
-At start-up, `wait_for_swap` waits (bounded) while a committed staging stream says a swap
-is under way (unless the live log is whole anyway: still the old one, or the rotated one
-up to its marker, the anchor on it), and `adopt_log_key`
-makes the next key current if the log is under it (a rotation finished while this
-backend was down).
+At start-up, `wait_for_swap` waits (bounded, woken by the same steps and by staging's
+deletion) while a committed staging stream says a swap is under way (unless the live log
+is whole anyway: still the old one, or the rotated one up to its marker, the anchor on
+it), and `adopt_log_key` makes the next key current if the log is under it (a rotation
+finished while this backend was down).
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ import logging
 import time
 
 import anyio
+from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 
 from actors.health import Health
+from actors.prefold import StagedFold
 from actors.rotation.context import (
     API_TIMEOUT,
     COMMITTED,
@@ -51,6 +56,7 @@ from actors.rotation.context import (
     STATE_KEY,
     staging_stream_name,
 )
+from actors.swapwatch import FALLBACK_S, SwapSignals
 from events.anchor import Anchor, Anchored, AnchorForged
 from events.chain import ChainBroken, WrongKey
 from events.log import EventLog, stream_name
@@ -58,7 +64,7 @@ from events.types import KeyRotated, UndecodableEvent, decode_event
 from projections.kv import KvWriter
 from projections.live import LiveView
 from projections.state import Effect, Fence, ViewState
-from secrets_nats_kv.barrier import ENTRY_TAG_HEADER, Barrier
+from secrets_nats_kv.barrier import CHAIN_HEADER, ENTRY_TAG_HEADER, Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
 from secrets_nats_kv.nats.jetstream import stream_info
@@ -69,11 +75,13 @@ log = logging.getLogger(__name__)
 ROTATION_KEY_UNKNOWN = "rotation-to-a-key-not-held"  # a fence naming a key we lack
 ROTATED_LOG_UNREADABLE = "rotated-log-unreadable"  # the swapped-in log did not verify
 SWAP_WAIT_S = 120.0  # at start-up: how long a committed swap may take to finish
+_RETRY_MIN_S = 0.05  # after a failed read while following a swap: the first backoff
 _PROBE_ENTRIES = 64  # entries read from the head back to tell which key tags the log
 
 
 class _Next(enum.Enum):
-    WAIT = "wait"  # nothing decided yet: look again
+    EMPTY = "empty"  # nothing at the position yet: wait for an entry there
+    WAIT = "wait"  # an entry there that decides nothing yet: look again later
     RESUME = "resume"  # the old log goes on (the fence was lifted): follow it
     SWITCH = "switch"  # the rotated log is complete: fold it and serve it
 
@@ -85,40 +93,59 @@ async def wait_for_swap(
     live log is whole anyway: still the old one (the fence, or a run stopped right after
     its commit), or the rotated one up to its marker (the views may still be rebuilt:
     the writer and the rebuild share that). Never "ready" on a half-filled log; a swap
-    that does not finish `within` seconds is a one-line refusal."""
+    that does not finish `within` seconds is a one-line refusal.
+
+    Between two looks it waits for the swap's next step (`SwapSignals`): the marker
+    arriving at the staged marker's position, the log recreated or deleted, staging
+    dropped; at most `FALLBACK_S` if none of them comes (a missed advisory)."""
     staging = staging_stream_name(names.name)
     deadline, said = time.monotonic() + within, False
-    while (keys := await _committed_keys(nc, staging)) is not None:
-        if await _whole(nc, names, barrier, *keys) or not barrier.holds(keys[1]):
-            return  # whole; or rotated to a key not held here: the log's reader refuses it
-        if not said:
-            said = True
-            log.info(
-                "an encryption key rotation is swapping the event log; waiting for it to finish",
-                extra={"staging": staging},
-            )
-        if time.monotonic() > deadline:
-            raise StorageError(
-                "event log",
-                f"a key rotation's swap is under way ({staging} is committed) and did not "
-                f"finish within {within:g}s: run `secrets-nats-kv rotate-key` again to finish it",
-            )
-        # Another process refills the log and drops staging: no event tells us here.
-        await anyio.sleep(0.5)
+    async with SwapSignals(nc, names) as signals:
+        while (committed := await _committed(nc, staging)) is not None:
+            old, new, marker_seq = committed
+            if await _whole(nc, names, barrier, old, new) or not barrier.holds(new):
+                return  # whole; or rotated to a key not held here: the log's reader refuses it
+            if not said:
+                said = True
+                log.info(
+                    "an encryption key rotation is swapping the event log; waiting for it "
+                    "to finish",
+                    extra={"staging": staging},
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageError(
+                    "event log",
+                    f"a key rotation's swap is under way ({staging} is committed) and did not "
+                    f"finish within {within:g}s: run `secrets-nats-kv rotate-key` again to "
+                    "finish it",
+                )
+            # The marker's arrival is the step to wait for, unless it is there already
+            # (the offline order: the anchor moves after it, then staging is dropped).
+            there = await _present(nc, names, marker_seq)
+            await signals.changed(None if there else marker_seq, within=min(FALLBACK_S, left))
+
+
+async def _present(nc: NATS, names: BackendNames, seq: int) -> bool:
+    try:
+        return await get_message(nc, stream_name(names.name), seq) is not None
+    except (StorageError, NatsUnavailable):
+        return False  # the log is gone mid-swap: its creation is the next step
 
 
 async def swap_under_way(nc: NATS, names: BackendNames) -> bool:
     """Whether a committed staging stream says a key rotation is still swapping the log."""
-    return await _committed_keys(nc, staging_stream_name(names.name)) is not None
+    return await _committed(nc, staging_stream_name(names.name)) is not None
 
 
-async def _committed_keys(nc: NATS, staging: str) -> tuple[str, str] | None:
-    """(old key, new key) of a committed staging stream (a swap under way), or None."""
+async def _committed(nc: NATS, staging: str) -> tuple[str, str, int] | None:
+    """(old key, new key, the staged marker's position) of a committed staging stream (a
+    swap under way), or None."""
     info = await stream_info(nc, staging, API_TIMEOUT)
     metadata = (info.config.metadata or {}) if info is not None else {}
-    if metadata.get(STATE_KEY) != COMMITTED:
+    if info is None or metadata.get(STATE_KEY) != COMMITTED:
         return None
-    return metadata.get(OLD_KEY_KEY, ""), metadata.get(NEW_KEY_KEY, "")
+    return metadata.get(OLD_KEY_KEY, ""), metadata.get(NEW_KEY_KEY, ""), info.state.last_seq
 
 
 async def _whole(nc: NATS, names: BackendNames, barrier: Barrier, old: str, new: str) -> bool:
@@ -207,8 +234,9 @@ class SwapFollower:
         self._replicas = replicas
         self._stream = stream_name(names.name)
         self._unheld: int | None = None  # the fence seq reported as naming a key we lack
-        self.poll_min, self.poll_max = 0.05, 0.25  # seconds between looks at the next position
+        self.fallback = FALLBACK_S  # the longest wait between two looks without an event
         self.switches = 0
+        self.prefolded = 0  # switches that took the fold of staging made during the refill
 
     # --- FenceFollower ------------------------------------------------------------------
 
@@ -238,26 +266,57 @@ class SwapFollower:
             "writes fenced for an encryption key rotation; following its swap",
             extra={"rotation": fence.rotation, "new_key": fence.new_key, "fence_seq": fence.seq},
         )
-        delay = self.poll_min
+        staged = StagedFold(
+            self._nc, self._names, self._barrier.alone(fence.new_key), view.state.last_seq
+        )
+        async with SwapSignals(self._nc, self._names) as signals, anyio.create_task_group() as tg:
+            try:
+                await self._follow_swap(view, fence, signals, staged, tg)
+            finally:
+                tg.cancel_scope.cancel()  # a fold of staging still going is not needed now
+
+    async def _follow_swap(
+        self,
+        view: LiveView,
+        fence: Fence,
+        signals: SwapSignals,
+        staged: StagedFold,
+        tg: TaskGroup,
+    ) -> None:
+        retry = _RETRY_MIN_S
         while True:
             seq = view.state.last_seq + 1
             try:
+                if not staged.started and await staged.committed():
+                    staged.started = True  # final from now on: fold it during the refill
+                    tg.start_soon(staged.run)
                 step = await self._look(seq, fence)
-            except (StorageError, NatsUnavailable):
-                step = _Next.WAIT  # NATS trouble, or the stream gone mid-swap: look again
+                if step is _Next.SWITCH:
+                    await self._switch(view, fence, staged)
+                    return
+            except (ChainBroken, WrongKey, RotatedLogUnreadable) as exc:
+                # Only a re-run of the rotation mends it, and that deletes and
+                # recreates the log: the advisories wake this.
+                self._health.report(ROTATED_LOG_UNREADABLE, str(exc))
+                step = _Next.WAIT
+            except (StorageError, NatsUnavailable) as exc:
+                # A read failed: NATS trouble, the log gone between two reads, or
+                # (switching) a KV bucket the rotation's rebuild drops and recreates
+                # right after the marker. This role is sent no event for the buckets'
+                # return (it has no grant on their advisories): a short backoff, then
+                # a fresh look, doubling up to the fallback.
+                log.warning("could not read the rotated log yet", extra={"error": str(exc)})
+                await anyio.sleep(retry)
+                retry = min(retry * 2, self.fallback)
+                continue
             if step is _Next.RESUME:
                 return
-            if step is _Next.SWITCH:
-                try:
-                    await self._switch(view, fence)
-                    return
-                except (ChainBroken, WrongKey, RotatedLogUnreadable) as exc:
-                    self._health.report(ROTATED_LOG_UNREADABLE, str(exc))
-                except (StorageError, NatsUnavailable) as exc:
-                    log.warning("could not read the rotated log yet", extra={"error": str(exc)})
-            # The swap happens in another process; its steps raise no event here.
-            await anyio.sleep(delay)
-            delay = min(delay * 1.5, self.poll_max)
+            retry = _RETRY_MIN_S
+            # The swap is made by another process: wait for its next step (the entry
+            # at `seq` arriving, the log recreated or deleted), or the fallback. With
+            # an entry already at `seq` that decided nothing (a marker before its
+            # anchor: the offline order) no watched event follows: the fallback only.
+            await signals.changed(seq if step is _Next.EMPTY else None, within=self.fallback)
 
     # --- the steps ----------------------------------------------------------------------
 
@@ -265,7 +324,7 @@ class SwapFollower:
         """What the entry at `seq` (just after the view) says about the rotation."""
         raw = await get_message(self._nc, self._stream, seq)
         if raw is None:
-            return _Next.WAIT  # nothing yet, or the stream is being recreated and refilled
+            return _Next.EMPTY  # nothing yet, or the stream is being recreated and refilled
         tag = raw.headers.get(ENTRY_TAG_HEADER)
         under = self._barrier.tagged_by(seq, raw.data, tag)
         if under != fence.new_key:
@@ -290,22 +349,39 @@ class SwapFollower:
         except AnchorForged:
             return None  # still the old key's anchor: the swap has not reset it yet
 
-    async def _switch(self, view: LiveView, fence: Fence) -> None:
-        """Fold the rotated log beside the served one, then serve it under the new key."""
+    async def _switch(self, view: LiveView, fence: Fence, staged: StagedFold) -> None:
+        """Serve the rotated log under the new key: the fold of committed staging made
+        during the refill if it is the log the rotation anchored (`StagedFold.matches`),
+        else a fold of the live log beside the served one, made now."""
         new = self._barrier.alone(fence.new_key)
         fresh_log = EventLog(
             self._nc, backend_name=self._names.name, barrier=new, replicas=self._replicas
         )
         anchored = await self._anchor_under(fence.new_key)
         start = view.state.last_seq
+        marker = await get_message(self._nc, self._stream, start + 1)
+        if staged.started:
+            # A fold of a stream that no longer changes ends, unless NATS fails it for
+            # good (its reads are retried): bounded, then the live log is folded instead.
+            with anyio.move_on_after(SWAP_WAIT_S):
+                await staged.done.wait()
+        fresh = LiveView(fresh_log, anchored=anchored)
         tail: list[tuple[int, list[Effect]]] = []
+        link = marker.headers.get(CHAIN_HEADER, "") if marker is not None else ""
+        prefolded = staged.view is not None and staged.matches(anchored, start + 1, link)
+        if prefolded and staged.view is not None:
+            # The served view takes the staged fold, held to the anchor from here on.
+            fresh.state, fresh.link = staged.view.state, staged.view.link
+            fresh.digests = staged.view.digests
+            tail = staged.tail
+        else:
 
-        def keep(seq: int, effects: list[Effect]) -> None:
-            if seq > start:  # the rotation rebuilt the views up to its marker
-                tail.append((seq, effects))
+            def keep(seq: int, effects: list[Effect]) -> None:
+                if seq > start:  # the rotation rebuilt the views up to its marker
+                    tail.append((seq, effects))
 
-        fresh = LiveView(fresh_log, on_effects=keep, anchored=anchored)
-        await fresh.catch_up()  # from #1, chain verified, held to the new anchor
+            fresh = LiveView(fresh_log, on_effects=keep, anchored=anchored)
+            await fresh.catch_up()  # from #1, chain verified, held to the new anchor
         if fresh.state.encryption_key != fence.new_key or fresh.state.last_seq <= start:
             raise RotatedLogUnreadable(
                 f"the rewritten log ends at #{fresh.state.last_seq} without the rotation's "
@@ -318,9 +394,14 @@ class SwapFollower:
         view.rebase(fresh, tail)
         self._health.resolve(ROTATED_LOG_UNREADABLE)
         self.switches += 1
+        self.prefolded += prefolded
         log.info(
             "encryption key rotated: serving the rewritten event log under the new key",
-            extra={"encryption": fence.new_key, "events": view.state.last_seq},
+            extra={
+                "encryption": fence.new_key,
+                "events": view.state.last_seq,
+                "folded_ahead": prefolded,  # from staging, during the refill
+            },
         )
 
 

@@ -99,6 +99,17 @@ def verify_checkpoint(backend: str, anchored: Anchored, public_key: str) -> bool
     return verify(public_key, message, signature)
 
 
+def anchor_said(signer: str | None) -> str:
+    """What the CLI line says of the anchor a rewrite (rotate-key, repair) wrote: signed
+    by AUDIT_SIGNING_SEED's key, or unsigned (`audit verify` then has no checkpoint at the
+    rewritten log's position until a backend with the seed writes the next anchor)."""
+    if signer is None:
+        return ""  # no anchor written by this run (dry run, nothing to do)
+    if signer:
+        return f"; anchor signed by {signer}"
+    return "; anchor unsigned (give AUDIT_SIGNING_SEED to sign it)"
+
+
 _decoder = msgspec.json.Decoder(Anchored)
 
 

@@ -22,6 +22,7 @@ from events.log import Appended, EventLog
 from events.types import LogRepaired
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.reader import stream_messages
+from secrets_nats_kv.nkeys import SigningKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +131,21 @@ def _accept(
             lost.add(raw.seq)
 
 
-async def repair_log(event_log: EventLog, *, admin_key: str, reason: str) -> Appended | None:
+async def repair_log(
+    event_log: EventLog, *, admin_key: str, reason: str, signer: SigningKey | None = None
+) -> Appended | None:
     """Append the `LogRepaired` that accepts the log's breaks (and a log cut back behind
     its anchor), then move the anchor to it; None if there is nothing to repair.
+
+    `signer` (AUDIT_SIGNING_SEED) makes that anchor a signed backend checkpoint, as `run`
+    writes them: an audit export then has one at the repaired log's head (the positions
+    the repair lost still fail against the checkpoints signed before: that is its record).
 
     Positional like every append: if anything was appended meanwhile it fails and is run
     again on the newer log.
     """
     codec = _codec(event_log)
-    anchor = _anchor(event_log, codec)
+    anchor = _anchor(event_log, codec, signer)
     await anchor.ensure()
     try:
         anchored = await anchor.read_past_strangers()
@@ -169,8 +176,10 @@ async def repair_log(event_log: EventLog, *, admin_key: str, reason: str) -> App
     return appended
 
 
-def _anchor(event_log: EventLog, codec: EventCodec) -> Anchor:
-    return Anchor(event_log.nc, backend_name=event_log.backend_name, barrier=codec.barrier)
+def _anchor(event_log: EventLog, codec: EventCodec, signer: SigningKey | None = None) -> Anchor:
+    return Anchor(
+        event_log.nc, backend_name=event_log.backend_name, barrier=codec.barrier, signer=signer
+    )
 
 
 def _codec(event_log: EventLog) -> EventCodec:

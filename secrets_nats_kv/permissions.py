@@ -136,6 +136,9 @@ def _backend(names: BackendNames) -> Permissions:
         anchor_subject(names),  # where the chain stood after each append
         *_api(anchor_stream(names), "INFO", "CREATE", "MSG.GET"),
         *_api(staging_stream(names), "INFO"),  # a key rotation's swap under way?
+        # ...and its committed copy folded while the swap refills the log (actors.prefold)
+        *_api(staging_stream(names), "CONSUMER.CREATE"),
+        f"{JS_FLOW_CONTROL}.{staging_stream(names)}.>",
     ]
     subscribe = [
         f"{names.subject_prefix}.> {names.queue_group}",  # only in the backend's queue group
@@ -143,6 +146,10 @@ def _backend(names: BackendNames) -> Permissions:
         *(f"{SRV}.{verb}" for verb in _SRV_VERBS),  # discovery: all services, ...
         *(f"{SRV}.{verb}.{SERVICE_NAME}" for verb in _SRV_VERBS),  # ... ours, ...
         *(f"{SRV}.{verb}.{SERVICE_NAME}.*" for verb in _SRV_VERBS),  # ... one instance
+        # a key rotation's swap: its log recreated or deleted, staging dropped (swapwatch)
+        streams.stream_advisory(streams.STREAM_CREATED, events),
+        streams.stream_advisory(streams.STREAM_DELETED, events),
+        streams.stream_advisory(streams.STREAM_DELETED, staging_stream(names)),
     ]
     return Permissions(NatsRole.BACKEND, tuple(publish), tuple(subscribe), allow_responses=True)
 

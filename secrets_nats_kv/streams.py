@@ -77,6 +77,16 @@ def rotation_lock_subject(backend_name: str) -> str:
     return f"wasmcloud_secrets_rotation_lock.{backend_name}"
 
 
+JS_STREAM_ADVISORY = "$JS.EVENT.ADVISORY.STREAM"  # the server's stream lifecycle advisories
+STREAM_CREATED, STREAM_DELETED = "CREATED", "DELETED"
+
+
+def stream_advisory(action: str, stream: str) -> str:
+    """Where the server announces that `stream` was created or deleted: a backend waits
+    on these while a key rotation swaps its log (`actors.swapwatch`)."""
+    return f"{JS_STREAM_ADVISORY}.{action}.{stream}"
+
+
 # --- the KV buckets -----------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from secrets_nats_kv.nats.jetstream import (
 )
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.reader import RawMessage, get_message
+from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 STATE_KEY = "secrets-nats-kv-rotation"  # staging stream metadata: "staging" | "committed"
@@ -87,6 +88,8 @@ class RotationRun:
         self.fenced_seconds: float | None = None  # how long writes stood fenced (online)
         self.backends: Sequence[BackendKeys] = ()  # online: the instances to wait for
         self.unswitched: list[str] = []  # online: instances not on the new key in time
+        self.signer: SigningKey | None = None  # AUDIT_SIGNING_SEED: signs the new anchor
+        self.anchor_signer: str | None = None  # the anchor this run wrote: "" unsigned
 
     def tick(self, done: int, total: int) -> None:
         if self.progress is not None:

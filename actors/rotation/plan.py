@@ -28,6 +28,7 @@ from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.errors import StorageError
 from secrets_nats_kv.nats.jetstream import stream_info
+from secrets_nats_kv.nkeys import SigningKey
 from secrets_nats_kv.xkeys import XKey
 
 
@@ -44,15 +45,18 @@ async def rotate_key(
     crash: CrashPoints = NO_CRASHES,
     online: bool = False,
     backends: Sequence[BackendKeys] = (),
+    signer: SigningKey | None = None,
 ) -> RotationReport:
     """Re-seal every value and re-tag every event for `new`; see `actors.rotation` for safety.
 
     `online`: with backends running (`actors.rotation.online`); `backends` are those that
     answered the stats request, each of which must hold `new`. `crash` names the points
-    where a test may stop the run (the product never stops).
+    where a test may stop the run (the product never stops). `signer`
+    (AUDIT_SIGNING_SEED) signs the anchor the run writes at the rewritten log's marker.
     """
     run = RotationRun(nc, names, layout, old, new, progress, crash)
     run.backends = backends
+    run.signer = signer
     note = ""
     # Online, the backends are checked once the run knows it is not finishing a swap.
     if not online and await run.backend_answers():
@@ -149,6 +153,7 @@ def _report(run: RotationRun, outcome: Outcome, counts: Counts, note: str) -> Ro
         time.monotonic() - run.started,
         note,
         fenced_seconds=run.fenced_seconds,
+        anchor_signer=run.anchor_signer,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from events.anchor import anchor_said
 from secrets_nats_kv.errors import SecretsBackendError
 
 Outcome = Literal["rotated", "resumed", "already rotated", "dry run"]
@@ -39,6 +40,7 @@ class RotationReport:
     seconds: float = 0.0
     note: str = ""
     fenced_seconds: float | None = None  # online: from the write fence to the swapped log
+    anchor_signer: str | None = None  # the anchor this run wrote: signed by, "" unsigned
 
     @property
     def values_per_second(self) -> float:
@@ -54,6 +56,7 @@ class RotationReport:
         note: str,
         *,
         fenced_seconds: float | None = None,
+        anchor_signer: str | None = None,
     ) -> RotationReport:
         return cls(
             outcome=outcome,
@@ -66,6 +69,7 @@ class RotationReport:
             seconds=seconds,
             note=note,
             fenced_seconds=fenced_seconds,
+            anchor_signer=anchor_signer,
         )
 
     def summary(self) -> str:
@@ -89,4 +93,5 @@ class RotationReport:
             )
         else:
             line = f"{verb} the encryption key to {self.new_key}: {counts} in {self.seconds:.2f}s"
+        line += anchor_said(self.anchor_signer)
         return f"{line} ({self.note})" if self.note else line

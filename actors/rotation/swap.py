@@ -147,10 +147,16 @@ async def _rebuild_checked(
 
 
 async def _reset_anchor(run: RotationRun, marker: RawMessage) -> None:
-    """The anchor under the new key, at the marker: the old one no longer verifies."""
-    anchor = Anchor(run.nc, backend_name=run.names.name, barrier=run.new_auth)
+    """The anchor under the new key, at the marker: the old one no longer verifies.
+
+    With the operator's AUDIT_SIGNING_SEED (`run.signer`) it is a signed backend
+    checkpoint like those `run` writes, so an audit export made after the rotation has
+    one at the rewritten log's marker; without it the anchor is unsigned (the report says
+    so) until a backend with the seed writes the next one."""
+    anchor = Anchor(run.nc, backend_name=run.names.name, barrier=run.new_auth, signer=run.signer)
     await anchor.ensure()
     await anchor.reset(marker.seq, marker.headers.get(CHAIN_HEADER, ""))
+    run.anchor_signer = run.signer.public_key if run.signer is not None else ""
 
 
 async def _drop_staging(run: RotationRun) -> None:

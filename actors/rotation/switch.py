@@ -35,7 +35,14 @@ async def wait_for_switch(run: RotationRun, backends: Sequence[BackendKeys]) -> 
             while (current := await _current_key(run, instance)) is not None:
                 if current == run.new.public_key:
                     break
-                await anyio.sleep(POLL_S)  # bounded poll: no event says "switched"
+                # A poll, bounded by SWITCH_WAIT_S, because no event exists for it: a
+                # backend's switch writes nothing to JetStream (no entry, no anchor: it
+                # only refolds the log and swaps its state in memory), and the key it
+                # serves under is known only from its `$SRV.STATS` reply, which comes
+                # on request. The admin role subscribes to nothing but its own inboxes
+                # and the rotation lock, so a "switched" notice from the backend would
+                # be a new subject and a new grant on both roles.
+                await anyio.sleep(POLL_S)
             pending.remove(instance)
     return pending
 

@@ -264,6 +264,7 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
     if args.abort:
         return await _abort_rotation(args, names, layout, old)
     new = seed_from_env("NEW_ENCRYPTION_XKEY_SEED")
+    signer = audit_signer()  # read before connecting: a bad seed changes nothing
     nc = await connect(nats_options(args), name="secrets-nats-kv rotate-key", persistent=False)
     try:
         if (refused := await _why_silent(nc, args)) is not None:
@@ -279,6 +280,7 @@ async def cmd_rotate_key(args: argparse.Namespace) -> int:
             progress=progress_printer("rotate-key"),
             online=args.online,
             backends=await _answering_backends(nc, names) if args.online else (),
+            signer=signer,
         )
     finally:
         await _close(nc)

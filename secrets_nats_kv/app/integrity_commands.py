@@ -14,13 +14,14 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from events.anchor import anchor_said
 from events.log import EventLog
 from events.repair import repair_log, verify_log
 from projections.checkpoints import verify_export
 from projections.rebuild import rebuild_views
 from secrets_nats_kv import config
 from secrets_nats_kv.app.arguments import backend_names, nats_options, rewrite_layout
-from secrets_nats_kv.app.commands import seed_from_env
+from secrets_nats_kv.app.commands import audit_signer, seed_from_env
 from secrets_nats_kv.app.terminal import progress_printer
 from secrets_nats_kv.app.terminal import say as _say
 from secrets_nats_kv.barrier import Barrier
@@ -124,11 +125,14 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 async def cmd_repair(args: argparse.Namespace) -> int:
     names = backend_names(args)
     encryption = seed_from_env("ENCRYPTION_XKEY_SEED")
+    signer = audit_signer()  # the repaired head's anchor: a signed checkpoint, given it
     barrier = Barrier(encryption)
     nc = await connect(nats_options(args), name="secrets-nats-kv repair", persistent=False)
     try:
         event_log = EventLog(nc, backend_name=names.name, barrier=barrier)
-        appended = await repair_log(event_log, admin_key=encryption.public_key, reason=args.reason)
+        appended = await repair_log(
+            event_log, admin_key=encryption.public_key, reason=args.reason, signer=signer
+        )
         if appended is None:
             _say("event log verified: nothing to repair")
             return 0
@@ -143,7 +147,8 @@ async def cmd_repair(args: argparse.Namespace) -> int:
         await nc.close()
     _say(
         f"repaired: entry #{appended.seq} accepts the breaks; views rebuilt from "
-        f"{report.events} events: restart the backends, then re-check mappings and secrets"
+        f"{report.events} events{anchor_said(signer.public_key if signer else '')}: "
+        "restart the backends, then re-check mappings and secrets"
     )
     return 0
 

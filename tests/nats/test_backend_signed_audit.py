@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from events.anchor import Anchor
+from events.anchor import Anchor, Anchored, verify_checkpoint
 from events.log import EventLog, stream_name
 from events.types import MappingRemoved
 from secrets_nats_kv.app.natsserver import NatsServer
@@ -147,10 +147,14 @@ async def test_a_deleted_revocation_accepted_by_repair_is_caught_by_the_audit(
         assert await nc.jetstream().delete_msg(STREAM, revoked)
     finally:
         await nc.close()
-    env = cli_env(keys)
+    # Even a repair run with the audit seed: its own anchor is signed, but it cannot
+    # re-sign the positions it lost.
+    env = cli_env(keys, AUDIT_SIGNING_SEED=signer.seed)
     repair = run_cli("repair", "--reason", "looked fine", "--nats-address", url, env=env)
     assert repair.returncode == 0, repair.stderr
-    export(url, keys, signer, tmp_path / "after.jsonl")
+    assert f"anchor signed by {signer.public_key}" in repair.stdout.decode()
+    lines = export(url, keys, signer, tmp_path / "after.jsonl")
+    assert [c["seq"] for c in lines if c["type"] == "backend_checkpoint"] == [1, 2, 3, 4, 5]
     refused = verify(tmp_path / "after.jsonl", signer)
     assert refused.returncode == 1
     (line,) = refused.stderr.decode().splitlines()
@@ -217,6 +221,8 @@ async def test_checkpoints_of_the_chain_before_a_rotation_are_not_comparable(
         timeout=120,
     )
     assert rotate.returncode == 0, rotate.stderr
+    # Without AUDIT_SIGNING_SEED the rotation's own anchor is unsigned, and says so.
+    assert "anchor unsigned (give AUDIT_SIGNING_SEED to sign it)" in rotate.stdout.decode()
     rotated = Keys(transit=keys.transit, encryption=new)
     lines = export(url, rotated, signer, tmp_path / "rotated.jsonl")
     backend = [line for line in lines if line["type"] == "backend_checkpoint"]
@@ -224,4 +230,141 @@ async def test_checkpoints_of_the_chain_before_a_rotation_are_not_comparable(
     assert {c["key"] for c in backend} == {keys.encryption.public_key}
     good = verify(tmp_path / "rotated.jsonl", signer)
     assert good.returncode == 0, good.stderr
-    assert "(4 before a key rotation, not comparable)" in good.stdout.decode()
+    assert "0 backend checkpoints match the log (4 before a key rotation, not comparable)" in (
+        good.stdout.decode()
+    )
+    assert not verify_checkpoint("nats-kv", await newest_anchor(url, new), signer.public_key)
+
+
+async def newest_anchor(url: str, key: XKey) -> Anchored:
+    """The anchor as a backend reads it (tagged by `key`), and the log's head it must name."""
+    nc = await connect(NatsOptions(servers=(url,)), name="anchor reader", persistent=False)
+    try:
+        anchored = await Anchor(nc, backend_name="nats-kv", barrier=Barrier(key)).read()
+        head = (await nc.jetstream().stream_info(STREAM)).state.last_seq
+    finally:
+        await nc.close()
+    assert anchored is not None
+    assert anchored.seq == head
+    return anchored
+
+
+async def test_rotate_key_with_the_audit_seed_signs_its_anchor_at_the_marker(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Given AUDIT_SIGNING_SEED, `rotate-key` signs the anchor it writes at the rewritten
+    log's `KeyRotated`, like a backend's: the export made afterwards has a checkpoint
+    under the new key that matches the log, beside the old chain's (not comparable)."""
+    url, keys, signer = nats_server.url, Keys(), audit_key()
+    await signed_history(url, keys, signer)
+    new = XKey.generate()
+    remember(new.seed, "new encryption seed")
+    env = cli_env(keys, NEW_ENCRYPTION_XKEY_SEED=new.seed, AUDIT_SIGNING_SEED=signer.seed)
+    rotate = run_cli("rotate-key", "--nats-address", url, env=env, timeout=120)
+    assert rotate.returncode == 0, rotate.stderr
+    assert f"anchor signed by {signer.public_key}" in rotate.stdout.decode()
+    assert signer.seed not in rotate.stdout.decode() + rotate.stderr.decode()
+    anchored = await newest_anchor(url, new)
+    assert (anchored.seq, anchored.key) == (5, new.public_key)  # the KeyRotated
+    assert verify_checkpoint("nats-kv", anchored, signer.public_key)
+    rotated = Keys(transit=keys.transit, encryption=new)
+    lines = export(url, rotated, signer, tmp_path / "rotated.jsonl")
+    backend = [line for line in lines if line["type"] == "backend_checkpoint"]
+    assert [c["seq"] for c in backend] == [1, 2, 3, 4, 5]
+    assert backend[-1]["key"] == backend[-1]["log_key"] == new.public_key
+    assert backend[-1]["log_link"] == backend[-1]["link"]
+    good = verify(tmp_path / "rotated.jsonl", signer)
+    assert good.returncode == 0, good.stderr
+    assert "1 backend checkpoints match the log (4 before a key rotation, not comparable)" in (
+        good.stdout.decode()
+    )
+
+
+async def test_an_online_rotation_with_the_audit_seed_signs_its_anchor(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`rotate-key --online` beside a signing backend that holds the new key as next: the
+    anchor the swap writes (before the marker that ends the fence) is signed too."""
+    url, keys, signer = nats_server.url, Keys(), audit_key()
+    new = XKey.generate()
+    remember(new.seed, "new encryption seed")
+    env = cli_env(keys, NEW_ENCRYPTION_XKEY_SEED=new.seed, AUDIT_SIGNING_SEED=signer.seed)
+    async with running_backend(
+        url, keys, audit_signing_key=signer, next_encryption_key=new
+    ) as clients:
+        await clients.admin.put_secret("db", remembered("online-first", "secret value"))
+        await clients.admin.put_secret("db", remembered("online-second", "secret value"))
+        rotate = await anyio.to_thread.run_sync(
+            lambda: run_cli("rotate-key", "--online", "--nats-address", url, env=env, timeout=120)
+        )
+        assert rotate.returncode == 0, rotate.stderr
+        assert f"anchor signed by {signer.public_key}" in rotate.stdout.decode()
+    anchored = await newest_anchor(url, new)
+    assert anchored.key == new.public_key
+    assert verify_checkpoint("nats-kv", anchored, signer.public_key)
+    rotated = Keys(transit=keys.transit, encryption=new)
+    export(url, rotated, signer, tmp_path / "online.jsonl")
+    good = verify(tmp_path / "online.jsonl", signer)
+    assert good.returncode == 0, good.stderr
+    assert "1 backend checkpoints match the log (2 before a key rotation" in good.stdout.decode()
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["with-seed", "without-seed"])
+async def test_repair_signs_the_anchor_at_the_repaired_head(
+    nats_server: NatsServer, tmp_path: Path, signed: bool
+) -> None:
+    """A log written by a backend without the audit seed, an entry deleted, `repair`:
+    with AUDIT_SIGNING_SEED its anchor at the `LogRepaired` is a signed checkpoint that
+    `audit verify` matches against the log; without, the CLI says it is unsigned and the
+    export has no backend checkpoint at all."""
+    url, keys, signer = nats_server.url, Keys(), audit_key()
+    async with running_backend(url, keys) as clients:  # no audit seed: unsigned anchors
+        await clients.admin.put_secret("db", remembered("repair-first", "secret value"))
+        await clients.admin.put_secret("db", remembered("repair-second", "secret value"))
+        await clients.admin.put_secret("db", remembered("repair-third", "secret value"))
+    nc = await connect(NatsOptions(servers=(url,)), name="attacker", persistent=False)
+    try:
+        assert await nc.jetstream().delete_msg(STREAM, 2)
+    finally:
+        await nc.close()
+    env = cli_env(keys, AUDIT_SIGNING_SEED=signer.seed) if signed else cli_env(keys)
+    repair = run_cli("repair", "--reason", "lost #2", "--nats-address", url, env=env)
+    assert repair.returncode == 0, repair.stderr
+    said = repair.stdout.decode()
+    anchored = await newest_anchor(url, keys.encryption)
+    assert anchored.seq == 4  # the LogRepaired
+    lines = export(url, keys, signer, tmp_path / "repaired.jsonl")
+    backend = [line for line in lines if line["type"] == "backend_checkpoint"]
+    good = verify(tmp_path / "repaired.jsonl", signer)
+    assert good.returncode == 0, good.stderr
+    if signed:
+        assert f"anchor signed by {signer.public_key}" in said
+        assert verify_checkpoint("nats-kv", anchored, signer.public_key)
+        assert [c["seq"] for c in backend] == [4]
+        assert "1 backend checkpoints match the log" in good.stdout.decode()
+    else:
+        assert "anchor unsigned (give AUDIT_SIGNING_SEED to sign it)" in said
+        assert not anchored.signature
+        assert backend == []
+        assert "backend checkpoints" not in good.stdout.decode()
+
+
+async def test_a_bad_audit_seed_is_one_line_and_rewrites_nothing(nats_server: NatsServer) -> None:
+    """`rotate-key` and `repair` read AUDIT_SIGNING_SEED before touching NATS."""
+    url, keys = nats_server.url, Keys()
+    async with running_backend(url, keys) as clients:
+        await clients.admin.put_secret("db", remembered("bad-seed-value", "secret value"))
+    before = await newest_anchor(url, keys.encryption)
+    new = XKey.generate()
+    remember(new.seed, "new encryption seed")
+    bad = {"AUDIT_SIGNING_SEED": "SAnot-a-seed"}
+    rotate_env = cli_env(keys, NEW_ENCRYPTION_XKEY_SEED=new.seed, **bad)
+    one_line_error(
+        run_cli("rotate-key", "--nats-address", url, env=rotate_env), "AUDIT_SIGNING_SEED"
+    )
+    repair_env = cli_env(keys, **bad)
+    one_line_error(
+        run_cli("repair", "--reason", "x", "--nats-address", url, env=repair_env),
+        "AUDIT_SIGNING_SEED",
+    )
+    assert await newest_anchor(url, keys.encryption) == before  # still the old key's, as it was

@@ -76,6 +76,10 @@ CRASH_POINTS = ("stage:50", "fenced", "commit", "live:100", "filled", "rebuild:2
 # backend 1 is SIGKILLed and started again, and must not say ready before the swap is done.
 KILL_WHILE_FENCED = "fenced"
 KILL_MID_SWAP = "live:100"
+# The next run deletes the log again, refills it and stops before the anchor and the
+# marker: the restarted backend still waits then. (After `rebuild:20` the log is whole
+# up to its marker, so the backend may be ready: the views' rebuild is shared.)
+REFILLED_WITHOUT_MARKER = "filled"
 
 
 def new_key() -> XKey:
@@ -229,8 +233,9 @@ async def test_the_three_step_procedure_under_load(nats_server: NatsServer, tmp_
                     if point == KILL_MID_SWAP:
                         kills.append(await backends.kill(1))
                         backends.spawn(1, both)
-                restarted = backends.slots[1].text()
-                assert READY_LINE.decode() not in restarted, "ready on a half-refilled log"
+                    if point == REFILLED_WITHOUT_MARKER:
+                        restarted = backends.slots[1].text()
+                        assert READY_LINE.decode() not in restarted, "ready on a refilled log"
                 done = await cli(
                     rotation_env(transit, old, new), "rotate-key", "--online", "--nats-address", url
                 )

@@ -105,3 +105,14 @@ def test_a_retagged_batch_id_is_new_and_the_same_on_every_run(batch_id: str) -> 
 def test_a_resumed_run_says_it_finished_the_rotation() -> None:
     line = RotationReport(outcome="resumed", new_key=NEW, events=3, seconds=1.0).summary()
     assert line.startswith(f"finished the rotation of the encryption key to {NEW}: 3 events")
+
+
+def test_the_summary_says_whether_the_anchor_it_wrote_is_signed() -> None:
+    """Signed by AUDIT_SIGNING_SEED's key, unsigned, or (no anchor written) nothing."""
+    signer = "A" + "B" * 55
+    signed = RotationReport(outcome="rotated", new_key=NEW, anchor_signer=signer, note="n")
+    assert signed.summary().endswith(f"; anchor signed by {signer} (n)")
+    unsigned = RotationReport(outcome="rotated", new_key=NEW, anchor_signer="").summary()
+    assert unsigned.endswith("; anchor unsigned (give AUDIT_SIGNING_SEED to sign it)")
+    untouched = RotationReport(outcome="already rotated", new_key=NEW).summary()
+    assert "anchor" not in untouched

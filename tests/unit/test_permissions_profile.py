@@ -92,6 +92,8 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"wasmcloud_secrets_anchor.{n}",
         *verbs(f"SECRETS_{n}_anchor", "INFO", "CREATE", "MSG.GET"),
         *verbs(staging, "INFO"),
+        *consumers(staging),  # a rotation's committed copy, folded during the refill
+        f"$JS.FC.{staging}.>",
     ]
     backend_sub = [
         f"{prefix}.>",  # (queue group only: checked separately)
@@ -99,6 +101,9 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         *(f"$SRV.{verb}" for verb in ("PING", "INFO", "STATS")),
         *(f"$SRV.{verb}.secrets-nats-kv" for verb in ("PING", "INFO", "STATS")),
         *(f"$SRV.{verb}.secrets-nats-kv.*" for verb in ("PING", "INFO", "STATS")),
+        f"$JS.EVENT.ADVISORY.STREAM.CREATED.{events}",  # a rotation's swap: the log recreated,
+        f"$JS.EVENT.ADVISORY.STREAM.DELETED.{events}",  # deleted,
+        f"$JS.EVENT.ADVISORY.STREAM.DELETED.{staging}",  # staging dropped
     ]
     admin_pub = [
         f"_INBOX_SNKV.{n}.admin.>",
