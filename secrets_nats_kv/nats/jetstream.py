@@ -33,6 +33,10 @@ KV_DELETE = "DEL"  # the KV-Operation of a delete marker
 STATUS_HEADER = "Status"  # a direct get's end-of-batch or not-found reply
 SEQUENCE_HEADER = "Nats-Sequence"  # a direct get's stream sequence
 NUM_PENDING_HEADER = "Nats-Num-Pending"  # only in batched direct get replies
+SUBJECT_HEADER = "Nats-Subject"  # a direct get's stored subject
+UP_TO_SEQUENCE_HEADER = "Nats-UpTo-Sequence"  # a batch's end: the sequence it was read up to
+END_OF_BATCH = "204"  # the Status of a batched direct get's last reply (description EOB)
+NOTHING_FOUND = "404"  # the Status of a direct get that found nothing (asked past the end too)
 
 # --- error codes (JetStream's err_code) ---------------------------------------------------
 
