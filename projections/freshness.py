@@ -7,7 +7,8 @@ once: the common case costs nothing more. Behind the head, waiting for all of it
 make every get pay for whatever sits in between, junk included (a flood on one of the
 log's subjects is stored, and folding it takes longer than storing it). So a get behind
 the head asks JetStream for the last entry on the subjects its answer depends on
-(`depends_on`, one batched direct get, `SubjectReads`) and waits only for the highest.
+(`depends_on`; one leader-answered MSG.GET each, sent at once: `SubjectReads`) and
+waits only for the highest, capped at the head.
 
 What a get answers: whether the entity is mapped to the secret (the entity's mapping
 events, `mapping.{entity}`), the secret's newest or pinned version (every put, delete,
@@ -15,13 +16,12 @@ undelete and destroy of it, `secret.{name}`; a version's number is fixed when it
 is folded, so events of other secrets never change it), and, conservatively, the
 log's own records (`key`: rotations, fences and repairs; `import`). The fold is applied
 in log order, so once the view has folded past the last entry on those subjects its
-answer is the one the head would give. A name that cannot be a subject token, an answer
-JetStream cannot have given, or one that cannot vouch for everything up to the head (a
-replica behind it answers "nothing found") falls back to waiting for the whole head.
+answer is the one the head would give. A name that cannot be a subject token, or a read
+that fails or is refused, falls back to waiting for the whole head.
 
 The bus is hostile: anyone may answer a `$JS.API` request. An answer that is no plain
-lie (above the head just read, or below what the view already folded on that subject)
-and is the only one heard is taken; otherwise strangers answer too: the incident is
+lie (none, or one below what the view already folded on that subject) and is the only
+one heard is taken; otherwise strangers answer too: the incident is
 reported once more and from then on every read gathers its rivals for a moment and
 takes the highest, so JetStream's own answer counts. A sequence too high only makes a
 get wait (never past the head, and at most the freshness timeout); a lower one cannot
@@ -75,9 +75,7 @@ class HeadSource(Protocol):
 class LastSource(Protocol):
     extra_answers: int
 
-    async def read(
-        self, subjects: tuple[str, ...], up_to: int, grace: float = 0.0
-    ) -> LastSequences: ...
+    async def read(self, subjects: tuple[str, ...], grace: float = 0.0) -> LastSequences: ...
 
 
 class HeadReads:
@@ -154,26 +152,29 @@ class SubjectReads:
     async def target(
         self, subjects: tuple[str, ...], head: int, folded: Callable[[str], int]
     ) -> int:
-        """The position to wait for: the last entry on `subjects` up to `head` (which was
-        read after the get arrived), or `head` itself when that cannot be vouched for.
+        """The position to wait for: the last entry on `subjects`, at most `head` (read
+        after the get arrived: a later write on them need not be waited for, and an
+        answer above it may be a stranger's), or `head` when nothing can be vouched for.
         `folded(subject)`: the last entry of ours on it the view has folded."""
         reader = self._reader
         if reader is None:
             reader = self._reader = self._open()
         for _ in range(2):
             gathering = self._forged.seen > 0
-            heard = await reader.read(subjects, head, self._forged.grace if gathering else 0.0)
+            heard = await reader.read(subjects, self._forged.grace if gathering else 0.0)
             late, self._extra_seen = reader.extra_answers > self._extra_seen, reader.extra_answers
-            lies = {s for s, seq in heard.seqs.items() if seq > head or seq < folded(s)}
-            if late or heard.odd or heard.ends != 1 or lies:
+            # The log never loses the last entry of ours on a subject (a destroy is one
+            # itself, after the puts it erases): an answer below it, or none, is a lie.
+            lies = {s for s in subjects if heard.seqs.get(s, 0) < folded(s)}
+            if late or heard.extra or lies:
                 self._forged.note(
-                    f"{heard.ends} end(s), {heard.odd} odd answer(s) and {len(lies)} "
-                    f"impossible sequence(s) to one DIRECT.GET (head {head})"
+                    f"{heard.extra} extra answer(s) and {len(lies)} below the view to one "
+                    f"read of {len(subjects)} subjects' last entries (head {head})"
                 )
                 if not gathering:
                     continue  # read again, gathering rivals
-            if heard.refused or heard.nothing or heard.covered < head:
-                return head  # not vouched for up to the head (a replica behind, a stranger)
+            if heard.refused:
+                return head  # not vouched for
             self.narrowed += 1
-            return max((seq for s, seq in heard.seqs.items() if s not in lies), default=0)
+            return min(head, max((heard.seqs.get(s, 0) for s in subjects), default=0))
         return head

@@ -33,10 +33,6 @@ KV_DELETE = "DEL"  # the KV-Operation of a delete marker
 STATUS_HEADER = "Status"  # a direct get's end-of-batch or not-found reply
 SEQUENCE_HEADER = "Nats-Sequence"  # a direct get's stream sequence
 NUM_PENDING_HEADER = "Nats-Num-Pending"  # only in batched direct get replies
-SUBJECT_HEADER = "Nats-Subject"  # a direct get's stored subject
-UP_TO_SEQUENCE_HEADER = "Nats-UpTo-Sequence"  # a batch's end: the sequence it was read up to
-END_OF_BATCH = "204"  # the Status of a batched direct get's last reply (description EOB)
-NOTHING_FOUND = "404"  # the Status of a direct get that found nothing (asked past the end too)
 
 # --- error codes (JetStream's err_code) ---------------------------------------------------
 
@@ -168,6 +164,11 @@ def _api(verb: str, stream: str) -> str:
 def stream_info_subject(stream: str) -> str:
     """Where STREAM.INFO of `stream` is asked (the benchmarks count these requests)."""
     return _api("STREAM.INFO", stream)
+
+
+def msg_get_subject(stream: str) -> str:
+    """Where STREAM.MSG.GET of `stream` is asked (its leader answers: never a replica behind)."""
+    return _api("STREAM.MSG.GET", stream)
 
 
 def direct_get_subject(stream: str) -> str:

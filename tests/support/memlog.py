@@ -217,17 +217,12 @@ class _HonestLast:
     def __init__(self, log_: MemoryEventLog) -> None:
         self._log = log_
 
-    async def read(
-        self, subjects: tuple[str, ...], up_to: int, grace: float = 0.0
-    ) -> LastSequences:
-        if up_to > len(self._log.stored) or len(self._log.subjects) != len(self._log.stored):
-            # Asked past the end; or a test replaced the stored entries: nothing vouched for.
-            return LastSequences(ends=1, nothing=True)
+    async def read(self, subjects: tuple[str, ...], grace: float = 0.0) -> LastSequences:
+        if len(self._log.subjects) != len(self._log.stored):
+            # A test replaced the stored entries: nothing is vouched for.
+            return LastSequences(refused="the subjects of the entries are not known")
         seqs: dict[str, int] = {}
-        for seq in range(1, up_to + 1):
-            subject = self._log.subjects[seq - 1]
+        for seq, subject in enumerate(self._log.subjects, 1):
             if self._log.stored[seq - 1] is not None and subject in subjects:
                 seqs[subject] = seq
-        if not seqs:
-            return LastSequences(ends=1, nothing=True)
-        return LastSequences(seqs, ends=1, covered=up_to)
+        return LastSequences(seqs)

@@ -83,7 +83,6 @@ def table(names: BackendNames) -> dict[NatsRole, tuple[list[str], list[str]]]:
         f"$KV.{names.secrets_bucket}.>",
         f"$KV.SECRETS_{n}_state.>",
         *verbs(events, "INFO", "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
-        f"{api}.DIRECT.GET.{events}",  # a get behind the head: the last entry it depends on
         *consumers(events),
         f"$JS.FC.{events}.>",
         *verbs(access, "INFO", "CREATE", "UPDATE"),
