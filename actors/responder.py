@@ -3,7 +3,7 @@
 Checks run in the original's order (PROTOCOL.md §3), each failure raising the exact
 protocol error. A get never touches KV: the mapping and the sealed value come from the
 in-memory view, once the view has caught up with every write acknowledged before the
-request arrived.
+request arrived that can change this get's answer (`projections.freshness`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class GetResponder:
         host = self._verify(secret_request.context.host_jwt, entity=False)
         context["host"] = host.sub
         self._transit.note_use(transit_key, host.sub)  # only hosts that proved themselves
-        await self._wait_fresh()
+        await self._wait_fresh(secret_request.key, entity.sub)
         allowed = self._view.state.mappings.get(entity.sub)
         if not allowed or secret_request.key not in allowed:
             raise Unauthorized(f"{entity.sub} is not mapped to {secret_request.key!r}")
@@ -109,9 +109,9 @@ class GetResponder:
         except InvalidJWT as exc:
             raise error(exc.reason) from None
 
-    async def _wait_fresh(self) -> None:
-        try:
-            await self._view.wait_fresh(self._freshness_timeout)
+    async def _wait_fresh(self, secret: str, entity: str) -> None:
+        try:  # what this get depends on: a backlog elsewhere in the log does not hold it
+            await self._view.wait_fresh(self._freshness_timeout, secret=secret, entity=entity)
         except TimeoutError:
             raise UpstreamError("the backend's view is behind the event log") from None
         except (StorageError, NatsUnavailable) as exc:

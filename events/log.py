@@ -52,6 +52,7 @@ from secrets_nats_kv.nats.jetstream import (
     stream_state,
 )
 from secrets_nats_kv.nats.jetstream import to_backend_error as convert
+from secrets_nats_kv.nats.last_entries import LastSequenceReader
 from secrets_nats_kv.nats.positioned import PositionedPublisher
 from secrets_nats_kv.nats.provisioning import (
     ensure_stream,
@@ -75,6 +76,31 @@ subject_prefix = streams.events_subject_prefix
 # so a flood on any other subject under the prefix never reaches the log: it costs the
 # backend nothing, does not move the head gets wait for, and is not stored.
 EVENT_SUBJECT_SUFFIXES = ("secret.>", "mapping.>", "key", "import", "rejected", "erased")
+
+
+def subject_of(prefix: str, event: Event) -> str:
+    """The subject under `prefix` an event is written to (`EventLog.subject_for`)."""
+    if isinstance(event, MappingAdded | MappingRemoved):
+        return mapping_subject(prefix, event.entity)
+    if isinstance(event, KeyRotated | LogRepaired | WritesFenced | FenceLifted):
+        return f"{prefix}.{KEY_SUFFIX}"
+    if isinstance(event, OriginalImported | RevisionsSkipped):
+        return f"{prefix}.{IMPORT_SUFFIX}"
+    return secret_subject(prefix, event.name)
+
+
+KEY_SUFFIX = "key"  # the key's and the log's own records: rotations, fences, repairs
+IMPORT_SUFFIX = "import"  # an import's records
+
+
+def secret_subject(prefix: str, name: str) -> str:
+    """Where every event of one secret goes (put, delete, undelete, destroy)."""
+    return f"{prefix}.secret.{name}"
+
+
+def mapping_subject(prefix: str, entity: str) -> str:
+    """Where every mapping event of one entity goes."""
+    return f"{prefix}.mapping.{entity}"
 
 
 def stream_subjects(backend_name: str) -> list[str]:
@@ -137,13 +163,7 @@ class EventLog:
     # --- subjects ---------------------------------------------------------------------
 
     def subject_for(self, event: Event) -> str:
-        if isinstance(event, MappingAdded | MappingRemoved):
-            return f"{self.prefix}.mapping.{event.entity}"
-        if isinstance(event, KeyRotated | LogRepaired | WritesFenced | FenceLifted):
-            return f"{self.prefix}.key"
-        if isinstance(event, OriginalImported | RevisionsSkipped):
-            return f"{self.prefix}.import"
-        return f"{self.prefix}.secret.{event.name}"
+        return subject_of(self.prefix, event)
 
     # --- setup ------------------------------------------------------------------------
 
@@ -292,6 +312,10 @@ class EventLog:
     def head_reader(self) -> HeadReader:
         """A reader of the head that notices strangers answering for JetStream."""
         return HeadReader(self._nc, self.stream, self._timeout)
+
+    def last_reader(self) -> LastSequenceReader:
+        """A reader of the last entry on given subjects (what one get depends on)."""
+        return LastSequenceReader(self._nc, self.stream, self._timeout)
 
     async def entries(
         self, *, from_seq: int = 1, link: str = GENESIS, follow: bool = False

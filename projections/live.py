@@ -3,7 +3,9 @@
 It follows the log with an ordered consumer, folds each entry and hands the entry's KV
 writes to the KV writer. `wait_fresh` gives read-your-writes across processes: it reads
 the log's head *after* the caller arrived (one request shared by everyone waiting, like
-Raft's ReadIndex) and waits until the fold has reached it.
+Raft's ReadIndex) and waits until the fold has reached it; a get behind the head waits
+only for the last entry on the subjects its answer depends on (`projections.freshness`),
+so a backlog of junk, or of other secrets' writes, does not hold it.
 
 While the head cannot be read (JetStream electing a stream leader, NATS unreachable) no
 write can be acknowledged either, so reads are served from the view as it stands rather
@@ -42,13 +44,14 @@ from anyio.abc import TaskStatus
 
 from events.anchor import Anchored
 from events.chain import ChainBroken, WrongKey
-from events.log import EventLog, LogEntry
-from events.types import Rejected, SecretPut
+from events.log import EventLog, LogEntry, subject_of
+from events.types import Event, Rejected, SecretPut
+from projections.freshness import ForgedAnswers, HeadReads, HeadRound, SubjectReads, depends_on
 from projections.state import Effect, ViewState, fold
 from projections.watermark import Watermark
 from secrets_nats_kv.barrier import GENESIS
 from secrets_nats_kv.errors import NatsUnavailable, StorageError
-from secrets_nats_kv.nats.jetstream import HeadReader, StreamNotFound
+from secrets_nats_kv.nats.jetstream import StreamNotFound
 
 Report = Callable[[str, str, bool], object]  # (incident kind, detail, blocks writes)
 CHAIN_BROKEN = "event-log-chain-broken"
@@ -69,17 +72,6 @@ class FenceFollower(Protocol):
         """Wait for the fence to end (lifted on this log, or `view.rebase`d onto the
         rotated one); the view follows its log on from where it then is."""
         ...
-
-
-class _HeadRound:
-    """One shared head read: every request that joined before it was sent waits on it."""
-
-    __slots__ = ("done", "error", "head")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.head = 0
-        self.error: Exception | None = None
 
 
 class LogDeleted(StorageError):
@@ -115,18 +107,20 @@ class LiveView:
         self._anchored = anchored if isinstance(anchored, Anchored) else None
         self._on_effects = on_effects
         self._report = report
-        self._on_forged_head = on_forged_head
-        self.forged_heads = 0  # head reads answered by someone other than JetStream
-        self.hostile_grace = 0.02  # once forged answers were seen: wait this long for more
-        self._head_reader: HeadReader | None = None
-        self._extra_seen = 0  # the reader's count of extra answers when last looked at
+        self.forged = ForgedAnswers(on_forged_head)  # strangers answering our $JS.API reads
+        self._heads = HeadReads(
+            lambda: log_.head_reader(), self.forged, lambda: self.state.last_seq
+        )
+        self.subject_reads = SubjectReads(lambda: log_.last_reader(), self.forged)
+        # The last entry of ours folded on each subject (what a get's answer depends on).
+        self.subject_seq: dict[str, int] = {}
         self.state = ViewState()
         self.link = GENESIS  # the chain link of the last entry of ours folded
         self.digests: dict[int, str] = {}  # put entry -> digest of its bytes (for destroy)
         self.broken: StorageError | None = None  # a chain break: nothing past it is served
         self.foreign = 0  # entries not tagged by our key, skipped
         self.applied = Watermark()  # folded up to (`state.last_seq`, once listeners have it)
-        self._round: _HeadRound | None = None
+        self._round: HeadRound | None = None
         self._head_wanted = anyio.Event()
         self.ready = anyio.Event()
         self._follow_scope: anyio.CancelScope | None = None
@@ -189,6 +183,7 @@ class LiveView:
         rebuilt the views up to its marker), handed on as if this view had folded them.
         """
         self.state, self.link, self.digests = fresh.state, fresh.link, fresh.digests
+        self.subject_seq = fresh.subject_seq
         self._anchored = fresh._anchored
         if self._on_effects is not None:
             for seq, entry_effects in effects:
@@ -244,11 +239,13 @@ class LiveView:
             self._on_effects(entry.seq, effects)
         self.applied.advance(self.state.last_seq)
 
-    def _note(self, seq: int, event: object, digest: str, link: str) -> None:
+    def _note(self, seq: int, event: Event | Rejected | None, digest: str, link: str) -> None:
         if link:
             self.link = link
         if isinstance(event, SecretPut):
             self.digests[seq] = digest
+        if event is not None and not isinstance(event, Rejected):
+            self.subject_seq[subject_of(self._log.prefix, event)] = seq
         elif isinstance(event, Rejected):
             self.foreign += 1
             if self._report is not None:
@@ -291,7 +288,7 @@ class LiveView:
                     try:
                         head = await self._log.head()
                     except StreamNotFound:  # believed once JetStream's answer agrees
-                        head = await self._read_head()
+                        head = await self._heads.read()
             except StreamNotFound:
                 self._deleted()
                 return
@@ -309,8 +306,11 @@ class LiveView:
     async def wait_applied(self, seq: int) -> None:
         await self.applied.wait_for(seq)
 
-    async def wait_fresh(self, catch_up_within: float) -> None:
-        """Return once the view includes every event appended before this call.
+    async def wait_fresh(
+        self, catch_up_within: float, *, secret: str | None = None, entity: str | None = None
+    ) -> None:
+        """Return once the view includes every event appended before this call (for a get
+        of `secret` by `entity`: every one that get's answer depends on).
 
         Raises TimeoutError if the view has not caught up within `catch_up_within` (the head read
         itself is bounded separately); only a view behind the head pays for that scope.
@@ -321,7 +321,7 @@ class LiveView:
             return  # at a fence no write is acknowledged: the state as it stands is fresh
         current = self._round
         if current is None:
-            current = self._round = _HeadRound()
+            current = self._round = HeadRound()
             self._head_wanted.set()
         await current.done.wait()
         if self.broken is not None:
@@ -330,8 +330,25 @@ class LiveView:
             self._note_stale_read(current.error)
             return
         if self.state.last_seq < current.head:
+            target = current.head
+            if secret is not None and entity is not None:
+                target = await self._narrowed(current.head, secret, entity)
             with anyio.fail_after(catch_up_within):
-                await self.wait_applied(current.head)
+                await self.wait_applied(target)
+
+    async def _narrowed(self, head: int, secret: str, entity: str) -> int:
+        """The part of the log up to `head` a get depends on (`projections.freshness`)."""
+        subjects = depends_on(self._log.prefix, secret, entity)
+        if subjects is None:
+            return head
+        try:
+            with anyio.fail_after(self.head_timeout):
+                target = await self.subject_reads.target(
+                    subjects, head, lambda subject: self.subject_seq.get(subject, 0)
+                )
+        except (StorageError, NatsUnavailable, TimeoutError):
+            return head  # cannot tell which part: all of it
+        return min(target, head)
 
     def _note_stale_read(self, error: Exception) -> None:
         self.stale_reads += 1
@@ -341,44 +358,6 @@ class LiveView:
             log.warning(
                 "event log head unreadable; serving reads from the view as it stands",
                 extra={"error": str(error)},
-            )
-
-    async def _read_head(self) -> int:
-        """The log's head, not to be fooled by strangers answering for JetStream.
-
-        On an open bus anyone can answer a STREAM.INFO request. An answer below what this
-        view has applied is a lie (the log never shrinks under a running view), and two
-        answers to one request mean someone else answers too: either way the read is
-        repeated, from then on waiting for an answer that is no plain lie, gathering
-        its rivals for a moment and taking the highest, so the server's own answer
-        counts. A head that is too high only makes gets wait, at most the freshness
-        timeout; a lower one cannot hide JetStream's (bar a write acknowledged within
-        that moment, while a forger answers between the view and the true head).
-        """
-        reader = self._head_reader
-        if reader is None:
-            reader = self._head_reader = self._log.head_reader()
-        for _ in range(2):
-            gathering = self.forged_heads > 0
-            applied = self.state.last_seq
-            if gathering:  # wait for an answer that is not a plain lie, and its rivals
-                answers = await reader.read(self.hostile_grace, at_least=applied)
-            else:
-                answers = await reader.read()
-            late, self._extra_seen = reader.extra_answers > self._extra_seen, reader.extra_answers
-            if not late and len(answers) == 1 and answers[0] >= applied:
-                return answers[0]
-            self._note_forged_head(answers, applied)
-            if gathering and max(answers) >= applied:
-                return max(answers)
-        return applied  # only lies were heard: nothing newer than the view is known
-
-    def _note_forged_head(self, answers: list[int], applied: int) -> None:
-        self.forged_heads += 1
-        if self._on_forged_head is not None:
-            self._on_forged_head(
-                f"{len(answers)} answer(s) to one STREAM.INFO (heads {sorted(set(answers))[:4]}, "
-                f"view at {applied}): someone other than JetStream answers $JS.API requests"
             )
 
     async def _serve_head_reads(self) -> None:
@@ -391,7 +370,7 @@ class LiveView:
             folded = self.state.last_seq
             try:
                 with anyio.fail_after(self.head_timeout):
-                    current.head = await self._read_head()
+                    current.head = await self._heads.read()
             except StreamNotFound:
                 self._deleted()
             except (StorageError, NatsUnavailable, TimeoutError) as exc:

@@ -127,7 +127,8 @@ def _backend(names: BackendNames) -> Permissions:
         streams.kv_subjects(names.state_bucket),
         *_reading(events),
         # ensure, limits; destroy erases; MSG.GET: which key tags the log, and the entry
-        # after an online rotation's fence (actors.keyswitch)
+        # after an online rotation's fence (actors.keyswitch), the last entry on each
+        # subject a get depends on, when the view is behind the log's head
         *_api(events, "CREATE", "UPDATE", "MSG.GET", "MSG.DELETE"),
         *_api(access, "INFO", "CREATE", "UPDATE"),  # ensure, retention limits
         # MSG.GET: the start-up and peer-write checks read what a revision holds

@@ -168,6 +168,11 @@ def stream_info_subject(stream: str) -> str:
     return _api("STREAM.INFO", stream)
 
 
+def msg_get_subject(stream: str) -> str:
+    """Where STREAM.MSG.GET of `stream` is asked (its leader answers: never a replica behind)."""
+    return _api("STREAM.MSG.GET", stream)
+
+
 def direct_get_subject(stream: str) -> str:
     """Where batched direct gets of `stream` are asked (any replica answers)."""
     return _api("DIRECT.GET", stream)

@@ -392,6 +392,8 @@ async def test_attacks_from_the_host_role_are_refused_by_the_server(
         f"{API}.STREAM.MSG.DELETE.{events_stream(NAMES)}",
         f"{API}.STREAM.UPDATE.{access_stream(NAMES)}",
         f"{API}.STREAM.INFO.{events_stream(NAMES)}",
+        f"{API}.STREAM.MSG.GET.{events_stream(NAMES)}",  # read the log's entries
+        f"{API}.DIRECT.GET.{events_stream(NAMES)}",
         f"{API}.CONSUMER.CREATE.{events_stream(NAMES)}",
         NAMES.subject("put_secret"),  # admin operations are not a host's
         NAMES.subject("add_mapping"),

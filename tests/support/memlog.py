@@ -32,21 +32,25 @@ from actors.store import StoreActor
 from actors.transit import TransitKeys
 from events.chain import ChainReader, Raw, Verified
 from events.codec import EventCodec
-from events.log import Appended, ConcurrentAppend, LogEntry
+from events.log import Appended, ConcurrentAppend, LogEntry, subject_of
 from events.types import Event, Rejected, UndecodableEvent, decode_event
 from projections.live import LiveView
 from secrets_nats_kv.barrier import GENESIS, Barrier
 from secrets_nats_kv.config import BackendNames
 from secrets_nats_kv.limits import DEFAULT_MAX_PAYLOAD
+from secrets_nats_kv.nats.last_entries import LastSequences
 from secrets_nats_kv.xkeys import XKey
 
 
 class MemoryEventLog:
     """Stored entries (body, headers) by position; None where `erase` removed an entry."""
 
+    prefix = "memory.events"  # the subjects' prefix, as `EventLog.prefix`
+
     def __init__(self, barrier: Barrier | None = None) -> None:
         self.codec = EventCodec(barrier or Barrier(XKey.generate()))
         self.stored: list[tuple[bytes, dict[str, str]] | None] = []
+        self.subjects: list[str] = []  # the subject of each stored entry, as `EventLog`'s
         self._msg_ids: dict[str, int] = {}
         self._grown = anyio.Event()
 
@@ -64,6 +68,7 @@ class MemoryEventLog:
             raise ConcurrentAppend(f"expected {expected_last_seq}, head {len(self.stored)}")
         encoded = self.codec.encode(event, expected_last_seq + 1, previous)
         self.stored.append((encoded.body, encoded.headers))
+        self.subjects.append(subject_of(self.prefix, event))
         seq = len(self.stored)
         if msg_id:
             self._msg_ids[msg_id] = seq
@@ -77,6 +82,18 @@ class MemoryEventLog:
     def head_reader(self) -> _HonestHeads:
         """Head reads for the live view: in memory nobody else answers, so one answer each."""
         return _HonestHeads(self)
+
+    def last_reader(self) -> _HonestLast:
+        """Last-entry reads by subject for the live view (as `LastSequenceReader`)."""
+        return _HonestLast(self)
+
+    def append_junk(self, subject: str, body: bytes = b"junk") -> int:
+        """What anyone may publish on the log's subjects: an untagged entry."""
+        self.stored.append((body, {}))
+        self.subjects.append(subject)
+        self._grown.set()
+        self._grown = anyio.Event()
+        return len(self.stored)
 
     async def erase(self, seq: int) -> None:
         if 1 <= seq <= len(self.stored):
@@ -190,3 +207,22 @@ class _HonestHeads:
 
     async def read(self, grace: float = 0.0, at_least: int = 0) -> list[int]:
         return [len(self._log.stored)]
+
+
+class _HonestLast:
+    """`LastSequenceReader`'s interface over the in-memory log: JetStream's answers only."""
+
+    extra_answers = 0
+
+    def __init__(self, log_: MemoryEventLog) -> None:
+        self._log = log_
+
+    async def read(self, subjects: tuple[str, ...], grace: float = 0.0) -> LastSequences:
+        if len(self._log.subjects) != len(self._log.stored):
+            # A test replaced the stored entries: nothing is vouched for.
+            return LastSequences(refused="the subjects of the entries are not known")
+        seqs: dict[str, int] = {}
+        for seq, subject in enumerate(self._log.subjects, 1):
+            if self._log.stored[seq - 1] is not None and subject in subjects:
+                seqs[subject] = seq
+        return LastSequences(seqs)
