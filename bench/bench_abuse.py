@@ -12,7 +12,9 @@ Starts its own nats-server and real `secrets-nats-kv run` processes, then:
    publishes untagged junk as fast as it can for 5 s, then the loop goes on for 10 s.
    Once on `wasmcloud_secrets_events.{name}.junk` (under the log's prefix, but a subject
    the log does not keep), once on `wasmcloud_secrets_events.{name}.secret.junk` (a
-   subject the log keeps: every message is stored and rejected). Reported: the junk
+   subject the log keeps: every message is stored and rejected; the host gets another
+   secret, `s`, so a view behind the junk serves it once it has folded `s`'s own entries:
+   `projections.freshness`). Reported: the junk
    published, the log's messages before and after, gets (ok / failed, median and worst
    latency) before, during and after the flood, how long after the flood the first fast
    get succeeded (the loop waits up to 120 s for it), that as a ratio to the flood's

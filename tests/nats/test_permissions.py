@@ -26,6 +26,7 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
+from events.log import EventLog, secret_subject
 from secrets_nats_kv.app.backup import _digest
 from secrets_nats_kv.app.natsserver import NatsServer
 from secrets_nats_kv.app.permissions import render_conf, user_name
@@ -367,6 +368,27 @@ async def stream_counts(bus: Bus) -> dict[str, int]:
 
 EVENTS = f"wasmcloud_secrets_events.{NAMES.name}"
 API = "$JS.API"
+
+
+async def test_the_backend_role_reads_the_last_entries_a_get_depends_on(
+    bus: Bus, backends: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A get behind the log's head asks the leader for the last entry on its subjects
+    (`projections.freshness`): the backend's profile allows it, and answers come back."""
+    keys = Keys()
+    await start_backend(bus, keys, backends, tmp_path / "run.log")
+    await admin(bus, keys, "put", SECRET, "--string", "v")
+    nc = await connect(bus.options(NatsRole.BACKEND), name="backend-role", persistent=False)
+    try:
+        log = EventLog(nc, backend_name=NAMES.name, barrier=None)
+        secret = secret_subject(log.prefix, SECRET)
+        heard = await log.last_reader().read((secret, f"{log.prefix}.key"))
+    finally:
+        await nc.close()
+    assert heard.refused == ""
+    assert heard.extra == 0
+    assert heard.seqs == {secret: 1}  # the put; nothing on `key` yet
+    assert bus.violations() == []
 
 
 async def test_attacks_from_the_host_role_are_refused_by_the_server(
