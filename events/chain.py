@@ -12,6 +12,11 @@ only entries it has verified. It does no I/O, so the live view, `rebuild`, `audi
   (its recorded digest carries the chain across), or a tagged `LogRepaired` (an
   operator's `repair`) does. Those events come after the gap, so entries after a gap are
   held, not released, until the event naming it is itself verified.
+- A gap a tagged `ForeignDropped` names (before its own position) held an entry not ours
+  that `repair` removed: the link is carried across it unchanged, as a foreign entry never
+  was part of the chain, and it is not released at all (no erased revision: the fold
+  never sees it). The claim checks itself: had the position held an entry of ours, the
+  next entry of ours links to that entry, not across it, and the chain breaks there.
 - At the head (the end of what the log holds now), anything still held is a break: a
   deleted entry, or a deleted tail.
 
@@ -20,10 +25,18 @@ A break raises `ChainBroken` naming the position; nothing at or after it is rele
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from events.codec import EventCodec
-from events.types import Event, LogRepaired, Rejected, SecretDestroyed, UndecodableEvent
+from events.types import (
+    Event,
+    ForeignDropped,
+    LogRepaired,
+    Rejected,
+    SecretDestroyed,
+    UndecodableEvent,
+)
 from secrets_nats_kv.barrier import CHAIN_HEADER, GENESIS, PREV_HEADER, digest
 from secrets_nats_kv.errors import StorageError
 
@@ -76,18 +89,23 @@ class _Claims:
     digests: dict[int, str] = field(default_factory=dict)
     lost: set[int] = field(default_factory=set)
     relinked: set[int] = field(default_factory=set)
+    foreign: set[int] = field(default_factory=set)  # `ForeignDropped`: held none of ours
 
     @property
     def explained(self) -> set[int]:
         """Positions some naming event accounts for (whether or not it verifies)."""
-        return {*self.digests, *self.lost, *self.relinked}
+        return {*self.digests, *self.lost, *self.relinked, *self.foreign}
+
+    def dropped(self, seq: int) -> bool:
+        """Gap `seq` is only a foreign entry removed (no other event names it)."""
+        return seq in self.foreign and seq not in self.digests and seq not in self.lost
 
 
 @dataclass
 class _Walk:
     """The outcome of walking the held entries once."""
 
-    released: list[Verified]
+    released: list[Verified]  # including dropped foreign positions (not handed on)
     unnamed: int | None  # first gap or relink not yet named by a verified event
     mismatch: int | None  # position of an entry of ours that links to nothing known
 
@@ -111,6 +129,7 @@ class ChainReader:
         self._held: list[Raw] = []
         self.ours = 0  # entries of ours released
         self.foreign = 0  # entries not tagged by our key released
+        self.dropped = 0  # gaps where `repair` removed an entry not ours (not released)
         self._from_start = after == 0
         self._assumed = set() if assume is None else {*assume.lost, *assume.relinked}
         self._assume = assume
@@ -182,7 +201,7 @@ class ChainReader:
             event = self._codec.decode(raw.body)
         except UndecodableEvent:
             return False
-        return isinstance(event, SecretDestroyed | LogRepaired)
+        return isinstance(event, SecretDestroyed | LogRepaired | ForeignDropped)
 
     def _claims(self) -> _Claims:
         claims = _Claims()
@@ -201,13 +220,20 @@ class ChainReader:
             elif isinstance(event, LogRepaired):
                 claims.lost.update(event.lost)
                 claims.relinked.update(event.relinked)
+            elif isinstance(event, ForeignDropped):
+                claims.foreign.update(_named_before(event, raw.seq))
         return claims
 
     def _resolve(self, *, final: bool) -> list[Verified]:
-        walk = self._walk(self._claims())
-        if walk.released:
-            self._release(walk.released)
-            self._held = self._held[len(walk.released) :]
+        claims = self._claims()
+        walk = self._walk(claims)
+        released = walk.released
+        if released:
+            self._release(released)
+            self._held = self._held[len(released) :]
+            kept = [v for v in released if v.event is not None or not claims.dropped(v.seq)]
+            self.dropped += len(released) - len(kept)
+            released = kept
         if final and self._held:
             first = self._held[0].seq
             if walk.mismatch is not None:
@@ -220,7 +246,7 @@ class ChainReader:
             raise ChainBroken(
                 gap, "the entry is missing (deleted?) and no tagged destroy or repair names it"
             )
-        return walk.released
+        return released
 
     def _walk(self, claims: _Claims) -> _Walk:
         """Verify the held entries as far as the claims allow; release up to the last point
@@ -267,7 +293,8 @@ class ChainReader:
                         unnamed[raw.seq] = None
             if accepted is None:
                 # A break here unless a gap before it is one no naming event claims yet.
-                unclaimed = [seq for seq in unnamed if seq not in claims.explained]
+                explained = claims.explained
+                unclaimed = [seq for seq in unnamed if seq not in explained]
                 mismatch = None if unclaimed else raw.seq
                 return _Walk(released, next(iter(unclaimed or unnamed), None), mismatch)
             event = _decode(self._codec, raw.body)
@@ -279,10 +306,14 @@ class ChainReader:
             elif isinstance(event, LogRepaired):
                 for seq in (*event.lost, *event.relinked):
                     unnamed.pop(seq, None)
+            elif isinstance(event, ForeignDropped):
+                for seq in _named_before(event, raw.seq):
+                    unnamed.pop(seq, None)
             if not unnamed:
                 released += pending
                 pending = []
-        unclaimed = [seq for seq in unnamed if seq not in claims.explained]
+        explained = claims.explained
+        unclaimed = [seq for seq in unnamed if seq not in explained]
         return _Walk(released, next(iter(unclaimed or unnamed), None), mismatch)
 
 
@@ -291,7 +322,9 @@ def _across_gap(
 ) -> list[tuple[str, str]]:
     """The links the chain may have after gap `seq`, one per way a writer could have made it:
     the erased entry's recorded digest (a live log), the erased form (a rewritten log), or
-    skipped (an operator's repair). A run of gaps keeps to the form it started with."""
+    skipped (an operator's repair). A run of gaps keeps to the form it started with; a
+    removed foreign entry is skipped within any run (a rewritten log's erased form links
+    it like every gap)."""
     recorded = claims.digests.get(seq)
     out: list[tuple[str, str]] = []
     for form, previous in candidates:
@@ -301,7 +334,14 @@ def _across_gap(
             out.append(("erased", codec.erased_link(seq, previous)))
         if form in ("", "lost") and seq in claims.lost:
             out.append(("lost", previous))
+        elif seq in claims.foreign and form != "erased":
+            out.append((form, previous))  # never in the chain: skipped within any run
     return out
+
+
+def _named_before(event: ForeignDropped, seq: int) -> Iterator[int]:
+    """The positions `event`, stored at `seq`, names: only ones before it count."""
+    return (named for named in event.positions() if named < seq)
 
 
 def _decode(codec: EventCodec, body: bytes) -> Event | Rejected:

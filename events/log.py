@@ -23,17 +23,14 @@ from nats.js import api
 from events.chain import ChainReader, Raw, Verified
 from events.codec import Encoded, EventCodec
 from events.types import (
+    LOG_RECORDS,
     Event,
-    FenceLifted,
-    KeyRotated,
-    LogRepaired,
     MappingAdded,
     MappingRemoved,
     OriginalImported,
     Rejected,
     RevisionsSkipped,
     UndecodableEvent,
-    WritesFenced,
     decode_event,
 )
 from secrets_nats_kv import streams
@@ -82,7 +79,7 @@ def subject_of(prefix: str, event: Event) -> str:
     """The subject under `prefix` an event is written to (`EventLog.subject_for`)."""
     if isinstance(event, MappingAdded | MappingRemoved):
         return mapping_subject(prefix, event.entity)
-    if isinstance(event, KeyRotated | LogRepaired | WritesFenced | FenceLifted):
+    if isinstance(event, LOG_RECORDS):
         return f"{prefix}.{KEY_SUFFIX}"
     if isinstance(event, OriginalImported | RevisionsSkipped):
         return f"{prefix}.{IMPORT_SUFFIX}"

@@ -8,6 +8,7 @@ same bytes the `WASMCLOUD_SECRETS` KV view stores.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import msgspec
@@ -142,6 +143,36 @@ class LogRepaired(_Event, frozen=True, tag="log_repaired"):
     anchor_seq: int = 0
 
 
+class ForeignDropped(_Event, frozen=True, tag="foreign_dropped"):
+    """An operator removed entries that are not ours from the log (`repair`), on the record.
+
+    `ranges`: the positions, as inclusive `(first, last)` runs (a flood is one run), that
+    held entries not tagged by our key and are erased after this event is written. They
+    were never part of the chain: a reader carries the link across them unchanged, so
+    naming a position that held an entry of ours breaks the chain at the next one. They
+    change no secret, mapping or revision number. `count`: how many positions.
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    count: int = 0
+    reason: str = ""
+
+    def positions(self) -> Iterator[int]:
+        for first, last in self.ranges:
+            yield from range(first, last + 1)
+
+
+def as_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Positions as inclusive runs, in order (`ForeignDropped.ranges`)."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
+
+
 Event = (
     SecretPut
     | SecretDeleted
@@ -155,6 +186,7 @@ Event = (
     | OriginalImported
     | RevisionsSkipped
     | LogRepaired
+    | ForeignDropped
 )
 
 
@@ -167,6 +199,8 @@ class Rejected(msgspec.Struct, frozen=True):
     reason: str
 
 
+# The log's own records, written under the `key` subject (`events.log.subject_of`).
+LOG_RECORDS = (KeyRotated, LogRepaired, WritesFenced, FenceLifted, ForeignDropped)
 SECRET_EVENTS = (SecretPut, SecretDeleted, SecretUndeleted, SecretDestroyed)
 MAPPING_EVENTS = (MappingAdded, MappingRemoved)
 

@@ -29,6 +29,7 @@ from events.anchor import Anchor, Anchored
 from events.log import EventLog, LogEntry
 from events.types import (
     FenceLifted,
+    ForeignDropped,
     KeyRotated,
     LogRepaired,
     MappingAdded,
@@ -72,6 +73,7 @@ class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     counts: dict[str, int] | None = None  # an import's counts, or the revisions skipped
     lost: list[int] | None = None
     relinked: list[int] | None = None
+    dropped: list[tuple[int, int]] | None = None  # positions a repair removed, as runs
     reason: str | None = None
     rotation: str | None = None  # an online key rotation's run id (its fence and lifting)
 
@@ -175,6 +177,11 @@ def audit_record(entry: LogEntry, state: ViewState) -> AuditRecord:
         case LogRepaired():
             return replace(
                 base, lost=list(event.lost), relinked=list(event.relinked), reason=event.reason
+            )
+        case ForeignDropped():
+            dropped = list(event.ranges)
+            return replace(
+                base, dropped=dropped, counts={"dropped": event.count}, reason=event.reason
             )
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 from events.types import (
     Event,
     FenceLifted,
+    ForeignDropped,
     KeyRotated,
     LogRepaired,
     MappingAdded,
@@ -221,7 +222,7 @@ def fold(state: ViewState, seq: int, event: Event | Rejected | None) -> list[Eff
             return _map(state, seq, event)
         case KeyRotated() | WritesFenced() | FenceLifted():
             return _rotation(state, seq, event)
-        case OriginalImported() | LogRepaired():
+        case OriginalImported() | LogRepaired() | ForeignDropped():
             return []  # records for the audit log: what follows them writes the buckets
         case RevisionsSkipped():
             return _skip(state, event)

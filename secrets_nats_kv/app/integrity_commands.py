@@ -4,7 +4,9 @@
 far it verifies or where the chain breaks (exit 1). `repair` appends a tagged
 `LogRepaired` that accepts the breaks on the record (what was lost stays lost: re-check
 mappings and secrets afterwards), then rebuilds the KV views from the repaired log.
-Backends that stopped at the break are restarted afterwards.
+Backends that stopped at the break are restarted afterwards. It also removes entries not
+tagged by our key (junk anyone on the bus published), recorded first by a tagged
+`ForeignDropped`, so no later start reads them again; that changes no view.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from events.anchor import anchor_said
+from events.drop import Dropped, drop_foreign
 from events.log import EventLog
 from events.repair import repair_log, verify_log
 from projections.checkpoints import verify_export
@@ -118,6 +121,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     _say(
         f"event log verified: {found.verified} entries to #{found.head}, "
         f"{found.foreign} not tagged by this key skipped"
+        + (" (repair removes them)" if found.foreign else "")
     )
     return 0
 
@@ -133,8 +137,15 @@ async def cmd_repair(args: argparse.Namespace) -> int:
         appended = await repair_log(
             event_log, admin_key=encryption.public_key, reason=args.reason, signer=signer
         )
+        dropped = await drop_foreign(
+            event_log, admin_key=encryption.public_key, reason=args.reason, signer=signer
+        )
         if appended is None:
-            _say("event log verified: nothing to repair")
+            _say(
+                _dropped_said(dropped)
+                if dropped.erased
+                else "event log verified: nothing to repair"
+            )
             return 0
         report = await rebuild_views(
             nc,
@@ -150,7 +161,17 @@ async def cmd_repair(args: argparse.Namespace) -> int:
         f"{report.events} events{anchor_said(signer.public_key if signer else '')}: "
         "restart the backends, then re-check mappings and secrets"
     )
+    if dropped.erased:
+        _say(_dropped_said(dropped))
     return 0
+
+
+def _dropped_said(dropped: Dropped) -> str:
+    where = f"entry #{dropped.record_seq}" if dropped.record_seq else "an earlier repair"
+    return (
+        f"dropped {dropped.erased} entries not tagged by this key from the event log "
+        f"({where} records them)"
+    )
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
