@@ -59,10 +59,10 @@ def verify_raw(
         for raw in raws:
             for entry in reader.push(raw):
                 released += 1
-                _check_at_anchor(anchored, entry.seq, entry.event is not None, reader.link)
+                _check_at_anchor(anchored, entry.seq, entry.event is not None, entry.link)
         for entry in reader.at_head():
             released += 1
-            _check_at_anchor(anchored, entry.seq, entry.event is not None, reader.link)
+            _check_at_anchor(anchored, entry.seq, entry.event is not None, entry.link)
         if anchored is not None and anchored.seq > len(raws):
             raise ChainBroken(
                 len(raws) + 1,
@@ -75,6 +75,7 @@ def verify_raw(
 
 
 def _check_at_anchor(anchored: Anchored | None, seq: int, stored: bool, link: str) -> None:
+    """`link`: the entry's own (a batch released behind a gap moves the reader's on)."""
     if anchored is not None and seq == anchored.seq and stored and link != anchored.link:
         raise ChainBroken(seq, "the entry is not the one anchored: another log is in its place")
 
