@@ -322,20 +322,23 @@ def _across_gap(
 ) -> list[tuple[str, str]]:
     """The links the chain may have after gap `seq`, one per way a writer could have made it:
     the erased entry's recorded digest (a live log), the erased form (a rewritten log), or
-    skipped (an operator's repair). A run of gaps keeps to the form it started with; a
-    removed foreign entry is skipped within any run (a rewritten log's erased form links
-    it like every gap)."""
+    skipped (an operator's repair). A run of gaps keeps to the form it started with.
+
+    A removed foreign entry was never in the chain: it is skipped within a run of any form
+    but the erased one (a rewritten log links it like every gap), and a run that starts
+    with such skips (form "skipped") may go on in any form but the erased one, which only
+    a run's first gap starts (so the candidates stay few over a long run of them)."""
     recorded = claims.digests.get(seq)
     out: list[tuple[str, str]] = []
     for form, previous in candidates:
-        if form in ("", "digest") and recorded is not None:
+        if form in ("", "skipped", "digest") and recorded is not None:
             out.append(("digest", codec.barrier.link(seq, recorded, previous)))
         if form in ("", "erased"):
             out.append(("erased", codec.erased_link(seq, previous)))
-        if form in ("", "lost") and seq in claims.lost:
+        if form in ("", "skipped", "lost") and seq in claims.lost:
             out.append(("lost", previous))
         elif seq in claims.foreign and form != "erased":
-            out.append((form, previous))  # never in the chain: skipped within any run
+            out.append((form or "skipped", previous))
     return out
 
 

@@ -175,6 +175,25 @@ def test_a_gap_the_event_does_not_name_still_breaks(script: list[str], data: st.
     assert broken.value.seq == left_out
 
 
+@settings(max_examples=100, deadline=None)
+@given(steps)
+def test_a_rewritten_log_links_dropped_positions_in_the_erased_form(script: list[str]) -> None:
+    """As `rotate-key` copies a repaired log: every gap, dropped ones too, linked erased."""
+    log, link = build(script)
+    repaired = dropped(log, link, find_foreign(CODEC, log).stored)
+    link, rewritten = GENESIS, []
+    for raw in repaired:
+        if raw.body is None or raw.body == JUNK:
+            link = CODEC.erased_link(raw.seq, link)
+            rewritten.append(Raw(raw.seq, raw.time, None))
+            continue
+        encoded = CODEC.encode_body(raw.body, raw.seq, link)
+        link = encoded.link
+        rewritten.append(Raw(raw.seq, raw.time, encoded.body, encoded.headers))
+    expected, _ = read(repaired)
+    assert [(v.seq, v.event) for v in read(rewritten)[0]] == [(v.seq, v.event) for v in expected]
+
+
 def test_a_rerun_finds_named_junk_still_stored_and_the_log_reads() -> None:
     """Interrupted between the record and the erases: the named junk is just rejected."""
     log, link = build(["put-a", "junk", "junk", "map", "junk"])
