@@ -10,6 +10,8 @@ as before. A repair interrupted between its record and its erases is finished by
 from __future__ import annotations
 
 import json
+import secrets
+from typing import TYPE_CHECKING
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -20,11 +22,18 @@ from events.log import EventLog, stream_name, subject_prefix
 from events.repair import read_raw
 from events.types import ForeignDropped, Rejected, as_ranges
 from secrets_nats_kv.app.natsserver import NatsServer
+from secrets_nats_kv.app.permissions import render_conf, user_name
 from secrets_nats_kv.barrier import Barrier
+from secrets_nats_kv.config import BackendNames, NatsOptions
+from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
+from secrets_nats_kv.permissions import NatsRole
 from support.attacks import attacker
 from support.harness import Identity, Keys, cli_env, run_cli, running_backend
 from support.store import log_entries
+
+if TYPE_CHECKING:
+    from conftest import MakeNatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +169,37 @@ async def test_a_repair_interrupted_after_its_record_is_finished_by_a_rerun(
         assert clients.backend.view is not None
         assert clients.backend.view.foreign == 0
         assert (await clients.get(identity, "s", version="1")).string_secret == first
+
+
+async def test_the_admin_profile_may_drop_junk_and_nothing_is_refused(
+    make_nats_server: MakeNatsServer,
+) -> None:
+    """`repair` as the admin user of the permissions profile: its record, anchor and
+    erases need no grant beyond the profile's (the server logs no violation)."""
+    keys, identity = Keys(), Identity()
+    admin_password, writer_password = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    admin = f"user: {json.dumps(user_name(NatsRole.ADMIN))}, password: {json.dumps(admin_password)}"
+    conf = render_conf(BackendNames(), [NatsRole.ADMIN], {NatsRole.ADMIN: admin})
+    users_end = "\n  ]\n}\n"
+    assert conf.endswith(users_end)
+    writer = f'\n    {{ user: "writer", password: {json.dumps(writer_password)} }}'
+    server = make_nats_server(extra_conf=conf.removesuffix(users_end) + writer + users_end)
+    as_writer = NatsOptions(servers=(server.url,), user="writer", password=writer_password)
+    async with running_backend(server.url, keys, nats=as_writer) as clients:
+        assert await clients.put_readable(identity, "s", "a value") == 1
+    nc = await connect(as_writer, name="junk writer", persistent=False)
+    try:
+        await flood(nc, 200)
+    finally:
+        await nc.close()
+
+    env = cli_env(keys, NATS_PASSWORD=admin_password)
+    flags = ("--nats-address", server.url, "--nats-user", user_name(NatsRole.ADMIN))
+    repair = run_cli("repair", "--reason", "junk", *flags, env=env)
+    assert repair.returncode == 0, repair.stderr
+    assert repair.stdout.decode().startswith("dropped 200 entries not tagged by this key")
+    verify = run_cli("verify", *flags, env=env)
+    assert verify.returncode == 0, verify.stderr
+    assert "0 not tagged by this key skipped" in verify.stdout.decode()
+    log = server.config.log_file.read_text(errors="replace")
+    assert [line for line in log.splitlines() if "Violation" in line] == []

@@ -110,12 +110,8 @@ def fresh_names() -> BackendNames:
 
 
 def backend_config(url: str, keys: Keys, **overrides: Any) -> BackendConfig:
-    return BackendConfig(
-        transit_key=keys.transit,
-        encryption_key=keys.encryption,
-        nats=NatsOptions(servers=(url,)),
-        **overrides,
-    )
+    overrides.setdefault("nats", NatsOptions(servers=(url,)))  # or as a user of its own
+    return BackendConfig(transit_key=keys.transit, encryption_key=keys.encryption, **overrides)
 
 
 @contextlib.asynccontextmanager
