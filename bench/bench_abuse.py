@@ -22,7 +22,9 @@ Starts its own nats-server and real `secrets-nats-kv run` processes, then:
    the median before it (the floor), the backend's log size before and after, and the
    cost of rejecting one entry (tag check plus fold) in µs, untagged and with a forged tag,
    and how long a restart takes to catch up over the flooded log, against a restart of a
-   backend with the same history and no flood (the floor).
+   backend with the same history and no flood (the floor); then `secrets-nats-kv repair`
+   (which records and erases the junk: its time, its line, the log's messages after it)
+   and a restart after it.
 
 Timing figures depend on the machine: compare the phases of one run, not runs.
 It prints JSON and writes `bench/results/abuse.json` (`--output` to change).
@@ -305,6 +307,8 @@ async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> 
         stop(backend)
     restart_floor_s = await restart_time(url, directory, floor)
     restart_s = await restart_time(url, directory, backend)
+    repaired = await repair(url, backend)
+    restart_repaired_s = await restart_time(url, directory, backend)
     before = gets.window(origin, flood_start)
     during = gets.window(flood_start, flood_end)
     floor, flooded = before["median_ms"], during["median_ms"]
@@ -330,7 +334,28 @@ async def junk_flood(url: str, directory: Path, flood_s: float, suffix: str) -> 
         "restart_unflooded_s": restart_floor_s,
         "restart_after_flood_s": restart_s,
         "restart_ratio": round(restart_s / restart_floor_s, 1) if restart_floor_s else None,
+        **repaired,
+        "restart_after_repair_s": restart_repaired_s,
     }
+
+
+async def repair(url: str, backend: Backend) -> dict[str, Any]:
+    """`secrets-nats-kv repair` over the flooded log (stopped): its time and its line."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_SEED")}
+    env.update(PYTHONPATH=str(REPO), ENCRYPTION_XKEY_SEED=backend.encryption.seed)
+    command = [sys.executable, "-m", "secrets_nats_kv.app.cli", "repair", "--reason", "bench"]
+    command += ["--nats-address", url, "--name", backend.names.name]
+    command += ["-b", backend.names.secrets_bucket]
+    started = time.perf_counter()
+    done = await anyio.run_process(command, env=env, cwd=REPO, check=False)
+    seconds = round(time.perf_counter() - started, 2)
+    nc = await connect(NatsOptions(servers=(url,)), name="bench", persistent=False)
+    try:
+        messages = (await stream_state(nc, stream_name(backend.names.name), 5)).messages
+    finally:
+        await nc.close()
+    said = (done.stdout or done.stderr).decode().strip()
+    return {"repair_s": seconds, "repair_said": said, "log_messages_after_repair": messages}
 
 
 async def rejection_cost(nc: NATS, backend: Backend) -> dict[str, float]:
