@@ -27,12 +27,14 @@ from events.log import EventLog
 from events.repair import read_raw
 from events.types import ForeignDropped, Rejected, as_ranges
 from secrets_nats_kv.errors import StorageError
+from secrets_nats_kv.nats.jetstream import erase_message
 from secrets_nats_kv.nkeys import SigningKey
 
 # Runs per event: an interleaved flood is one run per entry; this many keeps an event
 # far below the event size limit (about 20 bytes a run).
 MAX_RUNS = 8192
-ERASING_AT_ONCE = 32  # erase requests in flight
+ERASING_AT_ONCE = 32  # removal requests in flight
+API_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,7 @@ async def _erase_all(event_log: EventLog, seqs: list[int]) -> None:
 
     async def erase(seq: int) -> None:
         async with limiter:
-            await event_log.erase(seq)
+            await erase_message(event_log.nc, event_log.stream, seq, API_TIMEOUT, overwrite=False)
 
     async with anyio.create_task_group() as group:
         for seq in seqs:

@@ -216,9 +216,14 @@ async def stream_state(nc: NATS, stream: str, api_timeout: float) -> StreamState
     return info.state
 
 
-async def erase_message(nc: NATS, stream: str, seq: int, api_timeout: float) -> None:
-    """Overwrite and remove one stream message; a message already gone is fine."""
-    payload = msgspec.json.encode({"seq": seq, "no_erase": False})
+async def erase_message(
+    nc: NATS, stream: str, seq: int, api_timeout: float, *, overwrite: bool = True
+) -> None:
+    """Overwrite and remove one stream message; a message already gone is fine.
+
+    `overwrite=False` only removes it (cheaper for the server: for strangers' junk,
+    which holds nothing to shred)."""
+    payload = msgspec.json.encode({"seq": seq, "no_erase": not overwrite})
     data = await api_request(nc, _api("STREAM.MSG.DELETE", stream), payload, api_timeout)
     reply = _success_decoder.decode(data)
     if reply.error is None:
