@@ -10,6 +10,7 @@ and checked against `ExpectedBuckets`, and only then is the staging stream delet
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -23,7 +24,14 @@ from actors.rotation.switch import wait_for_switch
 from actors.rotation.verify import ExpectedBuckets
 from events.anchor import Anchor
 from events.log import EventLog
-from events.types import Rejected, SecretPut, UndecodableEvent, WritesFenced, decode_event
+from events.types import (
+    ForeignDropped,
+    Rejected,
+    SecretPut,
+    UndecodableEvent,
+    WritesFenced,
+    decode_event,
+)
 from projections.rebuild import rebuild_views
 from secrets_nats_kv.barrier import CHAIN_HEADER, PREV_HEADER
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
@@ -36,7 +44,7 @@ from secrets_nats_kv.nats.provisioning import (
     stream_config,
     update_stream,
 )
-from secrets_nats_kv.nats.reader import RawMessage, read_stream
+from secrets_nats_kv.nats.reader import RawMessage, read_stream, stream_messages
 from secrets_nats_kv.streams import kv_stream
 
 
@@ -181,6 +189,26 @@ async def _from_memory(kept: dict[int, RawMessage]) -> AsyncGenerator[RawMessage
         yield raw
 
 
+async def _dropped_positions(run: RotationRun, kept: dict[int, RawMessage] | None) -> set[int]:
+    """Gaps where a `repair` removed junk (named by a tagged `ForeignDropped`, on the `key`
+    subject): the rebuild counts no erased revision there (`events.chain`)."""
+    if kept is not None:
+        found = [(raw.seq, raw.data, raw.headers) for raw in kept.values()]
+    else:
+        found = [
+            (message.seq, message.data, dict(message.headers or {}))
+            async for message in stream_messages(run.nc, run.staging, f"{run.staging_prefix}.key")
+        ]
+    dropped: set[int] = set()
+    for seq, data, headers in found:
+        if run.new_auth.verify(seq, data, headers.get(TAG_HEADER)):
+            with contextlib.suppress(UndecodableEvent):
+                event = decode_event(data)
+                if isinstance(event, ForeignDropped):
+                    dropped.update(named for named in event.positions() if named < seq)
+    return dropped
+
+
 def _check_staged(
     run: RotationRun, counts: Counts, expected: ExpectedBuckets
 ) -> Callable[[RawMessage], Converted]:
@@ -230,6 +258,7 @@ async def read_staging(
     marker = staging.marker
     assert marker is not None
     counts, expected = Counts(), ExpectedBuckets(run.layout.max_history)
+    dropped = await _dropped_positions(run, kept)
     if kept is None:
         source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
     else:
@@ -242,7 +271,7 @@ async def read_staging(
         publisher,
         counts,
         phase,
-        on_gap=lambda seq: expected.add(seq, None),
+        on_gap=lambda seq: None if seq in dropped else expected.add(seq, None),
     )
     counts.entries = staging.last_seq
     if not with_marker:

@@ -28,8 +28,10 @@ from secrets_nats_kv.config import BackendNames, NatsOptions
 from secrets_nats_kv.nats.connection import connect
 from secrets_nats_kv.nats.jetstream import stream_state
 from secrets_nats_kv.permissions import NatsRole
+from secrets_nats_kv.xkeys import XKey
 from support.attacks import attacker
 from support.harness import Identity, Keys, cli_env, run_cli, running_backend
+from support.leakcheck import remember
 from support.store import log_entries
 
 if TYPE_CHECKING:
@@ -203,3 +205,27 @@ async def test_the_admin_profile_may_drop_junk_and_nothing_is_refused(
     assert "0 not tagged by this key skipped" in verify.stdout.decode()
     log = server.config.log_file.read_text(errors="replace")
     assert [line for line in log.splitlines() if "Violation" in line] == []
+
+
+async def test_a_log_rid_of_its_junk_rotates_to_a_new_key(nats_server: NatsServer) -> None:
+    """`rotate-key` copies the dropped positions as gaps; the rotated log's rebuild counts
+    no revision there (`actors.rotation.swap`), so versions keep their numbers."""
+    url, keys, identity = nats_server.url, Keys(), Identity()
+    first, second = await flooded_history(url, keys, identity)
+    env = cli_env(keys)
+    repair = run_cli("repair", "--reason", "junk", "--nats-address", url, env=env)
+    assert repair.returncode == 0, repair.stderr
+    new = XKey.generate()
+    remember(new.seed, "new encryption seed")
+    rotate_env = {**env, "NEW_ENCRYPTION_XKEY_SEED": new.seed}
+    rotate = run_cli("rotate-key", "--nats-address", url, env=rotate_env, timeout=120)
+    assert rotate.returncode == 0, rotate.stderr
+    rotated = Keys(transit=keys.transit, encryption=new)
+    verify = run_cli("verify", "--nats-address", url, env=cli_env(rotated))
+    assert verify.returncode == 0, verify.stderr
+    async with running_backend(url, rotated) as clients:
+        assert (await clients.get(identity, "s", version="1")).string_secret == first
+        assert (await clients.get(identity, "s")).string_secret == second
+        assert await clients.admin.put_secret("s", "third value") == 3
+        assert clients.backend.view is not None
+        assert clients.backend.view.foreign == 0
