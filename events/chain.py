@@ -344,7 +344,8 @@ def _across_gap(
 
 def _named_before(event: ForeignDropped, seq: int) -> Iterator[int]:
     """The positions `event`, stored at `seq`, names: only ones before it count."""
-    return (named for named in event.positions() if named < seq)
+    for first, last in event.ranges:
+        yield from range(max(first, 1), min(last, seq - 1) + 1)
 
 
 def _decode(codec: EventCodec, body: bytes) -> Event | Rejected:
