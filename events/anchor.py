@@ -199,12 +199,17 @@ class Anchor:
         except AnchorForged:
             pass
         state = await stream_state(self._nc, self.stream, self._timeout)
-        passed = 1  # the newest, read above
-        for position in range(state.last_seq - 1, state.first_seq - 1, -1):
+        passed = 0
+        for position in range(state.last_seq, state.first_seq - 1, -1):
             msg = await stored_message(self._nc, self.stream, position, self._timeout)
             if msg is None or msg.subject != self.subject:
                 continue
             found = self._ours(position, msg)
+            if found is None and self._claims_another_key(msg):
+                # Another key's anchor above any of ours: the log was rotated away from
+                # this key (or someone says so). Not passed over: the start is refused,
+                # and the log itself is judged first (a wrong key is the likelier news).
+                raise AnchorForged()
             if found is not None:
                 log.warning(
                     "messages on the anchor subject not tagged by this key were passed "
@@ -214,6 +219,13 @@ class Anchor:
                 return found
             passed += 1
         raise AnchorForged()
+
+    def _claims_another_key(self, msg: api.RawStreamMsg) -> bool:
+        try:
+            claimed = _decoder.decode(msg.data or b"").key
+        except msgspec.DecodeError:
+            return False
+        return bool(claimed) and not self._barrier.holds(claimed)
 
     def _ours(self, position: int, msg: api.RawStreamMsg) -> Anchored | None:
         """The anchor stored at `position`, if this key tagged it there; else None."""

@@ -196,17 +196,6 @@ def test_a_bad_previous_transit_key_is_named_by_its_item_or_line(
     )
 
 
-def test_an_unreadable_previous_transit_file_is_named(tmp_path: Path) -> None:
-    missing = tmp_path / "missing"
-    assert refusal(lambda: previous_transit_keys(run_args(PREVIOUS_FLAG, str(missing)))) == (
-        f"{PREVIOUS_FLAG}: cannot read {missing}: No such file or directory"
-    )
-    binary = seed_file(tmp_path, "binary", b"SX\xff\xfe")
-    assert refusal(lambda: previous_transit_keys(run_args(PREVIOUS_FLAG, str(binary)))) == (
-        f"{PREVIOUS_FLAG}: cannot read {binary}: not UTF-8 text"
-    )
-
-
 # --- next_encryption_key ------------------------------------------------------------------
 
 NEXT_FLAG = "--next-encryption-xkey-seed-file"
@@ -250,14 +239,23 @@ def test_a_bad_next_key_is_named_by_where_it_came_from(
     )
 
 
-def test_an_unreadable_next_key_file_is_named(tmp_path: Path) -> None:
+# The seed files named by a flag: its reader, and how its refusal names a file at {path}.
+FILE_FLAGS: dict[str, tuple[Callable[[argparse.Namespace], object], str]] = {
+    PREVIOUS_FLAG: (previous_transit_keys, f"{PREVIOUS_FLAG}: cannot read {{path}}"),
+    NEXT_FLAG: (next_encryption_key, f"{NEXT_FLAG} {{path}}: cannot read it"),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(FILE_FLAGS))
+def test_an_unreadable_seed_file_is_named(flag: str, tmp_path: Path) -> None:
+    read, named = FILE_FLAGS[flag]
     missing = tmp_path / "missing"
-    assert refusal(lambda: next_encryption_key(run_args(NEXT_FLAG, str(missing)))) == (
-        f"{NEXT_FLAG} {missing}: cannot read it: No such file or directory"
+    assert refusal(lambda: read(run_args(flag, str(missing)))) == (
+        f"{named.format(path=missing)}: No such file or directory"
     )
     binary = seed_file(tmp_path, "binary", b"SX\xff\xfe")
-    assert refusal(lambda: next_encryption_key(run_args(NEXT_FLAG, str(binary)))) == (
-        f"{NEXT_FLAG} {binary}: cannot read it: not UTF-8 text"
+    assert refusal(lambda: read(run_args(flag, str(binary)))) == (
+        f"{named.format(path=binary)}: not UTF-8 text"
     )
 
 
