@@ -44,7 +44,7 @@ from secrets_nats_kv.nats.provisioning import (
     stream_config,
     update_stream,
 )
-from secrets_nats_kv.nats.reader import RawMessage, read_stream, stream_messages
+from secrets_nats_kv.nats.reader import RawMessage, read_stream
 from secrets_nats_kv.streams import kv_stream
 
 
@@ -192,20 +192,18 @@ async def _from_memory(kept: dict[int, RawMessage]) -> AsyncGenerator[RawMessage
 async def _dropped_positions(run: RotationRun, kept: dict[int, RawMessage] | None) -> set[int]:
     """Gaps where a `repair` removed junk (named by a tagged `ForeignDropped`, on the `key`
     subject): the rebuild counts no erased revision there (`events.chain`)."""
-    if kept is not None:
-        found = [(raw.seq, raw.data, raw.headers) for raw in kept.values()]
+    # One more read of staging, by direct gets as the copy's (no consumer to grant).
+    if kept is None:
+        source = read_stream(run.nc, run.staging, f"{run.staging_prefix}.>")
     else:
-        found = [
-            (message.seq, message.data, dict(message.headers or {}))
-            async for message in stream_messages(run.nc, run.staging, f"{run.staging_prefix}.key")
-        ]
+        source = _from_memory(kept)
     dropped: set[int] = set()
-    for seq, data, headers in found:
-        if run.new_auth.verify(seq, data, headers.get(TAG_HEADER)):
+    async for raw in source:
+        if run.new_auth.verify(raw.seq, raw.data, raw.headers.get(TAG_HEADER)):
             with contextlib.suppress(UndecodableEvent):
-                event = decode_event(data)
+                event = decode_event(raw.data)
                 if isinstance(event, ForeignDropped):
-                    dropped.update(named for named in event.positions() if named < seq)
+                    dropped.update(named for named in event.positions() if named < raw.seq)
     return dropped
 
 
