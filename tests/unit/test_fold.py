@@ -600,7 +600,10 @@ def test_a_refold_of_an_undelete_whose_value_was_destroyed_later() -> None:
     assert_refold_agrees(entries, live, model)
 
 
-@settings(max_examples=300, deadline=None)  # many folds per example; a busy CI is slow
+# Each history is checked after every one of its (up to 40) commands: 150 histories are
+# some 3,000 restarts, each refolded from the start (test_model_fold refolds 3,000 more
+# histories at their end). No deadline: many folds per example, and a busy CI is slow.
+@settings(max_examples=150, deadline=None)
 @given(ops=commands)
 def test_refolding_the_erased_log_reproduces_the_view_and_the_buckets(
     ops: list[tuple[str, str, int]],
@@ -617,7 +620,7 @@ def kv_latest(model: KvModel, name: str) -> tuple[int, bytes] | None:
     return None if kind == "DEL" else (revision, value)
 
 
-@settings(max_examples=300, deadline=None)  # many folds per example; a busy CI is slow
+@settings(max_examples=150, deadline=None)  # checked after every command, as above
 @given(ops=commands)
 def test_the_view_serves_the_latest_value_the_secrets_bucket_shows(
     ops: list[tuple[str, str, int]],
