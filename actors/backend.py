@@ -20,7 +20,14 @@ from actors.access_log import AccessLog
 from actors.decider import Decider
 from actors.gate import AdminGate
 from actors.health import Health
-from actors.keyswitch import SwapFollower, adopt_log_key, swap_under_way, wait_for_swap
+from actors.keyswitch import (
+    SWAP_WAIT_S,
+    SwapFollower,
+    adopt_log_key,
+    swap_under_way,
+    wait_for_swap,
+    wait_for_swap_end,
+)
 from actors.lifecycle import LifecycleActor
 from actors.pool import Handler, ResponderPool
 from actors.responder import GetResponder
@@ -38,6 +45,7 @@ from events.anchor import Anchor, Anchored, AnchorForged
 from events.log import EventLog
 from projections.foreign import (
     BucketFound,
+    UnexplainedEntries,
     check_explained,
     check_layout,
     check_state_tail,
@@ -144,6 +152,8 @@ class Backend:
                 ),
             )
             # Before anything is created or changed: buckets only `import` may take over.
+            # (A swap still under way may be rebuilding them: see `_check_buckets`.)
+            swapping = await swap_under_way(nc, names)
             found = await inspect_views(nc, names.secrets_bucket, names.state_bucket)
             if not await event_log.exists():
                 for bucket in found:
@@ -249,7 +259,7 @@ class Backend:
                 # The view catches up first (its writes queue in the writer): the buckets
                 # are checked against the log it read after them, before any is written.
                 await tg.start(view.run)
-                await self._check_buckets(nc, found, view, barrier)
+                await self._check_buckets(nc, found, view, barrier, swapping=swapping)
                 await views.ensure()
                 await tg.start(writer.run)
                 await tg.start(shredder.run)
@@ -276,20 +286,59 @@ class Backend:
                 await nc.close()
 
     async def _check_buckets(
-        self, nc: NATS, found: list[BucketFound], view: LiveView, barrier: Barrier
+        self,
+        nc: NATS,
+        found: list[BucketFound],
+        view: LiveView,
+        barrier: Barrier,
+        *,
+        swapping: bool,
     ) -> None:
         """Refuse to start on buckets the log does not explain (projections/foreign.py).
 
         Only a log this process could read whole explains anything: entries it rejected
         (a wrong key, forgeries) wrote nothing it can count, so the comparison is left to
         the writer's own checks then, with a warning.
+
+        A backend may start once a swapped log is whole (`wait_for_swap`), while the
+        rotation still drops and rebuilds the KV views: the buckets it read may be the
+        old ones (sealed and tagged under the old key) or a rebuild's. If they are refused
+        while a committed swap was or is under way (`swapping`: looked up before they were
+        read), the verdict waits for the swap's end (staging is dropped only after the
+        rebuilt views were checked), then the buckets are read again and judged against
+        the log folded after that read, the same rule as the first look: a foreign write
+        the rebuild did not drop is in them then, and refuses; one it dropped is gone.
         """
+        refused = await self._refused(nc, found, view, barrier)
+        if refused is None:
+            return
+        names = self.config.names
+        if not (swapping or await swap_under_way(nc, names)):
+            raise refused
+        log.info("a key rotation is rebuilding the KV views: checking them once it is done")
+        await wait_for_swap_end(nc, names)
+        found = await inspect_views(nc, names.secrets_bucket, names.state_bucket)
+        for bucket in found:
+            check_layout(bucket)
+        await view.wait_fresh(SWAP_WAIT_S)  # a fold of the log read after the buckets
+        refused = await self._refused(nc, found, view, barrier)
+        if refused is not None:
+            raise refused
+
+    async def _refused(
+        self, nc: NATS, found: list[BucketFound], view: LiveView, barrier: Barrier
+    ) -> UnexplainedEntries | None:
+        """Why `found` is not explained by the view's fold, or None if it is."""
         if view.state.rejected:
             log.warning(
                 "event log entries rejected: the buckets are not checked against the log",
                 extra={"rejected": view.state.rejected},
             )
-            return
-        check_views(found[0], found[1], view.state)
-        await check_tail(nc, found[0], view.state, barrier)  # ours (KV tag) and the log's
-        await check_state_tail(nc, found[1], view.state, barrier)
+            return None
+        try:
+            check_views(found[0], found[1], view.state)
+            await check_tail(nc, found[0], view.state, barrier)  # ours (KV tag) and the log's
+            await check_state_tail(nc, found[1], view.state, barrier)
+        except UnexplainedEntries as exc:
+            return exc
+        return None

@@ -126,6 +126,24 @@ async def wait_for_swap(
             await signals.changed(None if there else marker_seq, within=min(FALLBACK_S, left))
 
 
+async def wait_for_swap_end(nc: NATS, names: BackendNames, *, within: float = SWAP_WAIT_S) -> None:
+    """Return once no committed staging is left: the swap over, the KV views rebuilt and
+    checked (staging is dropped last); a one-line refusal after `within` seconds."""
+    staging = staging_stream_name(names.name)
+    deadline = time.monotonic() + within
+    async with SwapSignals(nc, names) as signals:
+        while await _committed(nc, staging) is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageError(
+                    "KV views",
+                    f"a key rotation is rebuilding them ({staging} is committed) and did not "
+                    f"finish within {within:g}s: run `secrets-nats-kv rotate-key` again to "
+                    "finish it",
+                )
+            await signals.changed(None, within=min(FALLBACK_S, left))  # staging dropped
+
+
 async def _present(nc: NATS, names: BackendNames, seq: int) -> bool:
     try:
         return await get_message(nc, stream_name(names.name), seq) is not None

@@ -25,6 +25,7 @@ from actors.backend import Backend
 from actors.keyswitch import ROTATION_KEY_UNKNOWN
 from events.log import EventLog, stream_name, subject_prefix
 from events.types import FenceLifted, SecretPut, WritesFenced, decode_event
+from projections.foreign import UnexplainedEntries
 from secrets_nats_kv.barrier import ENTRY_TAG_HEADER as TAG_HEADER
 from secrets_nats_kv.barrier import Barrier
 from secrets_nats_kv.errors import (
@@ -49,6 +50,7 @@ from support.harness import (
 )
 from support.harness import running_backend as backend_on
 from support.leakcheck import exempt, remembered
+from support.original import write_behind_the_log
 from support.rotation import (
     NAMES,
     client,
@@ -455,3 +457,74 @@ async def test_a_rotation_killed_while_rebuilding_the_views_leaves_the_switched_
         assert (await clients.get(reader, SECRETS[0])).version == str(revision)
         assert clients.backend.health.incidents == {}
         assert await only_under(nc, new, keys.encryption) == len(values) * 2 + 2
+
+
+class _Rechecking(logging.Handler):
+    """Sets `seen` when the backend defers its bucket check to the end of a swap."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "checking them once it is done" in record.getMessage():
+            self.seen.set()
+
+
+@pytest.fixture
+def rechecking() -> Iterator[_Rechecking]:
+    handler = _Rechecking()
+    logger = logging.getLogger("actors.backend")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_a_backend_started_before_the_rotation_rebuilt_the_views_waits_for_the_rebuild(
+    nats_server: NatsServer, rechecking: _Rechecking
+) -> None:
+    """The log is whole under the new key (the anchor on its marker), so a start need not
+    wait for it; but until the rotation has rebuilt the views they may hold what the old
+    key wrote. A start that finds such an entry waits for the swap's end and checks the
+    rebuilt views (the entry is gone); the same entry with no swap under way refuses."""
+    url, keys, new = nats_server.url, remembered_keys(), new_key()
+    reader = Identity()
+    async with backend_on(url, keys) as clients:
+        values = await store(clients, reader)
+    bucket = NAMES.secrets_bucket
+    async with client(url) as nc:
+        subject = f"$KV.{bucket}.{SECRETS[-1]}"
+        old_entry = await nc.jetstream().get_last_msg(kv_stream(bucket), subject)
+        killed = await rotate_cli(url, keys.encryption, new, "--online", crash_at="cleanup")
+        assert killed.returncode == 1, killed.stderr
+        # What a bucket not rebuilt yet holds: a value sealed under the old key.
+        await write_behind_the_log(nc, bucket, SECRETS[-1], old_entry.data or b"")
+        backend = Backend(backend_config(url, keys, next_encryption_key=new))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(backend.run)
+            with anyio.fail_after(20):
+                await rechecking.seen.wait()
+            assert not backend.ready.is_set()  # never ready on views the log does not explain
+            done = await rotate_cli(url, keys.encryption, new, "--online")
+            assert done.returncode == 0, done.stderr
+            with anyio.fail_after(30):
+                await backend.ready.wait()
+            assert keys_of(backend) == (new.public_key, None)
+            backend.stop()
+        new_keys = Keys(transit=keys.transit, encryption=new)
+        async with backend_on(url, new_keys) as clients:
+            await serves(clients, reader, values)
+        # No swap under way: the same write the log does not explain refuses the start.
+        await write_behind_the_log(nc, bucket, SECRETS[-1], old_entry.data or b"")
+        refused = False
+        try:
+            async with backend_on(url, new_keys):
+                pytest.fail("a backend started on a bucket the log does not explain")
+        except* UnexplainedEntries:
+            refused = True
+        assert refused
