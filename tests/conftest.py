@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import nacl.signing
 import pytest
+from hypothesis import settings
 
 from secrets_nats_kv import nkeys
 from secrets_nats_kv.app.natsserver import NatsServer, NatsServerConfig
@@ -27,6 +28,14 @@ from support.cluster import NatsCluster
 pytest_plugins = ["support.leakcheck"]
 
 MakeNatsServer = Callable[..., NatsServer]
+
+# Hypothesis runs 100 examples of a property by default. Here a property that states no
+# count of its own runs 50, so the unit tier (some seventy properties) stays a loop of
+# seconds; the ones that need more say so where they are (the model: 2,000 histories,
+# the chain's foreign runs: 100 logs, ...). SECRETS_NATS_KV_LONG_TESTS=1 runs 1,000.
+settings.register_profile("suite", max_examples=50)
+settings.register_profile("long", max_examples=1000)
+settings.load_profile("long" if os.environ.get("SECRETS_NATS_KV_LONG_TESTS") == "1" else "suite")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -121,7 +121,9 @@ def _same_view(a: ViewState, b: ViewState) -> None:
     assert a.destroyed == b.destroyed
 
 
-@settings(max_examples=200, deadline=None)
+# 100 logs each (scripts of up to dozens of steps, junk runs among our events): a reader
+# that misplaces the link across a dropped run fails on the first run of two or more.
+@settings(max_examples=100, deadline=None)
 @given(steps)
 def test_dropping_the_foreign_entries_folds_to_the_same_state(script: list[str]) -> None:
     log, link = build(script)
@@ -142,7 +144,7 @@ def test_dropping_the_foreign_entries_folds_to_the_same_state(script: list[str])
     } | {len(log) + 1}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(steps, st.data())
 def test_naming_a_position_that_held_one_of_ours_breaks_the_chain(
     script: list[str], data: st.DataObject
@@ -162,7 +164,7 @@ def test_naming_a_position_that_held_one_of_ours_breaks_the_chain(
     assert all(v.seq < victim for v in released)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(steps, st.data())
 def test_a_gap_the_event_does_not_name_still_breaks(script: list[str], data: st.DataObject) -> None:
     log, link = build([*script, "junk"])
