@@ -314,17 +314,24 @@ async def test_an_anchor_stream_with_no_anchor_of_ours_refuses_the_start(
 
 
 @contextlib.asynccontextmanager
-async def capture(nc: NATS, subject: str) -> AsyncIterator[list[Msg]]:
-    """Copies of every request on `subject`, as any subscriber on an open bus gets them."""
+async def capture(nc: NATS, subject: str, expect: int = 1) -> AsyncIterator[list[Msg]]:
+    """Copies of every request on `subject`, as any subscriber on an open bus gets them;
+    the block's end waits for `expect` of them (nats-py hands each to the callback in a
+    task of its own, so a flush alone does not mean the callback has run)."""
     seen: list[Msg] = []
+    arrived = anyio.Event()
 
     async def keep(msg: Msg) -> None:
         seen.append(msg)
+        if len(seen) >= expect:
+            arrived.set()
 
     sub = await nc.subscribe(subject, cb=keep)
     await nc.flush()
     try:
         yield seen
+        with anyio.fail_after(10):
+            await arrived.wait()
     finally:
         await sub.unsubscribe()
 
@@ -343,7 +350,6 @@ async def test_a_revocation_re_aimed_as_a_grant_is_refused(nats_server: NatsServ
         await admin.add_mapping(victim.entity_key, ["db"])
         async with capture(nc, names.subject("remove_mapping.*")) as seen:
             await admin.remove_mapping(victim.entity_key, ["db"])
-            await nc.flush()
         (revocation,) = seen
         before = (await nc.jetstream().stream_info(STREAM)).state.last_seq
         aimed = names.subject(f"add_mapping.{intruder.entity_key}")
@@ -366,7 +372,6 @@ async def test_a_destroyed_put_replayed_after_a_nats_restart_stays_destroyed(
         admin = clients.admin
         async with capture(nc, clients.names.subject("put_secret")) as seen:
             assert await admin.put_secret("db", "compromised") == 1
-            await nc.flush()
         (put,) = seen
         await admin.add_mapping(reader.entity_key, ["db"])
         assert await admin.destroy("db", all=True) == [1]
